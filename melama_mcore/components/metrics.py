@@ -1,0 +1,164 @@
+"""Model FLOPs, MFU and the per-step metrics stream (console, TensorBoard, JSONL).
+
+FLOP count (Megatron's convention, stated so numbers can be compared): every GEMM counted as
+2 x multiply-add FLOPs, x3 for forward + the two backward GEMMs, with causal core attention halved
+(Megatron-LM since 2025-03). Per token of a sequence of length s, per layer (h hidden, d_kv = KV
+groups x head_dim, f FFN):
+    QKV 2h(h + 2 d_kv) + scores and context 2 x 2hs / 2 + output 2h^2 + SwiGLU MLP 6hf
+plus the output layer 2hV. Activation recompute is not counted (it is not model FLOPs).
+torchtitan's 6N + 12 L h s (no causal discount) gives a higher number for the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from melama_mcore.models.llama.config_registry import LlamaArch
+
+log = logging.getLogger(__name__)
+
+# Dense peak TFLOP/s per GPU (no sparsity), by precision; matched against torch.cuda.get_device_name().
+PEAK_TFLOPS = {
+    "H100": {"bf16": 989.0, "fp8": 1979.0},
+    "H200": {"bf16": 989.0, "fp8": 1979.0},
+    "A100": {"bf16": 312.0, "fp8": None},
+}
+
+
+def flops_per_token(arch: LlamaArch, seq_length: int, vocab_size: int | None = None) -> float:
+    """Training model FLOPs per token (forward + backward), Megatron convention (see module doc)."""
+    h, f, s = arch.hidden_size, arch.ffn_hidden_size, seq_length
+    v = vocab_size or arch.vocab_size
+    d_kv = arch.num_query_groups * arch.head_dim
+    per_layer = 2 * h * (h + 2 * d_kv) + 2 * h * s + 2 * h * h + 6 * h * f
+    forward = arch.num_layers * per_layer + 2 * h * v
+    return 3.0 * forward
+
+
+def peak_tflops(precision: str, fp8: bool, override: float | None) -> float | None:
+    """Peak dense TFLOP/s of this GPU, or None when unknown (CPU, or a GPU not in the table)."""
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in name:
+            return peaks["fp8" if fp8 else "bf16"] if precision == "bf16" else None
+    return None
+
+
+def memory_gib() -> float:
+    """Peak GPU memory allocated by torch, or the process's resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float | None
+    step_time_s: float
+    tokens: int  # tokens processed this step, all data-parallel ranks together
+    skipped: bool = False
+
+
+class MetricsLogger:
+    """Writes step metrics to the console, TensorBoard and <output_dir>/metrics.jsonl (one process)."""
+
+    def __init__(self, output_dir: str, *, enabled: bool, tensorboard: bool, num_gpus: int,
+                 flops_per_token: float, peak_tflops: float | None, train_iters: int):
+        self.enabled = enabled
+        self.num_gpus = num_gpus
+        self.flops_per_token = flops_per_token
+        self.peak = peak_tflops
+        self.train_iters = train_iters
+        self.writer = None
+        self.jsonl = None
+        if not enabled:
+            return
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        self._start = time.time()
+
+    def throughput(self, stats: StepStats) -> dict:
+        tokens_per_s = stats.tokens / stats.step_time_s
+        tflops = tokens_per_s * self.flops_per_token / self.num_gpus / 1e12
+        out = {
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_gpu": tokens_per_s / self.num_gpus,
+            "tflops_per_gpu": tflops,
+        }
+        if self.peak:
+            out["mfu"] = tflops / self.peak
+        return out
+
+    def log_step(self, stats: StepStats) -> dict:
+        record = {
+            "step": stats.step,
+            "loss": stats.loss,
+            "lr": stats.lr,
+            "grad_norm": stats.grad_norm,
+            "step_time_s": stats.step_time_s,
+            "skipped": stats.skipped,
+            **self.throughput(stats),
+            "memory_gib": memory_gib(),
+        }
+        if not self.enabled:
+            return record
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and value is not None and key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, stats.step)
+        elapsed = time.time() - self._start
+        eta = elapsed / max(1, stats.step) * (self.train_iters - stats.step)
+        mfu = f" | MFU {record['mfu'] * 100:.1f}%" if "mfu" in record else ""
+        gnorm = f"{stats.grad_norm:.3f}" if stats.grad_norm is not None and math.isfinite(stats.grad_norm) else str(stats.grad_norm)
+        log.info(
+            "step %d/%d | loss %.4f | lr %.3e | grad norm %s | %.0f tok/s (%.0f tok/s/gpu) | "
+            "%.1f TFLOP/s/gpu%s | mem %.2f GiB | %.2f s/step | eta %s%s",
+            stats.step, self.train_iters, stats.loss, stats.lr, gnorm, record["tokens_per_s"],
+            record["tokens_per_s_per_gpu"], record["tflops_per_gpu"], mfu, record["memory_gib"],
+            stats.step_time_s, _hms(eta), " | SKIPPED (non-finite)" if stats.skipped else "",
+        )
+        return record
+
+    def log_eval(self, step: int, losses: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "eval": {name: {"loss": loss, "ppl": math.exp(min(loss, 50))} for name, loss in losses.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name, loss in losses.items():
+                self.writer.add_scalar(f"valid/{name}/loss", loss, step)
+        log.info("validation at step %d | %s", step,
+                 " | ".join(f"{name} loss {loss:.4f} ppl {math.exp(min(loss, 50)):.2f}" for name, loss in losses.items()))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,191 @@
+"""The run's configuration: typed sections, read from a recipe YAML plus `section.key=value` overrides.
+
+Every field has the Me-LLaMA recipe's value or a safe default; a recipe file under
+`examples/configs/` states only what differs. Unknown keys are errors (a typo must not silently
+train with a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from melama_mcore.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    # Any architecture field of the preset can be overridden (see models/llama/config_registry.py).
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    num_query_groups: int | None = None
+    ffn_hidden_size: int | None = None
+    vocab_size: int | None = None
+    norm_eps: float | None = None
+    rope_base: float | None = None
+    # Layer implementation: auto | transformer_engine | native | local (see models/llama/model.py).
+    backend: str = "auto"
+    init_method_std: float = 0.02
+    # Pad the embedding table to a multiple of this x TP (as Megatron-LM does) for fast GEMMs.
+    make_vocab_size_divisible_by: int = 128
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
+    sequence_parallel: bool = False
+    # Data parallelism is what is left: world_size / (tensor_parallel * pipeline_parallel).
+    use_distributed_optimizer: bool | None = None  # None: on for GPU, off on CPU
+    overlap_grad_reduce: bool | None = None  # None: on for GPU, off on CPU
+    overlap_param_gather: bool | None = None  # None: follows the distributed optimizer on GPU
+
+
+@dataclass
+class TrainingConfig:
+    seq_length: int = 4096
+    micro_batch_size: int = 1
+    global_batch_size: int = 128
+    train_iters: int = 1000  # the schedule's length (warm-up and decay are fractions of it)
+    stop_after_step: int | None = None  # save and exit after this step, schedule unchanged (rerun resumes)
+    seed: int = 1234
+    device: str = "auto"  # auto | cuda | cpu
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    fp8: str | None = None  # None | hybrid | e4m3  (Transformer Engine only)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise
+    recompute: str = "none"  # none | selective | full
+    recompute_num_layers: int = 1  # full recompute: layers per recompute block (uniform method)
+    # Non-finite loss or grad norm: skip the update; stop after this many in a row.
+    max_consecutive_skips: int = 5
+
+
+@dataclass
+class OptimizerConfig:
+    # The Me-LLaMA continual pre-training recipe.
+    lr: float = 8e-6
+    min_lr: float = 8e-7
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 1e-5
+    clip_grad: float = 1.0
+    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    warmup_fraction: float = 0.05
+    lr_warmup_iters: int | None = None  # overrides warmup_fraction when set
+
+
+@dataclass
+class DataConfig:
+    tokenizer: str = ""  # a sentencepiece .model or a Hugging Face tokenizer folder
+    # A blend YAML file, or the list of sources inline: [{name, weight, train: [prefixes], valid: [...]}]
+    blend: Any = None
+    split: str = "98,2,0"  # train,valid,test per source when a source names no valid prefixes
+    loader: str = "default"  # default | dali
+    cache_dir: str | None = None  # megatron's dataset index cache; default: <output_dir>/data_cache
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 1000  # steps; also saved at the end and on SIGTERM / SIGUSR1
+    resume: bool = True  # continue from <output_dir>/checkpoints when it holds a complete checkpoint
+    init_from: str | None = None  # weights-only start (e.g. a Hugging Face import); ignored on resume
+    keep_last: int | None = None  # delete older complete checkpoints beyond this many
+    on_save_failure: str = "stop"  # stop | continue (a warning per failure; the last good one stays latest)
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    eval_interval: int = 0  # 0: only at the end
+    eval_iters: int = 10
+    tensorboard: bool = True
+    peak_tflops: float | None = None  # per GPU; default from the device table in components/metrics.py
+
+
+@dataclass
+class JobConfig:
+    run_name: str = "melama"
+    output_dir: str = "outputs/run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check a YAML value against a field's type; ints are accepted where floats are expected."""
+    if value is None or hint is Any:
+        return value
+    options = getattr(hint, "__args__", (hint,))
+    if float in options and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if float in options and isinstance(value, str):  # YAML reads 8e-6 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if any(t is not type(None) and isinstance(value, t) and not (t is int and isinstance(value, bool))
+           for t in options if isinstance(t, type)):
+        return value
+    names = " or ".join(t.__name__ for t in options if isinstance(t, type))
+    raise ConfigError(f"{where}: expected {names}, got {value!r}")
+
+
+def _apply(section: Any, values: dict, where: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
+    hints = get_type_hints(type(section))
+    for key, value in values.items():
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"unknown config key {where}.{key} (known: {known})".replace("root.", ""))
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, f"{where}.{key}")
+        else:
+            setattr(section, key, _coerce(value, hints[key], f"{where}.{key}".replace("root.", "")))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
+    """Recipe YAML (optional) + overrides -> JobConfig. Relative data paths resolve against the YAML."""
+    cfg = JobConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        _apply(cfg, values, "root")
+    for text in overrides:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        _apply(cfg, nested, "root")
+    return cfg
+
+
+def dump_config(cfg: JobConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,178 @@
+"""Fill the `auto` fields of a JobConfig for this machine and refuse impossible layouts.
+
+Runs before any process group starts, on every rank (it is cheap and needs no communication), so a
+bad recipe fails in seconds with one message listing every problem and what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from melama_mcore.config.job_config import JobConfig
+from melama_mcore.errors import ConfigError
+from melama_mcore.models.llama.config_registry import PRESETS, LlamaArch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Environment:
+    world_size: int
+    cuda: bool
+    transformer_engine: bool
+    fp8_capable: bool  # compute capability >= 8.9 (Ada, Hopper, Blackwell)
+
+
+def detect_environment(world_size: int) -> Environment:
+    cuda = torch.cuda.is_available()
+    return Environment(
+        world_size=world_size,
+        cuda=cuda,
+        transformer_engine=transformer_engine_available(cuda),
+        fp8_capable=cuda and torch.cuda.get_device_capability() >= (8, 9),
+    )
+
+
+def transformer_engine_available(cuda: bool) -> bool:
+    """TE imported without error. It raises RuntimeError (not ImportError) without CUDA libraries,
+    so anything it raises means "not available"; never imported on CPU machines."""
+    if not cuda:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure to import means we cannot use it
+        return False
+    return True
+
+
+def resolve_arch(cfg: JobConfig, tokenizer_vocab_size: int | None) -> LlamaArch:
+    """The preset with the recipe's overrides applied; vocab from the tokenizer when the preset has none."""
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(f"model.preset {cfg.model.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    arch = PRESETS[cfg.model.preset]
+    fields = {f.name for f in dataclasses.fields(LlamaArch)}
+    changes = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k in fields and v is not None}
+    arch = dataclasses.replace(arch, **changes)
+    if arch.vocab_size is None:
+        arch = dataclasses.replace(arch, vocab_size=tokenizer_vocab_size)
+    if arch.vocab_size is None:
+        raise ConfigError("model.vocab_size is not set and no tokenizer is configured (data.tokenizer)")
+    if tokenizer_vocab_size is not None and tokenizer_vocab_size > arch.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer_vocab_size} tokens but the model's vocabulary is "
+            f"{arch.vocab_size}: use the model's tokenizer, or set model.vocab_size"
+        )
+    return arch
+
+
+def resolve(cfg: JobConfig, env: Environment) -> JobConfig:
+    """Replace `auto`/None fields by what this machine supports. Returns the same object."""
+    t, p = cfg.training, cfg.parallel
+    if t.device == "auto":
+        t.device = "cuda" if env.cuda else "cpu"
+    if t.precision == "auto":
+        t.precision = "bf16" if t.device == "cuda" else "fp32"
+    gpu = t.device == "cuda"
+    if p.use_distributed_optimizer is None:
+        p.use_distributed_optimizer = gpu
+    if p.overlap_grad_reduce is None:
+        p.overlap_grad_reduce = gpu
+    if p.overlap_param_gather is None:
+        p.overlap_param_gather = gpu and p.use_distributed_optimizer
+    return cfg
+
+
+def data_parallel_size(cfg: JobConfig, world_size: int) -> int:
+    return world_size // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
+
+
+def validate(cfg: JobConfig, arch: LlamaArch, env: Environment) -> None:
+    """Raise one ConfigError listing every problem, each with what to change."""
+    t, p, o = cfg.training, cfg.parallel, cfg.optimizer
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    tp, pp, vp = p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline
+    need(tp >= 1 and pp >= 1, "parallel.tensor_parallel and parallel.pipeline_parallel must be >= 1")
+    need(env.world_size % (tp * pp) == 0,
+         f"world size {env.world_size} is not divisible by tensor_parallel x pipeline_parallel = {tp * pp}: "
+         f"launch a multiple of {tp * pp} processes or change the layout")
+    dp = max(1, data_parallel_size(cfg, env.world_size))
+    need(arch.num_attention_heads % tp == 0,
+         f"{arch.num_attention_heads} attention heads are not divisible by tensor_parallel={tp}: "
+         f"choose a tensor_parallel that divides {arch.num_attention_heads}")
+    need(arch.num_query_groups % tp == 0,
+         f"{arch.num_query_groups} KV groups are not divisible by tensor_parallel={tp}: "
+         f"choose a tensor_parallel that divides {arch.num_query_groups}")
+    need(arch.num_attention_heads % arch.num_query_groups == 0,
+         f"model.num_attention_heads ({arch.num_attention_heads}) must be a multiple of num_query_groups ({arch.num_query_groups})")
+    need(arch.ffn_hidden_size % tp == 0,
+         f"ffn_hidden_size {arch.ffn_hidden_size} is not divisible by tensor_parallel={tp}")
+    need(arch.hidden_size % arch.num_attention_heads == 0,
+         f"hidden_size {arch.hidden_size} is not divisible by {arch.num_attention_heads} heads")
+    stages = pp * (vp or 1)
+    need(arch.num_layers % stages == 0,
+         f"{arch.num_layers} layers cannot be split into pipeline_parallel x virtual_pipeline = {stages} "
+         f"equal stages: choose a layout whose product divides {arch.num_layers}")
+    if vp is not None:
+        need(pp > 1, "parallel.virtual_pipeline needs pipeline_parallel > 1 (or set it to null)")
+        need(vp >= 2, "parallel.virtual_pipeline must be >= 2 (null for plain 1F1B)")
+    need(not p.sequence_parallel or tp > 1,
+         "parallel.sequence_parallel needs tensor_parallel > 1: set sequence_parallel=false or raise tensor_parallel")
+    need(not p.sequence_parallel or t.seq_length % tp == 0,
+         f"sequence_parallel needs seq_length ({t.seq_length}) divisible by tensor_parallel={tp}")
+    need(t.micro_batch_size >= 1 and t.global_batch_size >= 1, "batch sizes must be >= 1")
+    need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+         f"global_batch_size {t.global_batch_size} is not divisible by micro_batch_size x data_parallel = "
+         f"{t.micro_batch_size} x {dp} = {t.micro_batch_size * dp}: make it a multiple of {t.micro_batch_size * dp}")
+    num_micro = t.global_batch_size // max(1, t.micro_batch_size * dp)
+    if vp is not None and pp > 1:
+        need(num_micro % pp == 0,
+             f"the interleaved schedule needs the number of micro-batches per step ({num_micro}) to be a "
+             f"multiple of pipeline_parallel={pp}: change global_batch_size or micro_batch_size")
+    need(t.seq_length <= arch.max_position_embeddings or cfg.model.preset.startswith("llama2"),
+         f"seq_length {t.seq_length} exceeds the preset's {arch.max_position_embeddings} positions")
+    need(t.train_iters >= 1, "training.train_iters must be >= 1")
+    need(t.recompute in ("none", "selective", "full"), "training.recompute must be none, selective or full")
+    need(t.device in ("cpu", "cuda"), f"training.device must be auto, cpu or cuda, got {t.device!r}")
+    need(t.device != "cuda" or env.cuda, "training.device=cuda but no CUDA device is visible")
+    need(t.precision in ("bf16", "fp32"), f"training.precision must be auto, bf16 or fp32, got {t.precision!r}")
+    need(cfg.model.backend in ("auto", "transformer_engine", "native", "local"),
+         f"model.backend must be auto, transformer_engine, native or local, got {cfg.model.backend!r}")
+    need(o.lr_decay_style in ("cosine", "linear", "constant"), "optimizer.lr_decay_style must be cosine, linear or constant")
+    need(0 <= o.min_lr <= o.lr, f"optimizer.min_lr ({o.min_lr}) must be between 0 and lr ({o.lr})")
+    need(0 <= o.warmup_fraction < 1, "optimizer.warmup_fraction must be in [0, 1)")
+    need(cfg.data.loader in ("default", "dali"), "data.loader must be default or dali")
+    need(cfg.checkpoint.on_save_failure in ("stop", "continue"), "checkpoint.on_save_failure must be stop or continue")
+
+    if t.device == "cpu":
+        need(t.precision == "fp32",
+             "training.precision=bf16 needs a GPU (megatron's mixed-precision optimizer is CUDA-only): "
+             "use precision=fp32 on CPU")
+        need(not p.use_distributed_optimizer,
+             "parallel.use_distributed_optimizer needs a GPU: set it to false on CPU")
+        need(not p.overlap_grad_reduce, "parallel.overlap_grad_reduce needs a GPU: set it to false on CPU")
+        need(cfg.model.backend != "transformer_engine", "model.backend=transformer_engine needs a GPU")
+
+    if t.fp8 is not None:
+        need(t.fp8 in ("hybrid", "e4m3"), f"training.fp8 must be null, hybrid or e4m3, got {t.fp8!r}")
+        need(t.fp8_recipe in ("delayed", "tensorwise"), "training.fp8_recipe must be delayed or tensorwise")
+        need(env.transformer_engine,
+             "training.fp8 needs Transformer Engine, which is not importable here: install it (NVIDIA's "
+             "PyTorch container ships it) or set training.fp8=null")
+        need(env.fp8_capable,
+             "training.fp8 needs an FP8-capable GPU (compute capability 8.9+: H100, H200, L40S, B200); "
+             "this machine has none: set training.fp8=null")
+        need(t.precision == "bf16", "training.fp8 needs training.precision=bf16")
+    if cfg.model.backend == "transformer_engine":
+        need(env.transformer_engine, "model.backend=transformer_engine but Transformer Engine is not importable")
+
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

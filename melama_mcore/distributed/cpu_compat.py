@@ -1,0 +1,127 @@
+"""Run megatron-core on CPU processes with gloo: the one place that adapts it.
+
+megatron-core has no CPU path (its maintainers say so), yet its parallel state, tensor/pipeline
+parallel layers, schedules, DDP, optimizer and dist-checkpointing all work on CPU once a few CUDA
+assumptions are answered. This module answers them, and nothing else in the project knows about
+it. What it does, and why:
+
+* ``torch.cuda.current_device/synchronize/current_stream/Stream/Event/stream/get_rng_state/
+  set_rng_state`` become CPU equivalents or no-ops: megatron calls them unconditionally
+  (tensor-parallel buffers, RoPE, DDP grad buffers, timers, the RNG tracker).
+* A ``TorchFunctionMode`` rewrites a CUDA ``device=`` argument (and ``.to(cuda)`` / ``.cuda()``)
+  to CPU. This catches megatron's ``device="cuda"`` literals (causal mask, schedules' token
+  counters, clip-grads, grad scaler) without editing megatron's files.
+* ``clip_grad_by_total_norm_fp32`` is replaced by the same scaling without its assertion that
+  grads are ``torch.cuda.FloatTensor``; megatron still computes the norm (TP/PP-aware).
+* Megatron's no-op RNG tracker is installed: LLaMA has no dropout, and the CUDA tracker cannot
+  fork CPU generators.
+
+Limits on CPU (the config checks enforce them): fp32 only, no distributed optimizer, no
+overlapped grad reduce, no Transformer Engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_enabled = False
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, int):  # torch.cuda.current_device() results fed back as device=
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Turns every request for a CUDA tensor into a CPU one."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream / Event: CPU work is already ordered."""
+
+    cuda_stream = 0
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args):
+        pass
+
+    def wait_event(self, *args):
+        pass
+
+    def record_event(self, *args):
+        return _NullStream()
+
+    def record(self, *args):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's clip_grad_by_total_norm_fp32, minus its CUDA-type assertion."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def enable() -> None:
+    """Adapt megatron-core to CPU processes. Idempotent; call before building any megatron object."""
+    global _enabled
+    if _enabled:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("cpu_compat.enable() is for machines without CUDA")
+
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"
+    cuda.synchronize = lambda *a, **k: None
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.Stream = _NullStream
+    cuda.Event = _NullStream
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = lambda *a, **k: None
+    cuda.empty_cache = lambda: None
+
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+
+    _CudaToCpu().__enter__()  # stays active for the life of the process
+    _enabled = True
+
+
+def install_rng_tracker() -> None:
+    """megatron's no-op RNG tracker: forks nothing, which is right without dropout on CPU."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)

@@ -1,0 +1,83 @@
+"""Process groups and seeds: torch.distributed from torchrun/SLURM variables, then megatron's groups.
+
+Single-process runs (`melama train` without torchrun) get a one-rank group on a local port, so the
+same code path serves a laptop, CI and a 160-GPU cluster.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from melama_mcore.config.job_config import JobConfig
+from melama_mcore.distributed import cpu_compat
+
+
+def world_size_from_env() -> int:
+    """The number of processes this job will have, known before any group starts."""
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def _rank_env() -> tuple[int, int, int]:
+    if "RANK" in os.environ:  # torchrun
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:  # srun without torchrun
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ["SLURM_LOCALID"])
+    return 0, 1, 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize(cfg: JobConfig) -> None:
+    """Start torch.distributed (NCCL on GPU, gloo on CPU) and megatron's model-parallel groups."""
+    rank, world, local_rank = _rank_env()
+    if world == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    gpu = cfg.training.device == "cuda"
+    if gpu:
+        torch.cuda.set_device(local_rank)
+    else:
+        cpu_compat.enable()
+    dist.init_process_group(
+        backend="nccl" if gpu else "gloo",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(minutes=30),
+    )
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_parallel,
+        pipeline_model_parallel_size=p.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+    )
+    set_seed(cfg.training.seed, gpu)
+
+
+def set_seed(seed: int, gpu: bool) -> None:
+    """Same seed on every rank: initial weights are identical across TP (megatron builds the full
+    matrix on each rank and keeps its slice) and data order is rank-independent."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if gpu:
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        cpu_compat.install_rng_tracker()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
