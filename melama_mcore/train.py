@@ -289,7 +289,8 @@ class Trainer:
         while self.state.step < t.train_iters:
             stats = self.train_step()
             history.append(stats)
-            if self.is_logging_rank and stats.step % cfg.logging.log_interval == 0 or stats.skipped:
+            if self.is_logging_rank and (stats.step % cfg.logging.log_interval == 0 or stats.skipped
+                                         or len(history) == 1):
                 self.metrics.log_step(stats)
             if self.state.consecutive_skips >= t.max_consecutive_skips:
                 raise TrainingStopped(

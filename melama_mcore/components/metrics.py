@@ -134,7 +134,7 @@ class MetricsLogger:
         gnorm = f"{stats.grad_norm:.3f}" if stats.grad_norm is not None and math.isfinite(stats.grad_norm) else str(stats.grad_norm)
         log.info(
             "step %d/%d | loss %.4f | lr %.3e | grad norm %s | %.0f tok/s (%.0f tok/s/gpu) | "
-            "%.1f TFLOP/s/gpu%s | mem %.2f GiB | %.2f s/step | eta %s%s",
+            "%.3g TFLOP/s/gpu%s | mem %.2f GiB | %.2f s/step | eta %s%s",
             stats.step, self.train_iters, stats.loss, stats.lr, gnorm, record["tokens_per_s"],
             record["tokens_per_s_per_gpu"], record["tflops_per_gpu"], mfu, record["memory_gib"],
             stats.step_time_s, _hms(eta), " | SKIPPED (non-finite)" if stats.skipped else "",

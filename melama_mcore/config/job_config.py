@@ -167,7 +167,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
-    """Recipe YAML (optional) + overrides -> JobConfig. Relative data paths resolve against the YAML."""
+    """Recipe YAML (optional) + overrides -> JobConfig. Relative paths are relative to the working directory."""
     cfg = JobConfig()
     if path is not None:
         path = Path(path)

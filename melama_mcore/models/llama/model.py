@@ -23,10 +23,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import (
-    get_gpt_layer_local_spec,
-    get_gpt_layer_with_transformer_engine_spec,
-)
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -34,6 +31,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -66,11 +64,12 @@ class RMSNorm(torch.nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
-class SwiGLU(torch.nn.Module):
-    """silu(gate) * up on megatron's fused fc1 output [..., gate | up], as one kernel."""
+class SwiGLU(MegatronModule):
+    """silu(gate) * up on megatron's fused fc1 output [..., gate | up], as one kernel.
+    A MegatronModule because megatron's MLP asks its activation for a (here empty) sharded state."""
 
     def __init__(self, config: TransformerConfig):
-        super().__init__()
+        super().__init__(config=config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.swiglu(x)
@@ -157,12 +156,13 @@ def choose_backend(requested: str, device: str, te_available: bool) -> str:
     return "native"
 
 
-def layer_spec(backend: str) -> ModuleSpec:
-    if backend == "transformer_engine":
-        return get_gpt_layer_with_transformer_engine_spec()
+def block_spec(backend: str, config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:
+    """The decoder layers this pipeline stage (and virtual stage) builds, plus the final norm."""
     if backend == "native":
-        return native_layer_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+        layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+        return TransformerBlockSubmodules(layer_specs=[native_layer_spec()] * layers, layer_norm=RMSNorm)
+    return get_gpt_decoder_block_spec(config, use_transformer_engine=backend == "transformer_engine",
+                                      normalization="RMSNorm", vp_stage=vp_stage)
 
 
 def transformer_config(cfg: JobConfig, arch: LlamaArch, backend: str) -> TransformerConfig:
@@ -229,14 +229,13 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 def build_model_chunks(cfg: JobConfig, arch: LlamaArch, backend: str) -> list[GPTModel]:
     """One GPTModel per virtual pipeline stage held by this rank (one without interleaving)."""
     config = transformer_config(cfg, arch, backend)
-    spec = layer_spec(backend)
     vocab = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)
     chunks = []
     for vp_stage in range(cfg.parallel.virtual_pipeline or 1):
         stage = vp_stage if cfg.parallel.virtual_pipeline else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block_spec(backend, config, stage),
             vocab_size=vocab,
             max_sequence_length=cfg.training.seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
