@@ -1,0 +1,114 @@
+"""Fused kernels for LLaMA layers: RMSNorm, SwiGLU and rotary embedding.
+
+    from melama_mcore.kernels import rms_norm, swiglu, apply_rotary, backend
+
+On CUDA tensors of fp32/fp16/bf16 these call the `melama::*` custom ops (CUDA kernels from csrc/,
+built on first use, see build.py); otherwise, or when the kernels cannot be built or loaded, the
+differentiable torch reference in reference.py. Each reason for falling back is logged once.
+`MELAMA_KERNELS=torch` forces the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import Tensor
+
+from melama_mcore.kernels import reference
+
+__all__ = ["rms_norm", "swiglu", "apply_rotary", "backend"]
+
+log = logging.getLogger(__name__)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_logged: set[str] = set()
+_state: tuple[str, str] | None = None  # (backend, reason), resolved on first use
+
+
+# assume_constant_result: torch.compile runs these at trace time and keeps their (constant)
+# results, so neither logging nor the one-off resolution breaks a graph.
+@torch.compiler.assume_constant_result
+def _fallback(reason: str) -> bool:
+    """Log (once per reason) that the reference runs; returns False (= not native)."""
+    if reason not in _logged:
+        _logged.add(reason)
+        log.warning("melama kernels: using the torch reference: %s", reason)
+    return False
+
+
+def _resolve() -> tuple[str, str]:
+    if os.environ.get("MELAMA_KERNELS", "").lower() == "torch":
+        return "torch", "MELAMA_KERNELS=torch"
+    if not torch.cuda.is_available():
+        return "torch", "CUDA is not available"
+    from melama_mcore.kernels import _lib, build
+
+    try:
+        _lib.load()
+    except (build.BuildError, OSError) as err:
+        return "torch", f"the CUDA kernels could not be built or loaded: {err}"
+    from melama_mcore.kernels import ops  # noqa: F401  (registers the melama:: ops)
+
+    return "cuda", ""
+
+
+@torch.compiler.assume_constant_result
+def backend() -> str:
+    """"cuda" when the kernels are loaded, else "torch" (the reason is logged once)."""
+    global _state
+    if _state is None:
+        _state = _resolve()
+    name, reason = _state
+    if name == "cuda":
+        if "loaded" not in _logged:
+            _logged.add("loaded")
+            log.info("melama kernels: CUDA kernels loaded")
+    else:
+        _fallback(reason)
+    return name
+
+
+def _native(*tensors: Tensor) -> bool:
+    """Whether the kernels can take these tensors (logs why not, once per reason)."""
+    if backend() != "cuda":
+        return False
+    if not all(t.is_cuda for t in tensors):
+        return _fallback("tensor on CPU")
+    if not all(t.dtype in _DTYPES for t in tensors):
+        return _fallback(f"unsupported dtype {[t.dtype for t in tensors]}")
+    return True
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x * rsqrt(mean(x^2, -1) + eps) * weight, in x.dtype; weight is fp32 or x.dtype."""
+    if _native(x, weight):
+        from melama_mcore.kernels import _lib
+
+        shape_ok = weight.shape == x.shape[-1:] and 0 < x.shape[-1] <= _lib.RMS_NORM_MAX_COLS
+        if shape_ok and weight.dtype in (torch.float32, x.dtype):
+            return torch.ops.melama.rms_norm(x, weight, eps)[0]
+        _fallback(f"unsupported rms_norm shapes/dtypes x {tuple(x.shape)} {x.dtype}, "
+                  f"weight {tuple(weight.shape)} {weight.dtype}")
+    return reference.rms_norm(x, weight, eps)
+
+
+def swiglu(x: Tensor) -> Tensor:
+    """[..., 2F] = [gate | up] -> silu(gate) * up, [..., F]."""
+    if _native(x):
+        if x.dim() > 0 and x.shape[-1] % 2 == 0 and x.shape[-1] > 0:
+            return torch.ops.melama.swiglu(x)
+        _fallback(f"unsupported swiglu shape {tuple(x.shape)}")
+    return reference.swiglu(x)
+
+
+def apply_rotary(t: Tensor, freqs: Tensor) -> Tensor:
+    """Rotate-half RoPE on sbhd `t` [s, b, h, d] with megatron's freqs [s, 1, 1, rot] (angles)."""
+    if _native(t, freqs):
+        rot = freqs.shape[-1]
+        shape_ok = (t.dim() == 4 and freqs.shape == (t.shape[0], 1, 1, rot)
+                    and 0 < rot <= t.shape[-1] and rot % 2 == 0)
+        if shape_ok:
+            return torch.ops.melama.rotary(t, freqs)
+        _fallback(f"unsupported rotary shapes t {tuple(t.shape)}, freqs {tuple(freqs.shape)}")
+    return reference.apply_rotary(t, freqs)
