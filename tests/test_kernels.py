@@ -202,6 +202,24 @@ def test_public_api_traces_under_torch_compile():
     torch.testing.assert_close(compiled(x, w, freqs), block(x, w, freqs))
 
 
+def test_build_cache_builds_once_per_key(tmp_path, monkeypatch):
+    from melama_mcore.kernels import build
+
+    monkeypatch.setenv("MELAMA_KERNELS_CACHE", str(tmp_path))
+    built = []
+
+    def fake_compile(out, archs):
+        built.append(archs)
+        out.write_bytes(b"so")
+        return out
+
+    monkeypatch.setattr(build, "compile_to", fake_compile)
+    first = build.library_path(("80", "90"))
+    assert build.library_path(("80", "90")) == first and built == [("80", "90")]
+    assert first.parent.parent == tmp_path and first.parent.name == build.source_hash(("80", "90"))
+    assert build.library_path(("100",)) != first and len(built) == 2
+
+
 # ---- GPU: the CUDA kernels ----------------------------------------------------------------------
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

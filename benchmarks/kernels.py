@@ -1,0 +1,138 @@
+"""Benchmark melama's CUDA kernels against torch eager and torch.compile of the references at
+LLaMA-2 70B shapes (bf16): seq 4096, micro-batch 1, hidden 8192, FFN 28672 and 64 q / 8 kv heads
+of dim 128 split over tensor-parallel ranks.
+
+    python benchmarks/kernels.py [--tp 1 2 4 8] [--iters 50] [--warmup 10]
+
+Prints a markdown table: median time (CUDA events), achieved GB/s of the bytes each op must move
+(inputs read once, outputs written once), and that as % of this device's copy bandwidth, measured
+in the same run with a large `copy_`. Without CUDA it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from melama_mcore import kernels
+from melama_mcore.kernels import reference
+
+SEQ, HIDDEN, FFN, Q_HEADS, KV_HEADS, HEAD_DIM = 4096, 8192, 28672, 64, 8, 128
+DTYPE = torch.bfloat16  # weights too: megatron's bf16 params
+EPS = 1e-5
+
+
+def median_ms(fn, iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(iters: int, warmup: int) -> float:
+    """GB/s of a 1 GiB device-to-device copy_ (bytes read + written)."""
+    src = torch.empty(2**29, dtype=DTYPE, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), iters, warmup)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+@dataclass
+class Case:
+    op: str
+    tp: int
+    shape: str
+    ours: Callable
+    ref: Callable
+    inputs: tuple
+    grad_inputs: tuple[int, ...]  # positions of the inputs that get gradients
+    fwd_bytes: int
+    bwd_bytes: int
+
+
+def nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def cases(tps: list[int]):
+    x = torch.randn(SEQ, HIDDEN, device="cuda", dtype=DTYPE)
+    w = torch.rand(HIDDEN, device="cuda", dtype=DTYPE)
+    rstd = torch.empty(SEQ, device="cuda")  # saved by the kernel, read by its backward
+    yield Case("rms_norm", 1, f"[{SEQ}, {HIDDEN}]", kernels.rms_norm, reference.rms_norm,
+               (x, w, EPS), (0, 1), nbytes(x, w, x, rstd), nbytes(x, x, w, rstd, x, w))
+    for tp in tps:
+        f = FFN // tp
+        fc1 = torch.randn(SEQ, 2 * f, device="cuda", dtype=DTYPE)
+        out = fc1[:, :f]
+        yield Case("swiglu", tp, f"[{SEQ}, 2x{f}]", kernels.swiglu, reference.swiglu, (fc1,),
+                   (0,), nbytes(fc1, out), nbytes(out, fc1, fc1))
+        freqs = torch.randn(SEQ, 1, 1, HEAD_DIM, device="cuda")
+        for which, heads in (("q", Q_HEADS // tp), ("k", max(1, KV_HEADS // tp))):
+            t = torch.randn(SEQ, 1, heads, HEAD_DIM, device="cuda", dtype=DTYPE)
+            moved = nbytes(t, t, freqs)
+            yield Case(f"rotary {which}", tp, f"[{SEQ}, 1, {heads}, {HEAD_DIM}]",
+                       kernels.apply_rotary, reference.apply_rotary, (t, freqs), (0,), moved,
+                       moved)
+
+
+def forward(fn, case: Case):
+    return lambda: fn(*case.inputs)
+
+
+def forward_backward(fn, case: Case):
+    args = [a.detach().requires_grad_() if i in case.grad_inputs else a
+            for i, a in enumerate(case.inputs)]
+    dy = torch.randn_like(fn(*args))
+    leaves = [args[i] for i in case.grad_inputs]
+
+    def run():
+        for leaf in leaves:
+            leaf.grad = None
+        fn(*args).backward(dy)
+
+    return run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py: no CUDA device; nothing to measure.")
+        return 0
+    if kernels.backend() != "cuda":
+        print("warning: the CUDA kernels did not load; the 'melama' rows time the reference")
+
+    copy_gbs = copy_bandwidth(args.iters, args.warmup)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16; "
+          f"copy_ bandwidth {copy_gbs:.0f} GB/s\n")
+    print("| op | TP | shape | pass | impl | median ms | GB/s | % of copy |")
+    print("|---|---|---|---|---|---|---|---|")
+    for case in cases(args.tp):
+        impls = {"melama": case.ours, "eager": case.ref, "compiled": torch.compile(case.ref)}
+        for label, make, moved in (("fwd", forward, case.fwd_bytes),
+                                   ("fwd+bwd", forward_backward, case.fwd_bytes + case.bwd_bytes)):
+            for impl, fn in impls.items():
+                ms = median_ms(make(fn, case), args.iters, args.warmup)
+                gbs = moved / ms / 1e6
+                print(f"| {case.op} | {case.tp} | {case.shape} | {label} | {impl} | {ms:.3f} "
+                      f"| {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
