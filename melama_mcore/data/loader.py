@@ -31,7 +31,11 @@ def rank_sample_indices(dataset_len: int, *, consumed_samples: int, micro_batch_
     if consumed_samples < 0 or consumed_samples % step:
         raise ConfigError(f"consumed_samples={consumed_samples} is not a multiple of micro_batch_size x "
                           f"dp_size = {step}: a resumed run must start on a micro-batch boundary")
-    start = consumed_samples + dp_rank * micro_batch_size
+    return _indices(dataset_len, consumed_samples + dp_rank * micro_batch_size, micro_batch_size, step)
+
+
+def _indices(dataset_len: int, start: int, micro_batch_size: int, step: int) -> Iterator[np.ndarray]:
+    # A separate generator so that rank_sample_indices checks its arguments when called.
     offsets = np.arange(micro_batch_size, dtype=np.int64)
     while True:
         yield (start + offsets) % dataset_len

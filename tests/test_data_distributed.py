@@ -1,0 +1,57 @@
+"""Datasets under an initialised torch.distributed (gloo, 2 ranks): built rank 0 first through a shared
+cache, every rank gets the same samples as a single-process build."""
+
+from __future__ import annotations
+
+import os
+import sys
+import subprocess
+
+import pytest
+
+from data_fixtures import corpus, spm_model  # noqa: F401
+from melama_mcore.data.preprocess import preprocess
+
+WORKER = r"""
+import sys, torch, torch.distributed as dist
+from melama_mcore.data.dataset import build_pretraining_datasets
+from melama_mcore.data.tokenizer import load_tokenizer
+model, cache, out, *prefixes = sys.argv[1:]
+distributed = cache != "-"
+if distributed:
+    dist.init_process_group("gloo")
+spec = [{"name": f"s{i}", "weight": w, "train": p} for i, (w, p) in enumerate(zip((3, 1), prefixes))]
+train, valid = build_pretraining_datasets(spec, tokenizer=load_tokenizer(model), seq_length=16, seed=2,
+                                          train_samples=300, valid_samples=4,
+                                          cache_dir=cache if distributed else None)
+rank = dist.get_rank() if distributed else 0
+torch.save({"train": torch.stack([train[i]["tokens"] for i in range(300)]),
+            "valid": {k: torch.stack([v[i]["tokens"] for i in range(4)]) for k, v in valid.items()}},
+           f"{out}.{rank}")
+"""
+
+
+@pytest.mark.slow
+def test_gloo_two_ranks_match_single_process(tmp_path, corpus, spm_model):
+    import torch
+
+    prefixes = []
+    for name in ("clinical", "general"):
+        preprocess([str(corpus[name])], str(tmp_path / name), spm_model, progress=False)
+        prefixes.append(str(tmp_path / f"{name}_text_document"))
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    common = [str(script), spm_model]
+    subprocess.run([sys.executable, *common, "-", str(tmp_path / "single"), *prefixes], check=True, env=env,
+                   capture_output=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    *common, str(tmp_path / "cache"), str(tmp_path / "dist"), *prefixes],
+                   check=True, env=env, capture_output=True, timeout=60)
+    single = torch.load(tmp_path / "single.0")
+    assert any((tmp_path / "cache").iterdir())  # rank 0 wrote megatron's index cache
+    for rank in range(2):
+        got = torch.load(tmp_path / f"dist.{rank}")
+        assert torch.equal(got["train"], single["train"])
+        assert got["valid"].keys() == single["valid"].keys()
+        assert all(torch.equal(got["valid"][k], single["valid"][k]) for k in got["valid"])
