@@ -4,6 +4,8 @@
 //   backward (the transpose): the sines swap places and change sign.
 // The angles depend on the position only, so a thread computes sin/cos for its columns once and
 // reuses them across the batch x heads rows of its position.
+#include <algorithm>
+
 #include "common.cuh"
 
 namespace melama {
@@ -11,6 +13,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kRowsPerThread = 4;
+constexpr int kMaxRowThreads = 8;
 
 struct Shape {
   int64_t s, b, h, d, rot;
@@ -82,22 +85,24 @@ cudaError_t launch(const void* in, const float* freqs, void* out, Shape sh, int 
     const bool vec = multiples_of(n, {sh.rot / 2, sh.d, sh.stride_s, sh.stride_b, sh.stride_h}) &&
                      aligned(in, sizeof(T) * n) && aligned(out, sizeof(T) * n);
     const int64_t units = (sh.rot / 2 + sh.d - sh.rot) / (vec ? n : 1);
-    // x: column units of a row, y: rows of one position, z: positions sharing the block.
-    const int bx = static_cast<int>(units < kThreads ? units : kThreads);
-    const int by = static_cast<int>(bh < kThreads / bx ? bh : kThreads / bx);
-    const int bz = static_cast<int>(kThreads / (bx * by) < sh.s ? kThreads / (bx * by) : sh.s);
-    sh.rows_per_block = static_cast<int64_t>(by) * kRowsPerThread;
-    int64_t row_blocks = (bh + sh.rows_per_block - 1) / sh.rows_per_block;
-    if (row_blocks > 65535) {  // grid.y limit: give each block more rows
-      row_blocks = 65535;
-      sh.rows_per_block = (bh + row_blocks - 1) / row_blocks;
-    }
+    // x: column units of a row, y: rows of one position, z: positions sharing the block. Few
+    // threads in y give each thread ~kRowsPerThread rows to reuse its sin/cos on.
+    const int64_t bx = std::min<int64_t>(units, kThreads);
+    const int64_t by = std::clamp<int64_t>(bh / kRowsPerThread, 1,
+                                           std::min<int64_t>(kMaxRowThreads, kThreads / bx));
+    const int64_t bz = std::min<int64_t>({kThreads / (bx * by), sh.s, 64});  // 64: blockDim.z limit
+    sh.rows_per_block = by * kRowsPerThread;
+    // grid.y is limited to 65535: give each block more rows if needed
+    const int64_t row_blocks = std::min<int64_t>((bh + sh.rows_per_block - 1) / sh.rows_per_block,
+                                                 65535);
+    sh.rows_per_block = (bh + row_blocks - 1) / row_blocks;
     const int64_t pos_blocks = (sh.s + bz - 1) / bz;
     if (pos_blocks > INT32_MAX) return cudaErrorInvalidValue;
     const dim3 grid(static_cast<unsigned>(pos_blocks), static_cast<unsigned>(row_blocks));
+    const dim3 block(static_cast<unsigned>(bx), static_cast<unsigned>(by),
+                     static_cast<unsigned>(bz));
     auto kernel = vec ? rotary_kernel<T, n, kBackward> : rotary_kernel<T, 1, kBackward>;
-    kernel<<<grid, dim3(bx, by, bz), 0, stream>>>(static_cast<const T*>(in), freqs,
-                                                  static_cast<T*>(out), sh);
+    kernel<<<grid, block, 0, stream>>>(static_cast<const T*>(in), freqs, static_cast<T*>(out), sh);
     return launched();
   });
 }
