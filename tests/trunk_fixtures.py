@@ -1,0 +1,89 @@
+"""Shared fixtures for tests of the training path: tiny indexed datasets for three domains, built
+once per session with the project's own tools, and a runner that launches `melama_mcore.train`
+as a user would (torchrun for several processes) and reads back its metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from melama_mcore.data.preprocess import preprocess
+from melama_mcore.data.synthetic_corpus import write_demo_corpus
+from melama_mcore.data.train_tokenizer import train_sentencepiece
+
+# A 4-layer GQA model small enough for 4 CPU processes on 2 cores, yet splittable 4 ways
+# (TP 2: 4 heads / 2 KV groups; PP 2 x VP 2: one layer per virtual stage).
+TINY = [
+    "model.preset=nano",
+    "training.device=cpu",
+    "training.seq_length=32",
+    "training.micro_batch_size=2",
+    "training.global_batch_size=8",
+    "training.train_iters=3",
+    "optimizer.lr=1e-3",
+    "optimizer.min_lr=1e-4",
+    "optimizer.lr_warmup_iters=1",
+    "logging.log_interval=1",
+    "logging.eval_iters=1",
+    "logging.tensorboard=false",
+    "checkpoint.save_interval=1000",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    """{"tokenizer": path, "blend": [...]}: three domains weighted 15:1:4, as the demo builds them."""
+    root = tmp_path_factory.mktemp("trunk_data")
+    corpus = write_demo_corpus(root / "corpus", docs_per_source=150, seed=0)
+    tokenizer = train_sentencepiece([str(p) for p in corpus.values()], str(root / "tok" / "spm"), vocab_size=512)
+    weights = {"biomedical": 15, "clinical": 1, "general": 4}
+    blend = []
+    for name, path in corpus.items():
+        preprocess([str(path)], str(root / name), str(tokenizer), append_eod=True, workers=1, progress=False)
+        blend.append({"name": name, "weight": weights[name], "train": [str(root / f"{name}_text_document")]})
+    return {"tokenizer": str(tokenizer), "blend": blend}
+
+
+def data_overrides(tiny_data: dict) -> list[str]:
+    return [f"data.tokenizer={tiny_data['tokenizer']}", f"data.blend={json.dumps(tiny_data['blend'])}"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_command(nproc: int, args: list[str], module: str = "melama_mcore.train") -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", module, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(free_port()), "-m", module, *args]
+
+
+def run_train(output_dir: Path, overrides: list[str], nproc: int = 1, *, check: bool = True,
+              timeout: float = 300, module: str = "melama_mcore.train") -> subprocess.CompletedProcess:
+    """Run a training job to completion; its combined output is in the result's .stdout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = train_command(nproc, [f"output_dir={output_dir}", *TINY, *overrides], module)
+    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-6000:]}")
+    return result
+
+
+def step_records(output_dir: Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    """step -> loss, the last record winning (a resumed run appends to the same file)."""
+    return {r["step"]: r["loss"] for r in step_records(output_dir)}
