@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import itertools
 import multiprocessing
 import os
 import signal
@@ -113,17 +114,29 @@ def encode_batch(batch: Batch) -> EncodedBatch:
     for texts in texts_per_key:
         docs = [ids for ids in tok.encode_batch([t for t in texts if t.strip()]) if ids]
         empty += len(texts) - len(docs)
-        if opt.prepend_bos:
-            docs = [[tok.bos_id] + ids for ids in docs]
-        if opt.append_eod:
-            docs = [ids + [tok.eos_id] for ids in docs]
-        flat = np.fromiter((i for ids in docs for i in ids), dtype=np.int64,
-                           count=sum(map(len, docs)))
+        flat, doc_lengths = _with_special_tokens(docs, tok, opt)
         if flat.size:
             max_id = max(max_id, int(flat.max()))
         tokens.append(flat)
-        lengths.append(np.fromiter(map(len, docs), dtype=np.int32, count=len(docs)))
+        lengths.append(doc_lengths)
     return EncodedBatch(batch.file, len(batch.records), errors, empty, tokens, lengths, max_id)
+
+
+def _with_special_tokens(docs: list[list[int]], tok, opt: EncodeOptions) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate documents, adding BOS/EOD, vectorised (per-token Python loops cost ~30% here)."""
+    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+    flat = np.array(list(itertools.chain.from_iterable(docs)), dtype=np.int64)
+    ends = np.cumsum(lengths)
+    positions, values = [], []
+    if opt.append_eod:  # listed first: at a shared position, EOD of doc i precedes BOS of doc i+1
+        positions.append(ends)
+        values.append(np.full(len(docs), tok.eos_id))
+    if opt.prepend_bos:
+        positions.append(ends - lengths)
+        values.append(np.full(len(docs), tok.bos_id))
+    if positions:
+        flat = np.insert(flat, np.concatenate(positions), np.concatenate(values))
+    return flat, (lengths + len(positions)).astype(np.int32)
 
 
 # ----- main side -----
