@@ -1,0 +1,139 @@
+"""Config checks fail fast (before any process group), preset sizes, and the FLOP/MFU count."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+from melama_mcore.cli import main as melama
+from melama_mcore.components.metrics import MetricsLogger, StepStats, flops_per_token
+from melama_mcore.config.job_config import load_config
+from melama_mcore.errors import ConfigError
+from melama_mcore.models.llama.config_registry import PRESETS, parameter_count
+
+BASE = ["model.preset=nano", "model.vocab_size=512", "training.seq_length=32", "training.device=cpu"]
+
+BAD_CONFIGS = [
+    # (world size, overrides, words the message must contain)
+    (2, ["parallel.tensor_parallel=8"], ["4 attention heads are not divisible by tensor_parallel=8"]),
+    (3, ["parallel.pipeline_parallel=3"], ["4 layers cannot be split", "= 3"]),
+    (2, ["training.global_batch_size=6", "training.micro_batch_size=2"],
+     ["global_batch_size 6 is not divisible by micro_batch_size x data_parallel", "multiple of 4"]),
+    (2, ["parallel.tensor_parallel=4"], ["world size 2 is not divisible by", "= 4"]),
+    (1, ["parallel.sequence_parallel=true"], ["sequence_parallel needs tensor_parallel > 1"]),
+    (1, ["training.precision=bf16"], ["precision=bf16 needs a GPU"]),
+    (1, ["training.fp8=hybrid"], ["training.fp8 needs Transformer Engine", "FP8-capable GPU"]),
+    (2, ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2", "training.global_batch_size=3",
+         "training.micro_batch_size=1"], ["interleaved schedule needs the number of micro-batches"]),
+    (1, ["parallel.use_distributed_optimizer=true"], ["use_distributed_optimizer needs a GPU"]),
+    (1, ["model.preset=llama3"], ["model.preset 'llama3' is unknown"]),
+    (1, ["training.learning_rate=1"], ["unknown config key training.learning_rate"]),
+    (1, ["training.train_iters=many"], ["training.train_iters: expected int"]),
+]
+
+
+@pytest.mark.parametrize("world, overrides, words", BAD_CONFIGS)
+def test_config_error_message_exit_code_and_no_process_group(world, overrides, words, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    code = melama(["train", *BASE, *overrides])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ")
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err
+    assert not dist.is_initialized()
+
+
+def test_all_problems_reported_at_once(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert melama(["train", *BASE, "parallel.tensor_parallel=8", "training.precision=bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "tensor_parallel=8" in err and "precision=bf16" in err
+
+
+def test_missing_config_file_is_a_user_error(capsys):
+    assert melama(["train", "--config", "no/such/recipe.yaml"]) == 2
+    assert "config file not found: no/such/recipe.yaml" in capsys.readouterr().err
+
+
+def test_recipes_parse_and_pass_their_layout_checks():
+    """Every shipped recipe is valid for its intended world size (its own comment says which)."""
+    from melama_mcore.config.validate import Environment, resolve, resolve_arch, validate
+
+    gpus = {"llama2_70b_me_llama": 160, "llama2_13b": 32, "llama2_7b": 8}
+    for name, world in gpus.items():
+        cfg = load_config(f"examples/configs/{name}.yaml")
+        env = Environment(world_size=world, cuda=True, transformer_engine=True, fp8_capable=True)
+        validate(resolve(cfg, env), resolve_arch(cfg, 32000), env)
+    cfg = load_config("examples/configs/tiny_cpu.yaml")
+    env = Environment(world_size=2, cuda=False, transformer_engine=False, fp8_capable=False)
+    validate(resolve(cfg, env), resolve_arch(cfg, 2000), env)
+    assert cfg.training.precision == "fp32" and cfg.parallel.use_distributed_optimizer is False
+
+
+def test_me_llama_defaults():
+    o = load_config(None).optimizer
+    assert (o.lr, o.beta1, o.beta2, o.weight_decay, o.clip_grad, o.warmup_fraction, o.lr_decay_style) == \
+        (8e-6, 0.9, 0.95, 1e-5, 1.0, 0.05, "cosine")
+
+
+def test_override_types():
+    cfg = load_config(None, ["optimizer.lr=3e-4", "parallel.virtual_pipeline=null", "training.train_iters=7"])
+    assert cfg.optimizer.lr == 3e-4 and cfg.parallel.virtual_pipeline is None and cfg.training.train_iters == 7
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(None, ["optimizer.lr"])
+
+
+@pytest.mark.parametrize("preset, billions", [("llama2-7b", 6.74), ("llama2-13b", 13.02), ("llama2-70b", 68.98)])
+def test_preset_parameter_counts(preset, billions):
+    assert round(parameter_count(PRESETS[preset]) / 1e9, 2) == billions
+
+
+def test_parameter_count_equals_the_built_megatron_model():
+    """The analytic count against a real GPTModel (built in a subprocess: CPU mode patches torch.cuda)."""
+    script = (
+        "from melama_mcore.config.job_config import load_config\n"
+        "from melama_mcore.config.validate import resolve, resolve_arch, detect_environment\n"
+        "from melama_mcore.distributed import parallel\n"
+        "from melama_mcore.models.llama.model import build_model_chunks\n"
+        "cfg = load_config(None, ['model.preset=tiny', 'model.vocab_size=1024', 'training.seq_length=64',"
+        " 'model.make_vocab_size_divisible_by=1'])\n"
+        "resolve(cfg, detect_environment(1)); arch = resolve_arch(cfg, None); parallel.initialize(cfg)\n"
+        "model = build_model_chunks(cfg, arch, 'native')[0]\n"
+        "print(sum(p.numel() for p in model.parameters())); parallel.shutdown()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    built = int(out.strip().splitlines()[-1])
+    assert built == parameter_count(PRESETS["tiny"], vocab_size=1024)
+
+
+def test_70b_flops_and_mfu_match_a_hand_derivation(tmp_path):
+    """LLaMA-2 70B, seq 4096, by hand (Megatron's convention: x3 fwd+bwd, x2 per multiply-add,
+    causal attention halved): per token and layer
+      QKV    2*8192*(8192 + 2*1024)   = 167,772,160
+      attn   2*2 * 8192*4096 / 2      = 67,108,864     (QK^T and AV, causal half)
+      proj   2*8192*8192               = 134,217,728
+      MLP    2*3*8192*28672            = 1,409,286,144
+      layer total                      = 1,778,384,896;  x 80 layers = 142,270,791,680
+      logits 2*8192*32000              = 524,288,000
+      forward 142,795,079,680; training x3 = 428,385,239,040 FLOPs per token.
+    """
+    per_token = flops_per_token(PRESETS["llama2-70b"], 4096)
+    assert per_token == 428_385_239_040
+    # A step of 1000 x 4096 tokens in 60 s on 160 GPUs of 312 TFLOP/s peak:
+    logger = MetricsLogger(str(tmp_path), enabled=True, tensorboard=False, num_gpus=160,
+                           flops_per_token=per_token, peak_tflops=312.0, train_iters=10)
+    record = logger.log_step(StepStats(step=1, loss=2.0, lr=8e-6, grad_norm=1.0, step_time_s=60.0,
+                                       tokens=1000 * 4096))
+    logger.close()
+    tflops = 1000 * 4096 / 60.0 * 428_385_239_040 / 160 / 1e12  # 182.8 TFLOP/s per GPU, MFU 58.6%
+    assert record["tflops_per_gpu"] == pytest.approx(tflops)
+    assert record["mfu"] == pytest.approx(tflops / 312.0)
+    assert record["tokens_per_s_per_gpu"] == pytest.approx(1000 * 4096 / 60.0 / 160)
+    written = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert written["mfu"] == pytest.approx(record["mfu"])
