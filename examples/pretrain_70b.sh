@@ -4,7 +4,7 @@
 # Run this script once per node (your scheduler, pdsh, or by hand):
 #   NNODES=20 NODE_RANK=<0..19> MASTER_ADDR=<node 0 hostname> bash examples/pretrain_70b.sh [overrides...]
 # Extra arguments are config overrides, e.g. training.train_iters=100 logging.eval_interval=50.
-# On SLURM use examples/pretrain_70b.slurm instead. Rerunning the same command resumes from the
+# On SLURM use examples/pretrain_70b.slurm (srun starts one task per GPU, no torchrun). Rerunning the same command resumes from the
 # latest complete checkpoint (after a crash, preemption or time limit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
