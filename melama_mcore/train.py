@@ -28,6 +28,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 
 from melama_mcore.components.checkpointer import Checkpointer, TrainState
 from melama_mcore.components.metrics import MetricsLogger, StepStats, flops_per_token, peak_tflops
@@ -86,10 +87,13 @@ class Trainer:
             use_distributed_optimizer=p.use_distributed_optimizer,
             overlap_param_gather=p.overlap_param_gather,
         )
+        # bf16: megatron's Float16Module casts the chunk to bf16 and the last stage's output to fp32,
+        # as Megatron-LM does.
+        wrapped = [Float16Module(c.config, c) if c.config.bf16 else c for c in self.chunks]
         self.model = [
-            DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+            DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=module,
                                     disable_bucketing=i > 0)
-            for i, chunk in enumerate(self.chunks)
+            for i, (chunk, module) in enumerate(zip(self.chunks, wrapped))
         ]
         self._install_schedule_hooks()
 
@@ -159,7 +163,9 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
         """Called by megatron's schedule once per micro-batch and model chunk."""
-        chunk = model.module if hasattr(model, "module") else model
+        chunk = model
+        while hasattr(chunk, "module"):  # DDP -> (Float16Module ->) GPTModel
+            chunk = chunk.module
         if chunk.pre_process or chunk.post_process:
             batch = next(data_iterator)
             tokens, labels = batch["tokens"], batch["labels"]

@@ -209,7 +209,7 @@ def transformer_config(cfg: JobConfig, arch: LlamaArch, backend: str) -> Transfo
         use_cpu_initialization=not gpu,
         # The fusions below are CUDA-only (TE/apex/jit kernels) or implemented by our native spec.
         bias_activation_fusion=False,
-        masked_softmax_fusion=gpu and backend == "local",
+        masked_softmax_fusion=False,  # megatron's fused softmax needs apex's CUDA extension
         bias_dropout_fusion=gpu,
         apply_rope_fusion=gpu and backend == "transformer_engine",
         persist_layer_norm=False,
