@@ -218,11 +218,16 @@ class Checkpointer:
         log.info("resumed from %s (step %d, %d samples consumed)", path, train_state.step, train_state.consumed_samples)
         return train_state
 
-    def load_weights(self, path: str) -> None:
-        """Weights only (a Hugging Face import, or another run's checkpoint): fresh optimizer and schedule."""
+    def load_weights(self, path: str, arch=None) -> None:
+        """Weights only (a Hugging Face import, or another run's checkpoint): fresh optimizer and schedule.
+        With the run's `arch`, a checkpoint of another architecture is refused, naming the fields."""
         ckpt = Path(path)
         if (ckpt / LATEST).is_file():
             ckpt = step_dir(ckpt, latest_step(ckpt))
+        if arch is not None:
+            from melama_mcore.models.llama.state_dict_adapter import check_arch_matches
+
+            check_arch_matches(ckpt, arch)
         loaded = self._load(self._model_state(), ckpt)
         for i, chunk in enumerate(self.model_chunks):
             chunk.load_state_dict(loaded[f"model{i}"])
