@@ -2,7 +2,8 @@
 
 Every run starts from one seed checkpoint (weights written once by a single process), so runs
 differ only in how megatron splits the work: TP, TP+SP, PP (1F1B), PP with virtual stages
-(interleaved), TP x PP, and DP through megatron's real schedules, DDP and optimizer.
+(interleaved), TP x PP, and DP through megatron's real schedules, DDP and optimizer, and full or
+selective activation recompute.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ LAYOUTS = {
     "pp2_vp2": (4, ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"]),
     "tp2_pp2": (4, ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"]),
     "dp2": (2, []),
+    # Recompute changes memory, never numbers.
+    "tp2_full_recompute": (2, ["parallel.tensor_parallel=2", "training.recompute=full"]),
+    "selective_recompute": (1, ["training.recompute=selective"]),
 }
 
 

@@ -107,7 +107,7 @@ def enable() -> None:
     cuda.Stream = _NullStream
     cuda.Event = _NullStream
     cuda.stream = lambda *a, **k: contextlib.nullcontext()
-    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.get_rng_state = cuda.random.get_rng_state = lambda *a, **k: torch.get_rng_state()
     cuda.set_rng_state = lambda *a, **k: None
     cuda.empty_cache = lambda: None
 
