@@ -39,7 +39,9 @@ def check_consistent(report: dict, layers: int, seq: int) -> None:
     expected_fpt = flops_per_token(arch, seq)
     gpus = report["gpus"]
     layout = report["layout"]
+    assert report["flops_per_token"] == pytest.approx(expected_fpt, rel=1e-12)
     for r in report["results"]:
+        assert "error" not in r, r
         assert r["all_steps_ok"]
         assert r["flops_per_token"] == pytest.approx(expected_fpt, rel=1e-12)
         assert r["tokens_per_s"] == pytest.approx(layout["gbs"] * seq / r["step_time_s"], rel=1e-9)
