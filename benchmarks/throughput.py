@@ -48,6 +48,7 @@ from melama_mcore.components.optimizer import build_optimizer
 from melama_mcore.config.job_config import JobConfig, load_config
 from melama_mcore.config.validate import detect_environment, resolve, resolve_arch, validate
 from melama_mcore.distributed import parallel
+from melama_mcore.errors import UserError
 from melama_mcore.models.llama.config_registry import PRESETS
 from melama_mcore.models.llama.model import build_model_chunks
 from melama_mcore.train import Trainer
@@ -269,6 +270,8 @@ def print_table(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or (args.layers is not None and args.layers < 1):
+        raise UserError("--steps and --layers must be >= 1 and --warmup >= 0")
     world = parallel.world_size_from_env()
     cfg = job_config(args, world)
     env = detect_environment(world)

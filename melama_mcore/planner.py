@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass
 
@@ -294,7 +293,9 @@ def candidate_layouts(arch: LlamaArch, preset: str, *, gpus: int, seq: int, gbs:
             continue
         for pp in _divisors(gpus // tp):
             dp = gpus // (tp * pp)
-            vps = [None] + [v for v in _divisors(arch.num_layers // pp) if v >= 2] if pp > 1 and arch.num_layers % pp == 0 else [None]
+            vps: list[int | None] = [None]
+            if pp > 1 and arch.num_layers % pp == 0:
+                vps += [v for v in _divisors(arch.num_layers // pp) if v >= 2]
             for vp in vps:
                 for mbs in MICRO_BATCH_SIZES:
                     for distopt in ((False, True) if dp > 1 else (False,)):
