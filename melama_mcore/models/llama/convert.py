@@ -22,10 +22,18 @@ import logging
 import os
 import resource
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_global_save_plan
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import (LoadPlan, SavePlan, SavePlanner, TensorWriteData, WriteItem,
+                                                  WriteItemType)
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from tqdm import tqdm
 
 from melama_mcore.errors import CheckpointError, UserError
@@ -58,6 +66,21 @@ def atomic_dir(final: Path):
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def dcp_errors(what: str):
+    """PyTorch DCP reports failures as a CheckpointException (a BaseException whose text is a
+    traceback): re-raise ours as they are, anything else as a one-line CheckpointError."""
+    try:
+        yield
+    except CheckpointException as err:
+        cause = next(iter(err.failures.values()))[0]
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise CheckpointError(f"{what}: {type(cause).__name__}: {str(cause).splitlines()[0]}") from None
+    except (OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{what}: {type(err).__name__}: {err}") from None
 
 
 def peak_rss_mib() -> float:
@@ -147,57 +170,51 @@ class HFCheckpoint:
 # ---------------------------------------------------------------------------------------------
 # import-hf: a save planner that makes each chunk when the writer needs it
 # ---------------------------------------------------------------------------------------------
-def _lazy_planner(chunks: list[sda.Chunk], objects: dict[str, bytes], read, dtype: torch.dtype, progress):
-    """A torch.distributed.checkpoint SavePlanner whose write items come from `chunks` (no state
-    dict in memory) and whose data is built per item in resolve_data, checked against its plan."""
-    from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-    from torch.distributed.checkpoint.planner import (SavePlan, SavePlanner, TensorWriteData, WriteItem,
-                                                      WriteItemType)
+class LazySavePlanner(SavePlanner):
+    """A DCP save planner whose write items come from `chunks` (no state dict in memory) and whose
+    data is built per item in resolve_data, when the writer asks for it, and checked against the plan."""
 
-    class LazySavePlanner(SavePlanner):
-        def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False):
-            self.by_index = {}
+    def __init__(self, chunks: list[sda.Chunk], objects: dict[str, bytes], read, dtype: torch.dtype, progress):
+        self.chunks = {(c.key, c.offsets): c for c in chunks}
+        self.objects, self.read, self.dtype, self.progress = objects, read, dtype, progress
 
-        def create_local_plan(self):
-            items = []
-            for chunk in chunks:
-                index = MetadataIndex(chunk.key, torch.Size(chunk.offsets))
-                self.by_index[(chunk.key, chunk.offsets)] = chunk
-                items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
-                    chunk=ChunkStorageMetadata(offsets=torch.Size(chunk.offsets), sizes=torch.Size(chunk.sizes)),
-                    properties=TensorProperties(dtype=dtype), size=torch.Size(chunk.global_shape))))
-            items += [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in objects]
-            return SavePlan(items)
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False):
+        pass
 
-        def create_global_plan(self, all_plans):
-            return create_default_global_save_plan(all_plans)
+    def create_local_plan(self):
+        items = [WriteItem(index=MetadataIndex(c.key, torch.Size(c.offsets)), type=WriteItemType.SHARD,
+                           tensor_data=TensorWriteData(
+                               chunk=ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)),
+                               properties=TensorProperties(dtype=self.dtype), size=torch.Size(c.global_shape)))
+                 for c in self.chunks.values()]
+        items += [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in self.objects]
+        return SavePlan(items)
 
-        def finish_plan(self, new_plan):
-            return new_plan
+    def create_global_plan(self, all_plans):
+        return create_default_global_save_plan(all_plans)
 
-        def resolve_data(self, write_item):
-            if write_item.type == WriteItemType.BYTE_IO:
-                return io.BytesIO(objects[write_item.index.fqn])
-            chunk = self.by_index[(write_item.index.fqn, tuple(write_item.index.offset))]
-            tensor = chunk.build(read).contiguous()
-            if tuple(tensor.shape) != chunk.sizes or tensor.dtype != dtype:
-                raise CheckpointError(f"{chunk.key} at {chunk.offsets}: built {tuple(tensor.shape)} {tensor.dtype}, "
-                                      f"planned {chunk.sizes} {dtype}")
-            progress.update(1)
-            return tensor
+    def finish_plan(self, new_plan):
+        return new_plan
 
-    return LazySavePlanner()
+    def resolve_data(self, write_item):
+        if write_item.type == WriteItemType.BYTE_IO:
+            return io.BytesIO(self.objects[write_item.index.fqn])
+        chunk = self.chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+        tensor = chunk.build(self.read).contiguous()
+        if tuple(tensor.shape) != chunk.sizes or tensor.dtype != self.dtype:
+            raise CheckpointError(f"{chunk.key} at {chunk.offsets}: built {tuple(tensor.shape)} {tensor.dtype}, "
+                                  f"planned {chunk.sizes} {self.dtype}")
+        self.progress.update(1)
+        return tensor
 
 
 def write_dist_checkpoint(folder: Path, chunks, objects, read, dtype: torch.dtype) -> None:
     """megatron's torch_dist format: PyTorch DCP files + megatron's metadata.json and common.pt."""
-    import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
-    with tqdm(total=len(chunks), desc="import", unit="chunk") as progress:
+    with tqdm(total=len(chunks), desc="import", unit="chunk") as progress, dcp_errors(f"cannot write {folder}"):
         dcp.save({}, storage_writer=dcp.FileSystemWriter(str(folder), thread_count=1),
-                 planner=_lazy_planner(chunks, objects, read, dtype, progress), no_dist=True)
+                 planner=LazySavePlanner(chunks, objects, read, dtype, progress), no_dist=True)
     torch.save({}, folder / "common.pt")  # a weights-only checkpoint has no common (unsharded) state
     save_config(CheckpointingConfig(sharded_backend="torch_dist"), str(folder))
 
@@ -265,8 +282,6 @@ def find_checkpoint(path: Path) -> Path:
 
 def checkpoint_arch(ckpt: Path, tokenizer: str | None) -> tuple[LlamaArch, int, torch.dtype]:
     """Architecture (from config.yaml, checked against the stored tensors), padded vocab, stored dtype."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     from melama_mcore.config.job_config import load_config
     from melama_mcore.config.validate import resolve_arch
     from melama_mcore.data.tokenizer import load_tokenizer
@@ -281,7 +296,7 @@ def checkpoint_arch(ckpt: Path, tokenizer: str | None) -> tuple[LlamaArch, int, 
             raise CheckpointError(f"{ckpt}/config.yaml states no vocab_size and names no tokenizer: pass --tokenizer")
         vocab = load_tokenizer(source).vocab_size
     arch = resolve_arch(cfg, vocab)
-    stored = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    stored = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
     padded = stored[sda.EMBEDDING].size[0] if sda.EMBEDDING in stored else 0
     for key, shape in sda.megatron_shapes(arch, padded).items():
         if key not in stored:
@@ -294,26 +309,25 @@ def checkpoint_arch(ckpt: Path, tokenizer: str | None) -> tuple[LlamaArch, int, 
     return arch, padded, stored[sda.EMBEDDING].properties.dtype
 
 
-def _slice_planner(targets: dict[str, tuple[tuple[int, ...], torch.Tensor]]):
+class SliceLoadPlanner(DefaultLoadPlanner):
     """A DCP load planner that fills each target tensor with the box of a stored tensor starting at
-    the given offsets (reading only the chunks that overlap it: one layer of a stacked tensor)."""
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-    from torch.distributed.checkpoint.planner import LoadPlan
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+    the given offsets, reading only the chunks that overlap it (one layer of a stacked tensor).
+    A module-level class: a class made per call sits in a reference cycle, and the layer it refers
+    to would stay in memory until the garbage collector happens to run."""
 
-    class SliceLoadPlanner(DefaultLoadPlanner):
-        def create_local_plan(self):
-            items = []
-            for key, (offsets, target) in targets.items():
-                box = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=target.shape)
-                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [box])
-            return LoadPlan(items)
+    def __init__(self, targets: dict[str, tuple[tuple[int, ...], torch.Tensor]]):
+        super().__init__(flatten_state_dict=False)
+        self.targets = targets
 
-        def lookup_tensor(self, index):
-            return targets[index.fqn][1]
+    def create_local_plan(self):
+        items = []
+        for key, (offsets, target) in self.targets.items():
+            box = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=target.shape)
+            items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [box])
+        return LoadPlan(items)
 
-    return SliceLoadPlanner(flatten_state_dict=False)
+    def lookup_tensor(self, index):
+        return self.targets[index.fqn][1]
 
 
 class DistCheckpointReader:
@@ -325,13 +339,9 @@ class DistCheckpointReader:
         self.shapes = sda.megatron_shapes(arch, padded_vocab)
 
     def _load(self, targets: dict) -> dict[str, torch.Tensor]:
-        import torch.distributed.checkpoint as dcp
-
-        try:
-            dcp.load({}, storage_reader=dcp.FileSystemReader(str(self.ckpt)), planner=_slice_planner(targets),
+        with dcp_errors(f"cannot read {self.ckpt}"):
+            dcp.load({}, storage_reader=dcp.FileSystemReader(str(self.ckpt)), planner=SliceLoadPlanner(targets),
                      no_dist=True)
-        except Exception as err:  # DCP raises several types for a truncated or corrupt file
-            raise CheckpointError(f"cannot read {self.ckpt}: {type(err).__name__}: {err}") from err
         return {key: target for key, (_, target) in targets.items()}
 
     def tensors(self, keys) -> dict[str, torch.Tensor]:
@@ -388,26 +398,59 @@ def copy_tokenizer(source: Path, out: Path) -> None:
         raise UserError(f"--tokenizer {source}: expected a sentencepiece .model file or a tokenizer folder")
 
 
-def export_hf(ckpt: Path, out: Path, dtype_name: str, tokenizer: str | None, max_shard_bytes: int) -> tuple[LlamaArch, int]:
-    from safetensors.torch import save_file
+class SafetensorsWriter:
+    """One safetensors file written tensor by tensor in a planned order: the header (names, dtypes,
+    shapes, offsets) is known from the plan, so the shard never has to sit in memory."""
 
+    CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype):
+        header, offset = {}, 0
+        for name, shape in entries:
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            header[name] = {"dtype": self.CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
+        self.entries, self.dtype, self.nbytes = iter(entries), dtype, offset
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        planned, shape = next(self.entries)
+        if (name, tuple(tensor.shape), tensor.dtype) != (planned, shape, self.dtype):
+            raise CheckpointError(f"internal: got {name} {tuple(tensor.shape)} {tensor.dtype}, planned {planned} {shape}")
+        self.file.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)  # little-endian, as the format
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+def export_hf(ckpt: Path, out: Path, dtype_name: str, tokenizer: str | None, max_shard_bytes: int) -> tuple[LlamaArch, int]:
     arch, padded, stored_dtype = checkpoint_arch(ckpt, tokenizer)
     dtype = stored_dtype if dtype_name == "auto" else DTYPES[dtype_name]
+    shapes = sda.hf_shapes(arch)
     shards = plan_shards(arch, dtype, max_shard_bytes)
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     log.info("exporting %s (%d layers, vocab %d of %d padded rows) as %s in %d shard(s)",
              ckpt, arch.num_layers, arch.vocab_size, padded, dtype, len(shards))
-    reader = DistCheckpointReader(ckpt, arch, padded, stored_dtype)
-    with atomic_dir(out) as tmp:
-        weight_map, total, buffer, shard = {}, 0, {}, 0
-        for name, tensor in tqdm(hf_tensors(reader, arch), total=len(sda.hf_shapes(arch)), desc="export",
-                                 unit="tensor"):
-            buffer[name] = tensor.to(dtype).contiguous()
-            if len(buffer) == len(shards[shard]):
-                save_file(buffer, str(tmp / files[shard]), metadata={"format": "pt"})
-                weight_map.update({n: files[shard] for n in buffer})
-                total += sum(t.nbytes for t in buffer.values())
-                buffer, shard = {}, shard + 1
+    stream = hf_tensors(DistCheckpointReader(ckpt, arch, padded, stored_dtype), arch)
+    with atomic_dir(out) as tmp, tqdm(total=len(shapes), desc="export", unit="tensor") as progress:
+        total = 0
+        for file, names in zip(files, shards):
+            writer = SafetensorsWriter(tmp / file, [(n, shapes[n]) for n in names], dtype)
+            try:
+                for _ in names:
+                    name, tensor = next(stream)
+                    writer.write(name, tensor.to(dtype))
+                    progress.update(1)
+            finally:
+                writer.close()
+            total += writer.nbytes
+        weight_map = {name: file for file, names in zip(files, shards) for name in names}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(sda.hf_config(arch, dtype), indent=2))
