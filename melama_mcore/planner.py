@@ -57,7 +57,7 @@ from melama_mcore.config.job_config import JobConfig, load_config
 from melama_mcore.config.validate import Environment, resolve_arch, validate
 from melama_mcore.errors import ConfigError, UserError
 from melama_mcore.models.llama.config_registry import PRESETS, LlamaArch, parameter_count
-from melama_mcore.models.llama.model import padded_vocab_size
+from melama_mcore.models.llama.config_registry import padded_vocab_size
 
 GIB = 2**30
 

@@ -19,7 +19,7 @@ from melama_mcore.cli import run_main
 from melama_mcore.config.job_config import load_config
 from melama_mcore.config.validate import Environment, resolve, validate
 from melama_mcore.models.llama.config_registry import PRESETS, parameter_count
-from melama_mcore.models.llama.model import padded_vocab_size
+from melama_mcore.models.llama.config_registry import padded_vocab_size
 from trunk_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

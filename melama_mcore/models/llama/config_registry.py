@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -41,3 +42,9 @@ def parameter_count(arch: LlamaArch, vocab_size: int | None = None) -> int:
     mlp = 3 * h * f  # gate, up, down
     layer = attention + mlp + 2 * h  # two RMSNorm weights
     return arch.num_layers * layer + h + 2 * v * h  # + final norm, embedding, output layer
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Embedding rows actually allocated: a multiple of divisible_by x TP (as Megatron-LM pads)."""
+    multiple = divisible_by * tp
+    return math.ceil(vocab_size / multiple) * multiple

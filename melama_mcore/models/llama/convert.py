@@ -248,7 +248,7 @@ def validate_layout(arch: LlamaArch, tp: int, pp: int, vp: int | None) -> None:
 
 
 def import_hf(hf_dir: Path, out: Path, tp: int, pp: int, vp: int | None, divisible_by: int) -> tuple[LlamaArch, int]:
-    from melama_mcore.models.llama.model import padded_vocab_size
+    from melama_mcore.models.llama.config_registry import padded_vocab_size
 
     hf = HFCheckpoint(hf_dir)
     arch = sda.arch_from_hf_config(hf.config)

@@ -38,7 +38,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from melama_mcore import kernels
 from melama_mcore.config.job_config import JobConfig
-from melama_mcore.models.llama.config_registry import LlamaArch
+from melama_mcore.models.llama.config_registry import LlamaArch, padded_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +219,6 @@ def transformer_config(cfg: JobConfig, arch: LlamaArch, backend: str) -> Transfo
         **recompute,
         **fp8,
     )
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    multiple = divisible_by * tp
-    return math.ceil(vocab_size / multiple) * multiple
 
 
 def build_model_chunks(cfg: JobConfig, arch: LlamaArch, backend: str) -> list[GPTModel]:
