@@ -52,6 +52,10 @@ class TrainingStopped(UserError):
     exit_code = 3
 
 
+class _StepAbandoned(Exception):
+    """Every rank agreed to abandon the step in progress: it would not finish before the preemption deadline."""
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig):
         # 1. Configuration, checked before any process group exists.
@@ -130,6 +134,15 @@ class Trainer:
             train_iters=t.train_iters,
         )
         self.stop_signal: int | None = None
+        self.stop_signal_at: float | None = None  # time.monotonic() of the first stop signal
+        # Preemption deadline: a step can be abandoned between micro-batches only when every rank runs
+        # the same micro-batch loop (no pipeline), so that all ranks can agree at each micro-batch.
+        self.can_abandon_step = (cfg.checkpoint.preemption_grace_s is not None and len(self.model) == 1
+                                 and parallel_state.get_pipeline_model_parallel_world_size() == 1)
+        self._microbatch = 0
+        self._step_started = 0.0
+        self._microbatch_s = 0.0  # measured time of one micro-batch (last completed step)
+        self._save_s = 0.0  # measured time of the last checkpoint save
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
@@ -157,12 +170,31 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
+        if self.stop_signal_at is None:
+            self.stop_signal_at = time.monotonic()
         log.warning("rank %d received %s: saving a checkpoint at the end of this step, then exiting",
                     self.rank, signal.Signals(signum).name)
 
     # -- one step ----------------------------------------------------------------------------------
+    def _abandon_step(self) -> bool:
+        """At a micro-batch boundary, agreed by all ranks: would the step in progress plus a save run
+        past the preemption grace period? Then it is abandoned (the state before it is unchanged)."""
+        late = False
+        if self.stop_signal_at is not None:
+            now = time.monotonic()
+            per_microbatch = (now - self._step_started) / self._microbatch if self._microbatch else self._microbatch_s
+            remaining = (self.num_microbatches - self._microbatch) * per_microbatch
+            late = (now - self.stop_signal_at) + remaining + self._save_s > self.cfg.checkpoint.preemption_grace_s
+        flag = torch.tensor([float(late)], device="cuda" if self.cfg.training.device == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
     def _forward_step(self, data_iterator, model):
         """Called by megatron's schedule once per micro-batch and model chunk."""
+        if self.can_abandon_step and model.training:
+            if self._abandon_step():
+                raise _StepAbandoned()
+            self._microbatch += 1
         chunk = model
         while hasattr(chunk, "module"):  # DDP -> (Float16Module ->) GPTModel
             chunk = chunk.module
@@ -203,6 +235,7 @@ class Trainer:
     def train_step(self) -> StepStats:
         t, o = self.cfg.training, self.cfg.optimizer
         start = time.perf_counter()
+        self._microbatch, self._step_started = 0, time.monotonic()
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -216,6 +249,7 @@ class Trainer:
             decoder_seq_length=t.seq_length,
             forward_only=False,
         )
+        self._microbatch_s = (time.monotonic() - self._step_started) / self.num_microbatches
         loss = self._reduce_loss(reduced)
         # megatron's optimizer.step(), split so that a non-finite loss or grad norm skips the update.
         found_inf = self.optimizer.prepare_grads()
@@ -275,11 +309,15 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 
-    def save(self) -> None:
+    def save(self, last: bool = False) -> None:
+        """`last`: no later save will follow (end of run, stop signal), so a failure is fatal even with
+        on_save_failure=continue: exiting 0 would lose the steps since the previous checkpoint."""
         try:
+            started = time.monotonic()
             self.checkpointer.save(self.state)
+            self._save_s = time.monotonic() - started
         except (OSError, RuntimeError) as err:
-            if self.cfg.checkpoint.on_save_failure == "stop":
+            if self.cfg.checkpoint.on_save_failure == "stop" or last:
                 raise UserError(f"checkpoint save at step {self.state.step} failed: {err}. The previous "
                                 f"checkpoint is still the latest; free space / fix the path and rerun") from err
             log.warning("CHECKPOINT SAVE FAILED at step %d (%s); the previous checkpoint stays latest, "
@@ -293,7 +331,20 @@ class Trainer:
         history = []
         last_saved = self.state.step
         while self.state.step < t.train_iters:
-            stats = self.train_step()
+            try:
+                stats = self.train_step()
+            except _StepAbandoned:
+                elapsed = time.monotonic() - self.stop_signal_at
+                log.warning("step %d abandoned %.1f s after %s: it would not finish within "
+                            "checkpoint.preemption_grace_s=%g; saving the state after step %d",
+                            self.state.step + 1, elapsed, signal.Signals(self.stop_signal).name,
+                            cfg.checkpoint.preemption_grace_s, self.state.step)
+                for m in self.model:
+                    m.zero_grad_buffer()
+                if last_saved != self.state.step:
+                    self.save(last=True)
+                log.warning("stopped after step %d (signal); rerun the same command to resume", self.state.step)
+                return {"history": history, "stopped": True}
             history.append(stats)
             if self.is_logging_rank and (stats.step % cfg.logging.log_interval == 0 or stats.skipped
                                          or len(history) == 1):
@@ -307,14 +358,14 @@ class Trainer:
                 self.metrics.log_eval(stats.step, self.evaluate())
             stop = self._agreed_stop() or stats.step == t.stop_after_step
             if stop or stats.step % cfg.checkpoint.save_interval == 0:
-                self.save()
+                self.save(last=stop or stats.step == t.train_iters)
                 last_saved = self.state.step
             if stop:
                 log.warning("stopped after step %d (%s); rerun the same command to resume", stats.step,
                             "signal" if self.stop_signal else "training.stop_after_step")
                 return {"history": history, "stopped": True}
         if last_saved != self.state.step:
-            self.save()
+            self.save(last=True)
         final_eval = self.evaluate()
         self.metrics.log_eval(self.state.step, final_eval)
         self.metrics.close()

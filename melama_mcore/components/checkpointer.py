@@ -73,6 +73,45 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _writer_helper_init() -> None:
+    """Runs in megatron's checkpoint-writer helper process (a spawned multiprocessing Manager). SLURM
+    signals every process of a job at preemption; the helper must survive SIGTERM/SIGUSR1 or the
+    preemption save it serves fails with a broken pipe. It exits when its rank dies instead (a rank
+    killed with SIGKILL would otherwise leave it running forever)."""
+    import signal
+    import threading
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+
+
+def _start_writer_helper() -> None:
+    """Start megatron's results-queue helper ourselves, once, with _writer_helper_init (megatron
+    starts it lazily with default signal handling)."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    if getattr(filesystem_async, "_results_queue", "absent") is not None:
+        return  # already started, or a megatron version without it
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_writer_helper_init)
+    filesystem_async._results_queue = manager.Queue()
+    filesystem_async._melama_manager = manager  # keep it referenced for the life of the process
+
+
 def _layout() -> tuple[int, int, int]:
     return (
         parallel_state.get_pipeline_model_parallel_world_size(),
@@ -140,6 +179,7 @@ class Checkpointer:
             partial.mkdir(parents=True)
         dist.barrier()
         state = self._full_state(train_state, loading=False, with_rng=True)
+        _start_writer_helper()
         dist_checkpointing.save(state, str(partial), content_metadata=self._optimizer_metadata())
         dist.barrier()
         if rank0:

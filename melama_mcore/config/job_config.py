@@ -98,6 +98,11 @@ class CheckpointConfig:
     init_from: str | None = None  # weights-only start (e.g. a Hugging Face import); ignored on resume
     keep_last: int | None = None  # delete older complete checkpoints beyond this many
     on_save_failure: str = "stop"  # stop | continue (a warning per failure; the last good one stays latest)
+    # Seconds between SIGTERM/SIGUSR1 and the hard kill (SLURM --signal=TERM@N, torchrun --shutdown-timeout).
+    # None: finish the current step, then save. Set: with pipeline_parallel=1, a step that would not
+    # finish in time (measured step and save times) is abandoned at a micro-batch boundary and the
+    # state before it is saved; the rerun redoes that step. See docs/fault_tolerance.md.
+    preemption_grace_s: float | None = None
 
 
 @dataclass
