@@ -30,7 +30,7 @@ from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from melama_mcore.components.checkpointer import Checkpointer, TrainState
+from melama_mcore.components.checkpointer import Checkpointer, TrainState, model_identity
 from melama_mcore.components.metrics import MetricsLogger, StepStats, flops_per_token, peak_tflops
 from melama_mcore.components.optimizer import build_optimizer, build_scheduler
 from melama_mcore.config.job_config import JobConfig, dump_config, load_config
@@ -104,7 +104,8 @@ class Trainer:
         # 4. Optimizer, schedule, checkpoint.
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.checkpointer = Checkpointer(cfg, self.chunks, self.optimizer, self.scheduler)
+        self.checkpointer = Checkpointer(cfg, self.chunks, self.optimizer, self.scheduler,
+                                         identity=model_identity(self.arch, self.tokenizer))
         self.state = self.checkpointer.resume() if cfg.checkpoint.resume else None
         if self.state is None:
             self.checkpointer.clean_partial()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -281,3 +282,103 @@ def test_save_failure_continue_warns_but_a_failed_final_save_is_an_error(data, t
     assert run.rc == 2 and "Traceback" not in run.output, run.output[-3000:]
     [line] = run.error_lines()
     assert "checkpoint save at step 4 failed" in line and "Permission denied" in line
+
+
+# -- 5 + 7. bad files and malicious pickles: refused at start-up, one clear line, nothing run ----------
+class _Evil:
+    """Unpickling this runs a shell command that creates a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _copy_dataset(src_prefix: str, dst_prefix: Path, idx_from: str | None = None) -> str:
+    shutil.copy(src_prefix + ".bin", str(dst_prefix) + ".bin")
+    shutil.copy((idx_from or src_prefix) + ".idx", str(dst_prefix) + ".idx")
+    return str(dst_prefix)
+
+
+def _one_source(data: dict, prefix: str) -> list[dict]:
+    return [{"name": "clinical", "weight": 1, "train": [prefix]}]
+
+
+def _with_checkpoint(reference: dict, out: Path) -> Path:
+    """out/checkpoints = a copy of the reference run's checkpoints; returns the latest one's folder."""
+    shutil.copytree(reference["out"] / "checkpoints", out / "checkpoints")
+    return out / "checkpoints" / f"iter_{latest(out):07d}"
+
+
+def case_truncated_bin(data, reference, tmp_path):
+    src = data["blend"][1]["train"][0]
+    prefix = _copy_dataset(src, tmp_path / "clinical")
+    size = os.path.getsize(prefix + ".bin")
+    os.truncate(prefix + ".bin", size - 100)
+    return job(data, blend=_one_source(data, prefix)), [prefix + ".bin", "truncated"]
+
+
+def case_idx_of_another_dataset(data, reference, tmp_path):
+    prefix = _copy_dataset(data["blend"][1]["train"][0], tmp_path / "clinical", idx_from=data["blend"][2]["train"][0])
+    return job(data, blend=_one_source(data, prefix)), [prefix + ".bin", prefix + ".idx", "another .bin"]
+
+
+def case_corrupt_tensor_file(data, reference, tmp_path):
+    folder = _with_checkpoint(reference, tmp_path / "out")
+    victim = sorted(folder.glob("*.distcp"))[0]
+    raw = bytearray(victim.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 16] = bytes(b ^ 0xFF for b in raw[middle:middle + 16])  # same size, silent garbage
+    victim.write_bytes(bytes(raw))
+    return job(data), [str(victim), "checksum", "corrupt"]
+
+
+def case_checkpoint_of_another_model_size(data, reference, tmp_path):
+    folder = _with_checkpoint(reference, tmp_path / "out")
+    return job(data, "model.hidden_size=128"), [str(folder), "hidden_size: checkpoint 64, this run 128"]
+
+
+def case_tokenizer_with_another_vocabulary(data, reference, tmp_path):
+    """Same size as the model's vocabulary, different pieces: only the vocabulary itself tells."""
+    folder = _with_checkpoint(reference, tmp_path / "out")
+    other = train_sentencepiece([str(data["corpus"]["general"]), str(data["corpus"]["clinical"])],
+                                str(tmp_path / "tok" / "other"), vocab_size=400)
+    args = [a if not a.startswith("data.tokenizer=") else f"data.tokenizer={other}" for a in job(data)]
+    return args, [str(folder), str(other), "another vocabulary", data["tokenizer"]]
+
+
+def case_malicious_common_pt(data, reference, tmp_path):
+    folder = _with_checkpoint(reference, tmp_path / "out")
+    torch.save({"train_state": _Evil(tmp_path / "PWNED")}, folder / "common.pt")
+    (folder / "checksums.json").unlink()  # an attacker would fix the checksums too
+    return job(data), [str(folder / "common.pt"), "refused to unpickle"]
+
+
+def case_malicious_dcp_metadata(data, reference, tmp_path):
+    folder = _with_checkpoint(reference, tmp_path / "out")
+    (folder / ".metadata").write_bytes(pickle.dumps(_Evil(tmp_path / "PWNED")))
+    (folder / "checksums.json").unlink()
+    return job(data), [str(folder / ".metadata"), "refused to unpickle", "posix.system"]
+
+
+BAD_FILES = {f.__name__[5:]: f for f in (
+    case_truncated_bin, case_idx_of_another_dataset, case_corrupt_tensor_file,
+    case_checkpoint_of_another_model_size, case_tokenizer_with_another_vocabulary,
+    case_malicious_common_pt, case_malicious_dcp_metadata)}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_file_is_refused_at_start_up(case, data, reference, tmp_path):
+    args, expected = BAD_FILES[case](data, reference, tmp_path)
+    out = tmp_path / "out"
+    run = launch(out, args)
+    assert run.rc == 2, run.output[-4000:]
+    assert "Traceback" not in run.output, run.output[-4000:]
+    [line] = run.error_lines()
+    for fragment in expected:
+        assert fragment in line, f"{fragment!r} not in: {line}"
+    assert "step 1/" not in run.output and not (out / "metrics.jsonl").exists(), "it trained"
+    assert not (tmp_path / "PWNED").exists(), "a pickle in the checkpoint ran code"
+    if (out / "checkpoints").exists():  # nothing published over the refused checkpoint
+        assert latest(out) == latest(reference["out"])

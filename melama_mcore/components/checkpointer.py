@@ -15,10 +15,16 @@ state is restored only when the layout is unchanged (it has no meaning across la
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
+import json
 import logging
 import os
+import pickle
 import random
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +40,8 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 PARTIAL = ".partial"
+CHECKSUMS = "checksums.json"  # crc32 of every file megatron wrote, checked before loading
+IDENTITY = "model_identity.json"  # resolved architecture and tokenizer vocabulary of the run that saved
 
 
 @dataclass
@@ -112,6 +120,157 @@ def _start_writer_helper() -> None:
     filesystem_async._melama_manager = manager  # keep it referenced for the life of the process
 
 
+# -- integrity: checksums, identity, no code in pickles -----------------------------------------------
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _my_share(folder: Path, names) -> list[str]:
+    """Files are checksummed by all ranks together (each reads 1/world of the checkpoint)."""
+    return sorted(names)[dist.get_rank()::dist.get_world_size()]
+
+
+def _gather(local):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, local)
+    return out
+
+
+def _compute_checksums(folder: Path) -> dict[str, int]:
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    merged: dict[str, int] = {}
+    for part in _gather({n: _crc32(folder / n) for n in _my_share(folder, names)}):
+        merged.update(part)
+    return merged
+
+
+def _verify_checksums(folder: Path) -> None:
+    """CheckpointError naming every file whose bytes changed since the save (all ranks agree)."""
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        log.warning("%s has no %s (saved by an older version): its files cannot be verified", folder, CHECKSUMS)
+        return
+    saved = json.loads(path.read_text())
+    problems = []
+    for name in _my_share(folder, saved):
+        file = folder / name
+        if not file.is_file():
+            problems.append(f"{file}: missing")
+        elif (crc := _crc32(file)) != saved[name]:
+            problems.append(f"{file}: checksum {crc:08x}, saved {saved[name]:08x} (corrupt or truncated)")
+    problems = sorted(p for part in _gather(problems) for p in part)
+    if problems:
+        raise CheckpointError(f"checkpoint {folder} is damaged: {'; '.join(problems)}. Restore the file, or "
+                              f"delete {folder} and write an earlier step into {folder.parent / LATEST}")
+
+
+def model_identity(arch, tokenizer) -> dict:
+    """What a checkpoint's weights mean: the resolved architecture and the tokenizer's vocabulary."""
+    identity = {"arch": dataclasses.asdict(arch) if arch is not None else None, "tokenizer": None}
+    if tokenizer is not None:
+        backend = getattr(tokenizer, "_backend", None)
+        n = tokenizer.vocab_size
+        pieces = None
+        if hasattr(backend, "id_to_piece"):
+            pieces = [backend.id_to_piece(i) for i in range(n)]
+        elif hasattr(backend, "convert_ids_to_tokens"):
+            pieces = backend.convert_ids_to_tokens(list(range(n)))
+        digest = hashlib.sha256("\0".join(map(str, pieces)).encode()).hexdigest() if pieces is not None else None
+        identity["tokenizer"] = {"path": str(tokenizer.path), "vocab_size": n, "vocab_sha256": digest}
+    return identity
+
+
+def _check_identity(folder: Path, identity: dict | None) -> None:
+    """Refuse a checkpoint saved for another model size or another tokenizer, naming the differences."""
+    path = folder / IDENTITY
+    if identity is None or not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    diffs = []
+    mine, theirs = identity.get("arch") or {}, saved.get("arch") or {}
+    for key in sorted(set(mine) & set(theirs)):
+        if mine[key] != theirs[key]:
+            diffs.append(f"model {key}: checkpoint {theirs[key]}, this run {mine[key]}")
+    tok, saved_tok = identity.get("tokenizer"), saved.get("tokenizer")
+    if tok and saved_tok:
+        if tok["vocab_size"] != saved_tok["vocab_size"]:
+            diffs.append(f"tokenizer {tok['path']} has {tok['vocab_size']} tokens, the checkpoint was trained "
+                         f"with {saved_tok['path']} ({saved_tok['vocab_size']} tokens)")
+        elif tok["vocab_sha256"] and saved_tok["vocab_sha256"] and tok["vocab_sha256"] != saved_tok["vocab_sha256"]:
+            diffs.append(f"tokenizer {tok['path']} has another vocabulary than {saved_tok['path']}, which the "
+                         "checkpoint was trained with (same size, different pieces)")
+    if diffs:
+        raise CheckpointError(f"checkpoint {folder} does not fit this run: {'; '.join(diffs)}. Use the "
+                              "checkpoint's model settings and tokenizer, or another output_dir")
+
+
+# DCP's .metadata is a plain pickle; these are the only globals a genuine one refers to.
+_METADATA_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(("torch.distributed.checkpoint.metadata", n) for n in (
+        "BytesStorageMetadata", "ChunkStorageMetadata", "Metadata", "MetadataIndex", "StorageMeta",
+        "TensorProperties", "TensorStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    *(("torch.distributed.checkpoint.planner", n) for n in (
+        "SavePlan", "TensorWriteData", "WriteItem", "WriteItemType", "BytesIOWriteData")),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _METADATA_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def check_no_code(folder: Path) -> None:
+    """Before megatron unpickles anything: common.pt with torch's weights_only loader, DCP's .metadata
+    with an allowlist of its own classes, and every pickled object inside the .distcp files with
+    weights_only. A pickle that would import or call anything else is refused, never run."""
+    common = folder / "common.pt"
+    if common.is_file():
+        try:
+            torch.load(common, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any refusal means "not a plain-data pickle"
+            raise CheckpointError(f"{common}: refused to unpickle ({_first_line(err)}): a checkpoint holds "
+                                  "tensors and plain data only; this file may be malicious") from None
+    meta_path = folder / ".metadata"
+    if not meta_path.is_file():
+        return
+    try:
+        with open(meta_path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        items = {index.fqn: info for index, info in metadata.storage_data.items()}
+        byte_keys = [k for k, v in metadata.state_dict_metadata.items() if type(v).__name__ == "BytesStorageMetadata"]
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{meta_path}: refused to unpickle ({_first_line(err)}): this file may be "
+                              "malicious or corrupt") from None
+    for key in byte_keys:
+        info = items.get(key)
+        if info is None:
+            continue
+        source = folder / info.relative_path
+        if source.parent != folder:
+            raise CheckpointError(f"{meta_path}: {key} points outside the checkpoint ({info.relative_path})")
+        try:
+            with open(source, "rb") as f:
+                f.seek(info.offset)
+                torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"{source}: object {key} refused to unpickle ({_first_line(err)}): this "
+                                  "file may be malicious or corrupt") from None
+
+
 def _layout() -> tuple[int, int, int]:
     return (
         parallel_state.get_pipeline_model_parallel_world_size(),
@@ -140,8 +299,9 @@ def _rng_sharded_object(with_data: bool) -> ShardedObject:
 
 
 class Checkpointer:
-    def __init__(self, cfg: JobConfig, model_chunks, optimizer, scheduler):
+    def __init__(self, cfg: JobConfig, model_chunks, optimizer, scheduler, identity: dict | None = None):
         self.cfg = cfg
+        self.identity = identity  # model_identity(arch, tokenizer): checked on load, saved with each save
         self.root = Path(cfg.output_dir) / "checkpoints"
         self.model_chunks = model_chunks  # unwrapped GPTModels
         self.optimizer = optimizer
@@ -182,7 +342,11 @@ class Checkpointer:
         _start_writer_helper()
         dist_checkpointing.save(state, str(partial), content_metadata=self._optimizer_metadata())
         dist.barrier()
+        checksums = _compute_checksums(partial)
         if rank0:
+            _write_atomically(partial / CHECKSUMS, json.dumps(checksums, indent=0))
+            if self.identity is not None:
+                _write_atomically(partial / IDENTITY, json.dumps(self.identity))
             _write_atomically(partial / "config.yaml", dump_config(self.cfg))
             if final.exists():  # a re-save of the same step (e.g. preempted right after a save)
                 shutil.rmtree(final)
@@ -206,7 +370,11 @@ class Checkpointer:
         dist.barrier()
         dist_checkpointing.save(self._model_state(), str(partial))
         dist.barrier()
+        checksums = _compute_checksums(partial)
         if dist.get_rank() == 0:
+            _write_atomically(partial / CHECKSUMS, json.dumps(checksums, indent=0))
+            if self.identity is not None:
+                _write_atomically(partial / IDENTITY, json.dumps(self.identity))
             _write_atomically(partial / "config.yaml", dump_config(self.cfg))
             os.replace(partial, final)
         dist.barrier()
@@ -237,10 +405,11 @@ class Checkpointer:
         if step is None:
             return None
         path = step_dir(self.root, step)
+        self._check_before_load(path)
         common = dist_checkpointing.load_common_state_dict(str(path))
         same_layout = list(common.get("layout") or []) == list(_layout())
         state = self._full_state(None, loading=True, with_rng=same_layout)
-        loaded = self._load(state, path)
+        loaded = self._load(state, path, checked=True)
         for chunk, key in zip(self.model_chunks, (f"model{i}" for i in range(len(self.model_chunks)))):
             chunk.load_state_dict(loaded[key])
         self.optimizer.load_state_dict(loaded["optimizer"])
@@ -273,9 +442,18 @@ class Checkpointer:
             chunk.load_state_dict(loaded[f"model{i}"])
         log.info("initialised weights from %s", ckpt)
 
-    def _load(self, state: dict, path: Path) -> dict:
+    def _check_before_load(self, path: Path) -> None:
+        """Model and tokenizer match, every file intact, no pickle that could run code: or a
+        CheckpointError naming the file and the mismatch, before anything is loaded."""
         if not (path / "metadata.json").is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint (no metadata.json)")
+        _check_identity(path, self.identity)
+        _verify_checksums(path)
+        check_no_code(path)
+
+    def _load(self, state: dict, path: Path, checked: bool = False) -> dict:
+        if not checked:
+            self._check_before_load(path)
         try:
             return dist_checkpointing.load(state, str(path))
         except CheckpointError:
