@@ -116,11 +116,12 @@ def import_hf(hf: Path, out: Path, tp: int = 1, pp: int = 1):
 
 
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_import_logits_match_transformers(hf_dir, tokens, tmp_path, tp, pp):
+@pytest.mark.parametrize("imported,run", [((1, 1), (1, 1)), ((2, 1), (2, 1)), ((1, 2), (1, 2)), ((2, 2), (2, 2)),
+                                          ((1, 1), (2, 2))])  # and at another layout (vocab padded 640 -> 768)
+def test_import_logits_match_transformers(hf_dir, tokens, tmp_path, imported, run):
     ckpt = tmp_path / "ckpt"
-    import_hf(hf_dir, ckpt, tp, pp)
-    ours = framework_logits(ckpt, tmp_path, tokens, tp, pp)
+    import_hf(hf_dir, ckpt, *imported)
+    ours = framework_logits(ckpt, tmp_path, tokens, *run)
     reference = hf_logits(hf_dir, tokens)
     assert ours.shape == reference.shape
     assert relative_error(ours, reference) < 1e-5

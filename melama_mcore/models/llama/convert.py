@@ -8,8 +8,9 @@ Both directions stream. Import writes megatron's torch_dist format (PyTorch dist
 files plus megatron's metadata.json/common.pt) through a save planner that builds each chunk from a
 few HF tensor slices only when the writer asks for it, so memory holds about one chunk (at most
 one tensor of one layer). Export loads one decoder layer at a time from the dist-checkpoint and
-writes one safetensors shard at a time. Outputs appear atomically: a hidden temporary folder next
-to the destination is renamed when complete, and removed on any failure.
+writes safetensors shards tensor by tensor (their headers are planned first). Outputs appear
+atomically: a hidden temporary folder next to the destination is renamed when complete, and
+removed on any failure.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_global_save_plan
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, StorageMeta, TensorProperties
 from torch.distributed.checkpoint.planner import (LoadPlan, SavePlan, SavePlanner, TensorWriteData, WriteItem,
                                                   WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
@@ -92,7 +93,7 @@ def peak_rss_mib() -> float:
 # ---------------------------------------------------------------------------------------------
 class HFCheckpoint:
     """Tensor names, shapes and dtypes of a HF folder, and reads of tensor slices, without ever
-    holding more than the slice asked for (files are opened per read, so no mapping stays resident)."""
+    holding more than the slice asked for (files are mapped per read, never kept open)."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -141,9 +142,11 @@ class HFCheckpoint:
             from safetensors import safe_open
 
             with safe_open(path, "pt") as f:
-                return f.get_slice(name)[index] if index else f.get_tensor(name)
-        tensor = torch.load(path, map_location="cpu", weights_only=True, mmap=True)[name]
-        return tensor[index].clone()  # a copy, so the file mapping is released on return
+                tensor = f.get_slice(name)[index] if index else f.get_tensor(name)
+        else:
+            tensor = torch.load(path, map_location="cpu", weights_only=True, mmap=True)[name][index]
+        # A view of a mapping of the file: only the slice's pages are read, and freed with the view.
+        return tensor
 
     def check(self, arch: LlamaArch) -> torch.dtype:
         """Every expected tensor is present with its shape, all share one float dtype; returns it."""
@@ -208,12 +211,22 @@ class LazySavePlanner(SavePlanner):
         return tensor
 
 
+class DistCheckpointWriter(dcp.FileSystemWriter):
+    """DCP's file writer, recording no path in .metadata: it would name the temporary folder, and the
+    trunk's checkpoint loader accepts only DCP's own classes in that pickle (no pathlib objects)."""
+
+    def storage_meta(self) -> StorageMeta:
+        return StorageMeta(save_id=self.save_id)
+
+
 def write_dist_checkpoint(folder: Path, chunks, objects, read, dtype: torch.dtype) -> None:
     """megatron's torch_dist format: PyTorch DCP files + megatron's metadata.json and common.pt."""
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
     with tqdm(total=len(chunks), desc="import", unit="chunk") as progress, dcp_errors(f"cannot write {folder}"):
-        dcp.save({}, storage_writer=dcp.FileSystemWriter(str(folder), thread_count=1),
+        # One file per chunk: DCP's writer keeps the last tensor it wrote for each key of a file until
+        # the file is complete, which with a single file would hold about a layer and the embeddings.
+        dcp.save({}, storage_writer=DistCheckpointWriter(str(folder), single_file_per_rank=False, thread_count=1),
                  planner=LazySavePlanner(chunks, objects, read, dtype, progress), no_dist=True)
     torch.save({}, folder / "common.pt")  # a weights-only checkpoint has no common (unsharded) state
     save_config(CheckpointingConfig(sharded_backend="torch_dist"), str(folder))
@@ -446,6 +459,7 @@ def export_hf(ckpt: Path, out: Path, dtype_name: str, tokenizer: str | None, max
                 for _ in names:
                     name, tensor = next(stream)
                     writer.write(name, tensor.to(dtype))
+                    del tensor  # not kept alive while the next layer is read
                     progress.update(1)
             finally:
                 writer.close()
@@ -552,9 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
         "import-hf", help="HF folder -> weights-only dist-checkpoint for `checkpoint.init_from`",
         description="Read config.json + weights of a HF LlamaForCausalLM and write a weights-only megatron "
                     "checkpoint. Train from it with checkpoint.init_from=OUT and the model fields written in "
-                    "OUT/config.yaml (a run with another architecture is refused). The checkpoint is "
-                    "layout-independent; --tp/--pp/--vp name the layout it is validated and chunked for, and "
-                    "--tp sets the vocabulary padding (to a multiple of 128 x TP), which a run must share.")
+                    "OUT/config.yaml (a run with another architecture is refused). The checkpoint loads at any "
+                    "TP/PP/VP; --tp/--pp/--vp name the layout it is validated and chunked for, and --tp sets the "
+                    "vocabulary padding (a multiple of 128 x TP; a run at another TP loads the real rows and "
+                    "pads its own way).")
     imp.add_argument("--hf-dir", required=True, type=Path, help="folder with config.json and *.safetensors or *.bin")
     imp.add_argument("--out", required=True, type=Path, help="new folder for the checkpoint (must not exist)")
     imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate and pad for (default 1)")
