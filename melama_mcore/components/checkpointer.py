@@ -152,7 +152,8 @@ def _verify_checksums(folder: Path) -> None:
     """CheckpointError naming every file whose bytes changed since the save (all ranks agree)."""
     path = folder / CHECKSUMS
     if not path.is_file():
-        log.warning("%s has no %s (saved by an older version): its files cannot be verified", folder, CHECKSUMS)
+        log.warning("%s has no %s (an older checkpoint, or a conversion): its files cannot be verified",
+                    folder, CHECKSUMS)
         return
     saved = json.loads(path.read_text())
     problems = []
