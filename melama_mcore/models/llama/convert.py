@@ -164,7 +164,7 @@ class HFCheckpoint:
                 raise CheckpointError(f"{name} has shape {list(self.index[name][1])}, but config.json implies "
                                       f"{list(shape)}: the weights do not belong to this config")
         dtypes = {self.index[n][2] for n in expected}
-        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        if len(dtypes) != 1 or not all(isinstance(d, torch.dtype) and d.is_floating_point for d in dtypes):
             raise CheckpointError(f"{self.folder}: expected one floating-point dtype for all tensors, found "
                                   f"{sorted(map(str, dtypes))}")
         return dtypes.pop()
@@ -433,7 +433,8 @@ class SafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         planned, shape = next(self.entries)
         if (name, tuple(tensor.shape), tensor.dtype) != (planned, shape, self.dtype):
-            raise CheckpointError(f"internal: got {name} {tuple(tensor.shape)} {tensor.dtype}, planned {planned} {shape}")
+            raise CheckpointError(f"internal: got {name} {tuple(tensor.shape)} {tensor.dtype}, "
+                                  f"planned {planned} {shape}")
         self.file.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)  # little-endian, as the format
 
     def close(self) -> None:
@@ -442,7 +443,8 @@ class SafetensorsWriter:
         self.file.close()
 
 
-def export_hf(ckpt: Path, out: Path, dtype_name: str, tokenizer: str | None, max_shard_bytes: int) -> tuple[LlamaArch, int]:
+def export_hf(ckpt: Path, out: Path, dtype_name: str, tokenizer: str | None,
+              max_shard_bytes: int) -> tuple[LlamaArch, int]:
     arch, padded, stored_dtype = checkpoint_arch(ckpt, tokenizer)
     dtype = stored_dtype if dtype_name == "auto" else DTYPES[dtype_name]
     shapes = sda.hf_shapes(arch)
