@@ -169,7 +169,12 @@ def test_import_train_export(hf_dir, tiny_data, tokens, tmp_path):  # noqa: F811
     assert any(not torch.equal(trained[k], original[k]) for k in original)  # the step changed the weights
     ours = framework_logits(run / "checkpoints", tmp_path, tokens)
     assert relative_error(ours, hf_logits(out, tokens)) < 1e-5
-    assert (out / "tokenizer.model").is_file()
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    text = "the patient was given aspirin"
+    pieces = sentencepiece.SentencePieceProcessor(model_file=tiny_data["tokenizer"]).encode(text)
+    assert AutoTokenizer.from_pretrained(out)(text).input_ids == [1, *pieces]  # LLaMA's BOS, then the same ids
 
 
 def test_init_from_another_architecture_is_refused(hf_dir, tiny_data, tmp_path):  # noqa: F811
@@ -236,7 +241,8 @@ def test_export_refuses_mismatched_or_corrupt_checkpoint(hf_dir, tmp_path):
     config = ckpt / "config.yaml"
     original = config.read_text()
     config.write_text(original.replace("hidden_size: 64", "hidden_size: 128"))
-    assert_refused(convert("export-hf", "--ckpt", ckpt, "--out", out), out, "config and weights are from different models")
+    assert_refused(convert("export-hf", "--ckpt", ckpt, "--out", out), out,
+                   "config and weights are from different models")
     config.write_text(original)
     data = ckpt / "__0_0.distcp"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # truncated mid-way: fails after writing began
@@ -292,7 +298,8 @@ def test_streaming_peak_rss(tmp_path):
         names = [n for n in shapes if (f"layers.{layer}." in n) or (layer == -1 and "embed" in n)
                  or (layer == arch.num_layers and n in ("model.norm.weight", "lm_head.weight"))]
         file = f"part-{layer + 1:03d}.safetensors"
-        save_file({n: torch.randn(shapes[n], generator=generator) for n in names}, src / file, metadata={"format": "pt"})
+        save_file({n: torch.randn(shapes[n], generator=generator) for n in names}, src / file,
+                  metadata={"format": "pt"})
         weight_map.update({n: file for n in names})
     (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     layer_bytes = sum(torch.Size(s).numel() * 4 for n, s in shapes.items() if "layers.0." in n)

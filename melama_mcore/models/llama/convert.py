@@ -561,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="melama convert",
         description="Convert LLaMA-2 checkpoints between Hugging Face (safetensors or .bin) and this project's "
-                    "megatron dist-checkpoints. Both directions stream (about one layer plus one output shard "
+                    "megatron dist-checkpoints. Both directions stream (about one decoder layer "
                     "in memory) and write atomically (nothing appears at --out unless the conversion completes).")
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser(
