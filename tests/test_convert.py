@@ -244,9 +244,14 @@ def test_export_refuses_mismatched_or_corrupt_checkpoint(hf_dir, tmp_path):
     assert_refused(convert("export-hf", "--ckpt", ckpt, "--out", out), out,
                    "config and weights are from different models")
     config.write_text(original)
-    data = ckpt / "__0_0.distcp"
-    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # truncated mid-way: fails after writing began
+    from torch.distributed.checkpoint import FileSystemReader
+
+    storage = FileSystemReader(str(ckpt)).read_metadata().storage_data
+    data = ckpt / next(v.relative_path for k, v in storage.items() if k.fqn == "output_layer.weight")  # read last
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # truncated: fails after writing began
     assert_refused(convert("export-hf", "--ckpt", ckpt, "--out", out), out, "cannot read")
+    checksums = json.loads((ckpt / "checksums.json").read_text())  # the trunk refuses it too, by checksum
+    assert set(checksums) >= {p.name for p in ckpt.glob("*.distcp")} | {".metadata", "common.pt", "metadata.json"}
     assert_refused(convert("export-hf", "--ckpt", tmp_path, "--out", out), out, "is not a checkpoint")
 
 
@@ -261,21 +266,24 @@ def test_cli_help_and_one_line_errors(tmp_path):
 # Streaming: peak memory stays near one layer plus one output shard
 # ---------------------------------------------------------------------------------------------
 RSS_SCRIPT = """
-import json, resource, sys
+import json, re, sys
 from pathlib import Path
-import psutil
-# Everything the conversion imports, so that the baseline holds the code and only data is measured.
+# Everything the conversion imports, so that only its data is measured.
 import megatron.core.dist_checkpointing, safetensors.torch, torch.distributed.checkpoint
-import melama_mcore.config.validate, melama_mcore.data.tokenizer, melama_mcore.models.llama.model
+import melama_mcore.components.checkpointer, melama_mcore.config.validate, melama_mcore.data.tokenizer
 from melama_mcore.models.llama import convert
-baseline = psutil.Process().memory_info().rss
+
+def status(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM): imports briefly use more
+baseline = status("VmRSS")
 src, out, direction = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 if direction == "import":
     convert.import_hf(src, out, 2, 2, None, 128)
 else:
     convert.export_hf(src, out, "auto", None, 64 * 2**20)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"baseline": baseline, "peak": peak}))
+print(json.dumps({"baseline": baseline, "peak": status("VmHWM")}))
 """
 
 

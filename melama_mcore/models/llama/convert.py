@@ -25,6 +25,7 @@ import resource
 import shutil
 import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -232,6 +233,20 @@ def write_dist_checkpoint(folder: Path, chunks, objects, read, dtype: torch.dtyp
     save_config(CheckpointingConfig(sharded_backend="torch_dist"), str(folder))
 
 
+def write_checksums(folder: Path) -> None:
+    """crc32 of every file, in the trunk's checksums.json format, so a damaged import is refused on load."""
+    from melama_mcore.components.checkpointer import CHECKSUMS
+
+    sums = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        crc = 0
+        with open(path, "rb") as f:
+            while block := f.read(16 << 20):
+                crc = zlib.crc32(block, crc)
+        sums[path.name] = crc
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=0))
+
+
 def import_config_yaml(arch: LlamaArch, tp: int, pp: int, vp: int | None, divisible_by: int) -> str:
     """The checkpoint's config.yaml: the model section a run must match, and the layout converted for."""
     from melama_mcore.config.job_config import JobConfig, dump_config
@@ -274,6 +289,7 @@ def import_hf(hf_dir: Path, out: Path, tp: int, pp: int, vp: int | None, divisib
     with atomic_dir(out) as tmp:
         write_dist_checkpoint(tmp, sda.import_chunks(arch, padded, tp), sda.extra_state_objects(arch), hf.read, dtype)
         (tmp / "config.yaml").write_text(import_config_yaml(arch, tp, pp, vp, divisible_by))
+        write_checksums(tmp)
     return arch, padded
 
 
@@ -295,12 +311,14 @@ def find_checkpoint(path: Path) -> Path:
 
 def checkpoint_arch(ckpt: Path, tokenizer: str | None) -> tuple[LlamaArch, int, torch.dtype]:
     """Architecture (from config.yaml, checked against the stored tensors), padded vocab, stored dtype."""
+    from melama_mcore.components.checkpointer import check_no_code
     from melama_mcore.config.job_config import load_config
     from melama_mcore.config.validate import resolve_arch
     from melama_mcore.data.tokenizer import load_tokenizer
 
     if not (ckpt / "config.yaml").is_file():
         raise CheckpointError(f"{ckpt} has no config.yaml: not a checkpoint written by this project")
+    check_no_code(ckpt)  # DCP unpickles .metadata: refuse one that would run code, before it does
     cfg = load_config(ckpt / "config.yaml")
     vocab = None
     if cfg.model.vocab_size is None:  # the run took its vocabulary from its tokenizer
