@@ -113,10 +113,12 @@ def arch_from_hf_config(config: dict) -> LlamaArch:
     for field, supported in (("attention_bias", False), ("mlp_bias", False), ("tie_word_embeddings", False),
                              ("hidden_act", "silu")):
         if config.get(field, supported) != supported:
-            raise CheckpointError(f"config.json: {field}={config[field]!r} is not supported (LLaMA-2 needs {supported!r})")
+            raise CheckpointError(f"config.json: {field}={config[field]!r} is not supported "
+                                  f"(LLaMA-2 needs {supported!r})")
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
     if config.get("head_dim") not in (None, hidden // heads) or hidden % heads:
-        raise CheckpointError(f"config.json: head_dim={config.get('head_dim')} is not hidden_size / num_attention_heads")
+        raise CheckpointError(f"config.json: head_dim={config.get('head_dim')} is not "
+                              "hidden_size / num_attention_heads")
     return LlamaArch(
         num_layers=config["num_hidden_layers"], hidden_size=hidden, num_attention_heads=heads,
         num_query_groups=config.get("num_key_value_heads") or heads, ffn_hidden_size=config["intermediate_size"],
