@@ -255,6 +255,12 @@ def test_export_refuses_mismatched_or_corrupt_checkpoint(hf_dir, tmp_path):
     assert_refused(convert("export-hf", "--ckpt", tmp_path, "--out", out), out, "is not a checkpoint")
 
 
+def test_cli_import_verify(hf_dir, tmp_path):
+    result = cli("import-hf", "--hf-dir", hf_dir, "--out", tmp_path / "ckpt", "--tp", "2", "--verify")
+    assert result.returncode == 0, result.stdout
+    assert "verify: max |logit difference| / max |logit|" in result.stdout
+
+
 def test_cli_help_and_one_line_errors(tmp_path):
     result = cli("import-hf", "--help")
     assert result.returncode == 0 and "checkpoint.init_from" in result.stdout
