@@ -117,7 +117,8 @@ def import_hf(hf: Path, out: Path, tp: int = 1, pp: int = 1):
 
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("imported,run", [((1, 1), (1, 1)), ((2, 1), (2, 1)), ((1, 2), (1, 2)), ((2, 2), (2, 2)),
-                                          ((1, 1), (2, 2))])  # and at another layout (vocab padded 640 -> 768)
+                                          ((1, 1), (2, 2))],  # and at another layout (vocab padded 640 -> 768)
+                         ids=["1x1", "2x1", "1x2", "2x2", "1x1-run-at-2x2"])
 def test_import_logits_match_transformers(hf_dir, tokens, tmp_path, imported, run):
     ckpt = tmp_path / "ckpt"
     import_hf(hf_dir, ckpt, *imported)
