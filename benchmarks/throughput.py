@@ -34,12 +34,10 @@ import os
 import platform
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from melama_mcore import planner
@@ -51,7 +49,6 @@ from melama_mcore.distributed import parallel
 from melama_mcore.errors import UserError
 from melama_mcore.models.llama.config_registry import PRESETS
 from melama_mcore.models.llama.model import build_model_chunks
-from melama_mcore.train import Trainer
 
 SLICE_LAYERS = 2  # 70B width: ~14 GB of weights + grads + Adam state per layer in bf16
 
@@ -161,13 +158,7 @@ def measure(cfg: JobConfig, arch, backend: str, warmup: int, steps: int) -> dict
         torch.cuda.reset_peak_memory_stats()
     p, t = cfg.parallel, cfg.training
     chunks = build_model_chunks(cfg, arch, backend)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
-        use_distributed_optimizer=p.use_distributed_optimizer, overlap_param_gather=p.overlap_param_gather)
-    model = [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
-             for i, c in enumerate(chunks)]
-    # The trainer's own hook wiring (no_sync, overlapped grad reduce / param gather, finalize grads).
-    Trainer._install_schedule_hooks(SimpleNamespace(chunks=chunks, model=model, cfg=cfg))
+    model = parallel.wrap_for_training(cfg, chunks)
     optimizer = build_optimizer(cfg, model)
     dp = parallel_state.get_data_parallel_world_size()
     num_micro = t.global_batch_size // (t.micro_batch_size * dp)

@@ -25,10 +25,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.module import Float16Module
 
 from melama_mcore.components.checkpointer import Checkpointer, TrainState, model_identity
 from melama_mcore.components.metrics import MetricsLogger, StepStats, flops_per_token, peak_tflops
@@ -72,6 +70,9 @@ class Trainer:
         # 2. Process groups.
         parallel.initialize(cfg)
         self.rank = dist.get_rank()
+        # Where collectives' tensors live: NCCL reduces only CUDA tensors.
+        gpu = cfg.training.device == "cuda"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.is_logging_rank = self.rank == dist.get_world_size() - 1  # last pipeline stage holds the loss
@@ -81,25 +82,10 @@ class Trainer:
                      f" x VP {cfg.parallel.virtual_pipeline}" if cfg.parallel.virtual_pipeline else "",
                      cfg.training.device, cfg.training.precision)
 
-        # 3. Model, wrapped in megatron's DDP (grad buffers, bucketed and optionally overlapped reduce).
+        # 3. Model chunks (one per virtual pipeline stage), wrapped for training.
         backend = choose_backend(cfg.model.backend, cfg.training.device, env.transformer_engine)
         self.chunks = build_model_chunks(cfg, self.arch, backend)
-        p = cfg.parallel
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=p.overlap_grad_reduce,
-            use_distributed_optimizer=p.use_distributed_optimizer,
-            overlap_param_gather=p.overlap_param_gather,
-        )
-        # bf16: megatron's Float16Module casts the chunk to bf16 and the last stage's output to fp32,
-        # as Megatron-LM does.
-        wrapped = [Float16Module(c.config, c) if c.config.bf16 else c for c in self.chunks]
-        self.model = [
-            DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=module,
-                                    disable_bucketing=i > 0)
-            for i, (chunk, module) in enumerate(zip(self.chunks, wrapped))
-        ]
-        self._install_schedule_hooks()
+        self.model = parallel.wrap_for_training(cfg, self.chunks)
 
         # 4. Optimizer, schedule, checkpoint.
         self.optimizer = build_optimizer(cfg, self.model)
@@ -148,20 +134,6 @@ class Trainer:
             signal.signal(sig, self._on_signal)
 
     # -- wiring ------------------------------------------------------------------------------------
-    def _install_schedule_hooks(self) -> None:
-        """The hooks megatron's schedules call: no_sync during accumulation, overlapped grad reduce,
-        grad finalisation (DP reduce, tied/SP grads) and overlapped param gather."""
-        config = self.chunks[0].config
-        single = len(self.model) == 1
-        config.no_sync_func = self.model[0].no_sync if single else [m.no_sync for m in self.model]
-        if self.cfg.parallel.overlap_grad_reduce:
-            config.grad_sync_func = (self.model[0].start_grad_sync if single
-                                     else [m.start_grad_sync for m in self.model])
-        if self.cfg.parallel.overlap_param_gather:
-            config.param_sync_func = (self.model[0].start_param_sync if single
-                                      else [m.start_param_sync for m in self.model])
-        config.finalize_model_grads_func = finalize_model_grads
-
     def _loader(self, dataset, consumed_samples: int):
         return build_loader(
             dataset, consumed_samples=consumed_samples, micro_batch_size=self.cfg.training.micro_batch_size,
@@ -186,7 +158,7 @@ class Trainer:
             per_microbatch = (now - self._step_started) / self._microbatch if self._microbatch else self._microbatch_s
             remaining = (self.num_microbatches - self._microbatch) * per_microbatch
             late = (now - self.stop_signal_at) + remaining + self._save_s > self.cfg.checkpoint.preemption_grace_s
-        flag = torch.tensor([float(late)], device="cuda" if self.cfg.training.device == "cuda" else "cpu")
+        flag = torch.tensor([float(late)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 
@@ -220,7 +192,7 @@ class Trainer:
         """Token-weighted mean loss of the step over micro-batches and data-parallel ranks."""
         if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             return float("nan")
-        total = torch.stack([r["loss"] for r in reduced]).sum(0) if reduced else torch.zeros(2)
+        total = torch.stack([r["loss"] for r in reduced]).sum(0) if reduced else torch.zeros(2, device=self.device)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
         return (total[0] / total[1].clamp(min=1)).item()
 
@@ -229,7 +201,7 @@ class Trainer:
         pipeline stage only; the grad norm is already reduced over all ranks."""
         last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         bad = (last_stage and not math.isfinite(loss)) or (grad_norm is not None and not math.isfinite(grad_norm))
-        flag = torch.tensor([float(bad)])
+        flag = torch.tensor([float(bad)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0.0
 
@@ -288,7 +260,7 @@ class Trainer:
         losses = {}
         for name, dataset in self.valid_ds.items():
             iterators = [self._loader(dataset, 0) for _ in self.model]
-            total = torch.zeros(2)
+            total = torch.zeros(2, device=self.device)
             for _ in range(self.cfg.logging.eval_iters):
                 reduced = self.forward_backward(
                     forward_step_func=self._forward_step,
@@ -297,7 +269,7 @@ class Trainer:
                     micro_batch_size=t.micro_batch_size, decoder_seq_length=t.seq_length, forward_only=True,
                 )
                 if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-                    total += torch.stack([r["loss"].float().cpu() for r in reduced]).sum(0)
+                    total += torch.stack([r["loss"].float() for r in reduced]).sum(0)
             dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
             losses[name] = (total[0] / total[1].clamp(min=1)).item()
         for m in self.model:
@@ -306,7 +278,7 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def _agreed_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0])
+        flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.transformer.module import Float16Module
 
 from melama_mcore.config.job_config import JobConfig
 from melama_mcore.distributed import cpu_compat
@@ -75,6 +77,39 @@ def set_seed(seed: int, gpu: bool) -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
         cpu_compat.install_rng_tracker()
+
+
+def wrap_for_training(cfg: JobConfig, chunks: list) -> list[DistributedDataParallel]:
+    """Model chunks -> megatron DDP modules (fp32 grad buffers, bucketed, optionally overlapped
+    reduce and param gather), with the hooks megatron's schedules call installed on the config:
+    no_sync during gradient accumulation, overlapped grad reduce / param gather, and grad
+    finalisation (DP reduce, SP norm grads). In bf16 each chunk is first wrapped in megatron's
+    Float16Module (bf16 weights, fp32 output on the last stage), as Megatron-LM does."""
+    p = cfg.parallel
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+        overlap_param_gather=p.overlap_param_gather,
+    )
+    model = [
+        DistributedDataParallel(config=chunk.config, ddp_config=ddp_config,
+                                module=Float16Module(chunk.config, chunk) if chunk.config.bf16 else chunk,
+                                disable_bucketing=i > 0)  # only the first chunk overlaps its reduce
+        for i, chunk in enumerate(chunks)
+    ]
+    config = chunks[0].config
+
+    def hook(name: str):
+        return getattr(model[0], name) if len(model) == 1 else [getattr(m, name) for m in model]
+
+    config.no_sync_func = hook("no_sync")
+    if p.overlap_grad_reduce:
+        config.grad_sync_func = hook("start_grad_sync")
+    if p.overlap_param_gather:
+        config.param_sync_func = hook("start_param_sync")
+    config.finalize_model_grads_func = finalize_model_grads
+    return model
 
 
 def shutdown() -> None:
