@@ -156,7 +156,7 @@ def measure(cfg: JobConfig, arch, backend: str, warmup: int, steps: int) -> dict
     if gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    p, t = cfg.parallel, cfg.training
+    t = cfg.training
     chunks = build_model_chunks(cfg, arch, backend)
     model = parallel.wrap_for_training(cfg, chunks)
     optimizer = build_optimizer(cfg, model)

@@ -97,7 +97,7 @@ class Trainer:
             self.checkpointer.clean_partial()
             self.state = TrainState()
             if cfg.checkpoint.init_from:
-                self.checkpointer.load_weights(cfg.checkpoint.init_from, self.arch)
+                self.checkpointer.load_weights(cfg.checkpoint.init_from)
 
         # 5. Data: each rank reads its data-parallel share; every model chunk gets its own iterator
         # because the interleaved schedule pulls micro-batches per chunk.

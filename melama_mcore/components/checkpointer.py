@@ -129,7 +129,13 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _my_share(folder: Path, names) -> list[str]:
+def file_checksums(folder: Path, names=None) -> dict[str, int]:
+    """crc32 of the named files of a folder (default: all of them), in checksums.json's format."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file()) if names is None else names
+    return {n: _crc32(folder / n) for n in names}
+
+
+def _my_share(names) -> list[str]:
     """Files are checksummed by all ranks together (each reads 1/world of the checkpoint)."""
     return sorted(names)[dist.get_rank()::dist.get_world_size()]
 
@@ -143,7 +149,7 @@ def _gather(local):
 def _compute_checksums(folder: Path) -> dict[str, int]:
     names = [p.name for p in folder.iterdir() if p.is_file()]
     merged: dict[str, int] = {}
-    for part in _gather({n: _crc32(folder / n) for n in _my_share(folder, names)}):
+    for part in _gather(file_checksums(folder, _my_share(names))):
         merged.update(part)
     return merged
 
@@ -157,7 +163,7 @@ def _verify_checksums(folder: Path) -> None:
         return
     saved = json.loads(path.read_text())
     problems = []
-    for name in _my_share(folder, saved):
+    for name in _my_share(saved):
         file = folder / name
         if not file.is_file():
             problems.append(f"{file}: missing")
@@ -193,9 +199,10 @@ def _check_identity(folder: Path, identity: dict | None) -> None:
     saved = json.loads(path.read_text())
     diffs = []
     mine, theirs = identity.get("arch") or {}, saved.get("arch") or {}
-    for key in sorted(set(mine) & set(theirs)):
+    # Every field that gives the weights their meaning; positions are computed, not stored.
+    for key in sorted((set(mine) & set(theirs)) - {"max_position_embeddings"}):
         if mine[key] != theirs[key]:
-            diffs.append(f"model {key}: checkpoint {theirs[key]}, this run {mine[key]}")
+            diffs.append(f"model.{key}: checkpoint {theirs[key]}, this run {mine[key]}")
     tok, saved_tok = identity.get("tokenizer"), saved.get("tokenizer")
     if tok and saved_tok:
         if tok["vocab_size"] != saved_tok["vocab_size"]:
@@ -343,15 +350,8 @@ class Checkpointer:
         _start_writer_helper()
         dist_checkpointing.save(state, str(partial), content_metadata=self._optimizer_metadata())
         dist.barrier()
-        checksums = _compute_checksums(partial)
+        self._publish(partial, final)
         if rank0:
-            _write_atomically(partial / CHECKSUMS, json.dumps(checksums, indent=0))
-            if self.identity is not None:
-                _write_atomically(partial / IDENTITY, json.dumps(self.identity))
-            _write_atomically(partial / "config.yaml", dump_config(self.cfg))
-            if final.exists():  # a re-save of the same step (e.g. preempted right after a save)
-                shutil.rmtree(final)
-            os.replace(partial, final)
             _write_atomically(self.root / LATEST, str(train_state.step))
             self._prune()
         dist.barrier()
@@ -371,16 +371,23 @@ class Checkpointer:
         dist.barrier()
         dist_checkpointing.save(self._model_state(), str(partial))
         dist.barrier()
+        self._publish(partial, final)
+        dist.barrier()
+        log.info("saved weights to %s", final)
+        return final
+
+    def _publish(self, partial: Path, final: Path) -> None:
+        """After every rank wrote its files: checksums, identity and config beside them, then the
+        rename that makes the checkpoint exist (rank 0)."""
         checksums = _compute_checksums(partial)
         if dist.get_rank() == 0:
             _write_atomically(partial / CHECKSUMS, json.dumps(checksums, indent=0))
             if self.identity is not None:
                 _write_atomically(partial / IDENTITY, json.dumps(self.identity))
             _write_atomically(partial / "config.yaml", dump_config(self.cfg))
+            if final.exists():  # a re-save of the same step (e.g. preempted right after a save)
+                shutil.rmtree(final)
             os.replace(partial, final)
-        dist.barrier()
-        log.info("saved weights to %s", final)
-        return final
 
     def _prune(self) -> None:
         keep = self.cfg.checkpoint.keep_last
@@ -428,16 +435,12 @@ class Checkpointer:
         log.info("resumed from %s (step %d, %d samples consumed)", path, train_state.step, train_state.consumed_samples)
         return train_state
 
-    def load_weights(self, path: str, arch=None) -> None:
+    def load_weights(self, path: str) -> None:
         """Weights only (a Hugging Face import, or another run's checkpoint): fresh optimizer and schedule.
-        With the run's `arch`, a checkpoint of another architecture is refused, naming the fields."""
+        A checkpoint of another architecture or tokenizer is refused, naming the fields."""
         ckpt = Path(path)
         if (ckpt / LATEST).is_file():
             ckpt = step_dir(ckpt, latest_step(ckpt))
-        if arch is not None:
-            from melama_mcore.models.llama.state_dict_adapter import check_arch_matches
-
-            check_arch_matches(ckpt, arch)
         loaded = self._load(self._model_state(), ckpt)
         for i, chunk in enumerate(self.model_chunks):
             chunk.load_state_dict(loaded[f"model{i}"])

@@ -25,7 +25,6 @@ import resource
 import shutil
 import struct
 import tempfile
-import zlib
 from pathlib import Path
 
 import torch
@@ -233,18 +232,13 @@ def write_dist_checkpoint(folder: Path, chunks, objects, read, dtype: torch.dtyp
     save_config(CheckpointingConfig(sharded_backend="torch_dist"), str(folder))
 
 
-def write_checksums(folder: Path) -> None:
-    """crc32 of every file, in the trunk's checksums.json format, so a damaged import is refused on load."""
-    from melama_mcore.components.checkpointer import CHECKSUMS
+def write_identity_and_checksums(folder: Path, arch: LlamaArch) -> None:
+    """What the trunk checks before loading: the architecture (no tokenizer: HF imports carry none)
+    and the crc32 of every file."""
+    from melama_mcore.components.checkpointer import CHECKSUMS, IDENTITY, file_checksums, model_identity
 
-    sums = {}
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        crc = 0
-        with open(path, "rb") as f:
-            while block := f.read(16 << 20):
-                crc = zlib.crc32(block, crc)
-        sums[path.name] = crc
-    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=0))
+    (folder / IDENTITY).write_text(json.dumps(model_identity(arch, None)))
+    (folder / CHECKSUMS).write_text(json.dumps(file_checksums(folder), indent=0))
 
 
 def import_config_yaml(arch: LlamaArch, tp: int, pp: int, vp: int | None, divisible_by: int) -> str:
@@ -289,7 +283,7 @@ def import_hf(hf_dir: Path, out: Path, tp: int, pp: int, vp: int | None, divisib
     with atomic_dir(out) as tmp:
         write_dist_checkpoint(tmp, sda.import_chunks(arch, padded, tp), sda.extra_state_objects(arch), hf.read, dtype)
         (tmp / "config.yaml").write_text(import_config_yaml(arch, tp, pp, vp, divisible_by))
-        write_checksums(tmp)
+        write_identity_and_checksums(tmp, arch)
     return arch, padded
 
 
@@ -505,7 +499,7 @@ def framework_logits(ckpt: Path, arch: LlamaArch, tokens: torch.Tensor, tp: int 
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from melama_mcore.components.checkpointer import Checkpointer
+    from melama_mcore.components.checkpointer import Checkpointer, model_identity
     from melama_mcore.config.job_config import JobConfig
     from melama_mcore.config.validate import detect_environment, resolve
     from melama_mcore.distributed import parallel
@@ -521,7 +515,7 @@ def framework_logits(ckpt: Path, arch: LlamaArch, tokens: torch.Tensor, tp: int 
     parallel.initialize(cfg)
     try:
         chunks = build_model_chunks(cfg, arch, "native")
-        Checkpointer(cfg, chunks, None, None).load_weights(str(ckpt), arch)
+        Checkpointer(cfg, chunks, None, None, identity=model_identity(arch, None)).load_weights(str(ckpt))
         for chunk in chunks:
             chunk.eval()
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)

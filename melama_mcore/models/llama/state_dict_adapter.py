@@ -19,14 +19,11 @@ Everything here is pure layout: reading and writing files is convert.py's busine
 
 from __future__ import annotations
 
-import dataclasses
 import io
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 
 from melama_mcore.errors import CheckpointError
 from melama_mcore.models.llama.config_registry import PRESETS, LlamaArch
@@ -274,33 +271,9 @@ def hf_layer(arch: LlamaArch, layer: int, tensors: dict[str, torch.Tensor]) -> d
 
 
 # ---------------------------------------------------------------------------------------------
-# Architecture of a checkpoint (its config.yaml) vs a run's
+# The architecture fields a converted checkpoint states in its config.yaml
 # ---------------------------------------------------------------------------------------------
 ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                "vocab_size", "norm_eps", "rope_base")
 
 
-def saved_arch(ckpt_dir: Path) -> dict | None:
-    """The architecture fields a checkpoint's config.yaml states (preset values filled in), or None
-    when it has no config.yaml. Fields it leaves open (vocab from a tokenizer) are absent."""
-    path = Path(ckpt_dir) / "config.yaml"
-    if not path.is_file():
-        return None
-    model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
-    preset = PRESETS.get(model.get("preset"))
-    fields = dataclasses.asdict(preset) if preset else {}
-    fields.update({k: v for k, v in model.items() if k in ARCH_FIELDS and v is not None})
-    return {k: fields[k] for k in ARCH_FIELDS if fields.get(k) is not None}
-
-
-def check_arch_matches(ckpt_dir: Path, arch: LlamaArch) -> None:
-    """Refuse to initialise a run from a checkpoint of another architecture, naming each difference
-    (norm eps and RoPE base differ silently otherwise: they are not tensor shapes)."""
-    saved = saved_arch(ckpt_dir)
-    if saved is None:
-        return
-    diffs = [f"model.{k}: checkpoint {saved[k]}, this run {getattr(arch, k)}"
-             for k in ARCH_FIELDS if k in saved and float(saved[k]) != float(getattr(arch, k))]
-    if diffs:
-        raise CheckpointError(f"{ckpt_dir} holds another architecture than this run ("
-                              + "; ".join(diffs) + "): set the run's model fields to the checkpoint's")
