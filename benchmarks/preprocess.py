@@ -106,7 +106,12 @@ def main() -> None:
         env_path = f"{args.megatron_lm}:{os.environ.get('PYTHONPATH', '')}"
         os.environ["PYTHONPATH"] = env_path
         seconds, peak, _ = run_with_peak_rss(cmd)
-        print(f"Megatron-LM tools/preprocess_data.py 1x: {seconds:.1f} s including start-up, "
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        dataset = IndexedDataset(str(work / "megatron_text_document"))  # kept alive while read
+        written = int(dataset.sequence_lengths.sum())
+        print(f"Megatron-LM tools/preprocess_data.py 1x: {written:,} tokens in {seconds:.1f} s including "
+              f"start-up = {written / seconds:,.0f} tokens/s ({written / seconds / ceiling_rate:.1%} of ceiling), "
               f"peak RSS {peak / 2**20:,.0f} MiB")
 
 
