@@ -106,8 +106,9 @@ def wrap_for_training(cfg: JobConfig, chunks: list) -> list[DistributedDataParal
     config.no_sync_func = hook("no_sync")
     if p.overlap_grad_reduce:
         config.grad_sync_func = hook("start_grad_sync")
-    if p.overlap_param_gather:
-        config.param_sync_func = hook("start_param_sync")
+    # Overlapped param gather needs no schedule hook: the distributed optimizer dispatches the first
+    # all-gather in zero_grad() and DDP's forward pre-hooks the rest (Megatron-LM's default,
+    # align_param_gather=False).
     config.finalize_model_grads_func = finalize_model_grads
     return model
 
