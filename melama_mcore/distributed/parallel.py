@@ -82,7 +82,7 @@ def set_seed(seed: int, gpu: bool) -> None:
 def wrap_for_training(cfg: JobConfig, chunks: list) -> list[DistributedDataParallel]:
     """Model chunks -> megatron DDP modules (fp32 grad buffers, bucketed, optionally overlapped
     reduce and param gather), with the hooks megatron's schedules call installed on the config:
-    no_sync during gradient accumulation, overlapped grad reduce / param gather, and grad
+    no_sync during gradient accumulation, overlapped grad reduce, and grad
     finalisation (DP reduce, SP norm grads). In bf16 each chunk is first wrapped in megatron's
     Float16Module (bf16 weights, fp32 output on the last stage), as Megatron-LM does."""
     p = cfg.parallel
