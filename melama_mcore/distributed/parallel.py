@@ -68,8 +68,10 @@ def initialize(cfg: JobConfig) -> None:
 
 
 def set_seed(seed: int, gpu: bool) -> None:
-    """Same seed on every rank: initial weights are identical across TP (megatron builds the full
-    matrix on each rank and keeps its slice) and data order is rank-independent."""
+    """Same seed on every rank, so data order is rank-independent. On CPU (use_cpu_initialization)
+    megatron builds each full matrix and keeps this rank's slice, so initial weights do not depend
+    on TP; on GPU each TP rank initialises its own slice. For weights independent of any layout,
+    start runs from one seed checkpoint (`melama train --create-seed-checkpoint DIR`)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
