@@ -158,9 +158,7 @@ class Trainer:
             per_microbatch = (now - self._step_started) / self._microbatch if self._microbatch else self._microbatch_s
             remaining = (self.num_microbatches - self._microbatch) * per_microbatch
             late = (now - self.stop_signal_at) + remaining + self._save_s > self.cfg.checkpoint.preemption_grace_s
-        flag = torch.tensor([float(late)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+        return self._any_rank(late)
 
     def _forward_step(self, data_iterator, model):
         """Called by megatron's schedule once per micro-batch and model chunk."""
@@ -188,22 +186,29 @@ class Trainer:
         count = mask.sum()
         return loss_sum, count.to(torch.int), {"loss": torch.stack([loss_sum.detach(), count])}
 
-    def _reduce_loss(self, reduced: list[dict]) -> float:
-        """Token-weighted mean loss of the step over micro-batches and data-parallel ranks."""
-        if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            return float("nan")
-        total = torch.stack([r["loss"] for r in reduced]).sum(0) if reduced else torch.zeros(2, device=self.device)
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        return (total[0] / total[1].clamp(min=1)).item()
+    def _loss_totals(self, reduced: list[dict]) -> torch.Tensor:
+        """[loss sum, token count] over the micro-batches of one schedule run (zeros off the last stage)."""
+        if not reduced:
+            return torch.zeros(2, device=self.device)
+        return torch.stack([r["loss"].float() for r in reduced]).sum(0)
+
+    def _data_parallel_mean(self, totals: torch.Tensor) -> float:
+        """Token-weighted mean loss over the data-parallel ranks."""
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        return (totals[0] / totals[1].clamp(min=1)).item()
+
+    def _any_rank(self, condition: bool) -> bool:
+        """True on every rank when it is true on any: decisions that all ranks must take together."""
+        flag = torch.tensor([float(condition)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
 
     def _all_finite(self, loss: float, grad_norm: float | None) -> bool:
         """Every rank must agree, or ranks would step different models. The loss exists on the last
         pipeline stage only; the grad norm is already reduced over all ranks."""
         last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         bad = (last_stage and not math.isfinite(loss)) or (grad_norm is not None and not math.isfinite(grad_norm))
-        flag = torch.tensor([float(bad)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() == 0.0
+        return not self._any_rank(bad)
 
     def train_step(self) -> StepStats:
         t, o = self.cfg.training, self.cfg.optimizer
@@ -223,7 +228,9 @@ class Trainer:
             forward_only=False,
         )
         self._microbatch_s = (time.monotonic() - self._step_started) / self.num_microbatches
-        loss = self._reduce_loss(reduced)
+        # The loss exists on the last pipeline stage only.
+        last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        loss = self._data_parallel_mean(self._loss_totals(reduced)) if last_stage else float("nan")
         # megatron's optimizer.step(), split so that a non-finite loss or grad norm skips the update.
         found_inf = self.optimizer.prepare_grads()
         grad_norm = None if found_inf else self.optimizer.get_grad_norm()
@@ -260,7 +267,7 @@ class Trainer:
         losses = {}
         for name, dataset in self.valid_ds.items():
             iterators = [self._loader(dataset, 0) for _ in self.model]
-            total = torch.zeros(2, device=self.device)
+            totals = torch.zeros(2, device=self.device)
             for _ in range(self.cfg.logging.eval_iters):
                 reduced = self.forward_backward(
                     forward_step_func=self._forward_step,
@@ -268,19 +275,15 @@ class Trainer:
                     model=self.model, num_microbatches=self.num_microbatches, seq_length=t.seq_length,
                     micro_batch_size=t.micro_batch_size, decoder_seq_length=t.seq_length, forward_only=True,
                 )
-                if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-                    total += torch.stack([r["loss"].float() for r in reduced]).sum(0)
-            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-            losses[name] = (total[0] / total[1].clamp(min=1)).item()
+                totals += self._loss_totals(reduced)
+            losses[name] = self._data_parallel_mean(totals)
         for m in self.model:
             m.train()
         return losses
 
     # -- the loop ----------------------------------------------------------------------------------
     def _agreed_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+        return self._any_rank(self.stop_signal is not None)
 
     def save(self, last: bool = False) -> None:
         """`last`: no later save will follow (end of run, stop signal), so a failure is fatal even with
