@@ -72,6 +72,17 @@ def latest_step(root: Path) -> int | None:
     return step
 
 
+def find_checkpoint(path: Path) -> Path:
+    """A run's checkpoints/ folder (its latest), a run's output folder, one iter_* folder, or a
+    weights-only folder -> the folder holding metadata.json."""
+    for root in (path, path / "checkpoints"):
+        if (root / LATEST).is_file():
+            return step_dir(root, latest_step(root))
+    if (path / "metadata.json").is_file():
+        return path
+    raise CheckpointError(f"{path} is not a checkpoint: expected a metadata.json, or a 'latest' marker of a run")
+
+
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -438,9 +449,7 @@ class Checkpointer:
     def load_weights(self, path: str) -> None:
         """Weights only (a Hugging Face import, or another run's checkpoint): fresh optimizer and schedule.
         A checkpoint of another architecture or tokenizer is refused, naming the fields."""
-        ckpt = Path(path)
-        if (ckpt / LATEST).is_file():
-            ckpt = step_dir(ckpt, latest_step(ckpt))
+        ckpt = find_checkpoint(Path(path))
         loaded = self._load(self._model_state(), ckpt)
         for i, chunk in enumerate(self.model_chunks):
             chunk.load_state_dict(loaded[f"model{i}"])

@@ -95,7 +95,7 @@ class DataConfig:
 class CheckpointConfig:
     save_interval: int = 1000  # steps; also saved at the end and on SIGTERM / SIGUSR1
     resume: bool = True  # continue from <output_dir>/checkpoints when it holds a complete checkpoint
-    init_from: str | None = None  # weights-only start (e.g. a Hugging Face import); ignored on resume
+    init_from: str | None = None  # weights-only start (a Hugging Face import, or a run: its latest); ignored on resume
     keep_last: int | None = None  # delete older complete checkpoints beyond this many
     on_save_failure: str = "stop"  # stop | continue (a warning per failure; the last good one stays latest)
     # Seconds between SIGTERM/SIGUSR1 and the hard kill (SLURM --signal=TERM@N, torchrun --shutdown-timeout).

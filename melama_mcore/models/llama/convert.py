@@ -290,19 +290,6 @@ def import_hf(hf_dir: Path, out: Path, tp: int, pp: int, vp: int | None, divisib
 # ---------------------------------------------------------------------------------------------
 # export-hf: one layer at a time out of the dist-checkpoint, one safetensors shard at a time out
 # ---------------------------------------------------------------------------------------------
-def find_checkpoint(path: Path) -> Path:
-    """A run's checkpoints/ folder (its latest), a run's output folder, one iter_* folder, or a
-    weights-only folder -> the folder holding metadata.json."""
-    from melama_mcore.components.checkpointer import LATEST, latest_step, step_dir
-
-    for root in (path, path / "checkpoints"):
-        if (root / LATEST).is_file():
-            return step_dir(root, latest_step(root))
-    if (path / "metadata.json").is_file():
-        return path
-    raise CheckpointError(f"{path} is not a checkpoint: expected a metadata.json, or a 'latest' marker of a run")
-
-
 def checkpoint_arch(ckpt: Path, tokenizer: str | None) -> tuple[LlamaArch, int, torch.dtype]:
     """Architecture (from config.yaml, checked against the stored tensors), padded vocab, stored dtype."""
     from melama_mcore.components.checkpointer import check_no_code
@@ -622,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify:
             verify(args.hf_dir, args.out, arch, padded)
     else:
+        from melama_mcore.components.checkpointer import find_checkpoint
+
         ckpt = find_checkpoint(args.ckpt)
         arch, padded = export_hf(ckpt, args.out, args.dtype, args.tokenizer, args.max_shard_size)
         log.info("wrote %s (peak RSS %.0f MiB)", args.out, peak_rss_mib())
