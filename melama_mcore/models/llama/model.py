@@ -3,8 +3,8 @@
 Backends (`model.backend`):
 * ``transformer_engine``: megatron's TE spec (fused norm+linear, TE attention, FP8). Needs TE + CUDA.
 * ``native``: this project's spec: megatron's TP/SP linears, an RMSNorm that supports sequence
-  parallelism, SwiGLU and RMSNorm from `melama_mcore.kernels` (fused CUDA kernels on GPU, torch
-  reference on CPU), and a causal attention core on torch's scaled_dot_product_attention
+  parallelism, RMSNorm, SwiGLU and RoPE from `melama_mcore.kernels` (fused CUDA kernels on GPU,
+  torch reference on CPU), and a causal attention core on torch's scaled_dot_product_attention
   (flash / memory-efficient kernels on GPU).
 * ``local``: megatron's own local spec (unfused; its attention materialises s x s scores and its
   RMSNorm refuses sequence parallelism). A reference, and a fallback.
@@ -16,12 +16,14 @@ a checkpoint saved with one backend loads with another.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -75,27 +77,43 @@ class SwiGLU(MegatronModule):
         return kernels.swiglu(x)
 
 
+@functools.lru_cache(maxsize=8)
+def rope_angles(head_dim: int, base: float, seq_len: int, device: torch.device) -> torch.Tensor:
+    """megatron's RoPE angles [s, 1, 1, head_dim] for positions 0..s-1, shared by every layer."""
+    rope = RotaryEmbedding(head_dim, rotary_percent=1.0, rotary_base=int(base), use_cpu_initialization=True)
+    return rope.get_emb(seq_len).to(device)
+
+
 class SDPAttention(MegatronModule):
-    """Causal core attention on torch's scaled_dot_product_attention, in megatron's [s, b, h, d] layout.
+    """RoPE, then causal core attention on torch's scaled_dot_product_attention, in megatron's
+    [s, b, h, d] layout.
 
     Drop-in for megatron's DotProductAttention (same constructor and forward), without the s x s
     score matrix in memory on GPU (flash / memory-efficient SDPA kernels), and with GQA handled by
-    SDPA rather than by materialising repeated K/V heads.
+    SDPA rather than by materialising repeated K/V heads. RoPE is applied here, with the fused
+    kernel, because megatron's SelfAttention hard-codes its own unfused (or TE) RoPE: the native
+    GPTModel is built without position embeddings and q/k arrive here unrotated. The sequence is
+    whole here (SP gathers it in linear_qkv; context parallelism is not supported), so positions
+    are 0..s-1.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: float | None = None,
-                 softmax_scale: float | None = None, cp_comm_type=None, pg_collection=None):
+                 softmax_scale: float | None = None, cp_comm_type=None, pg_collection=None,
+                 rotary_base: float = 10000.0):
         super().__init__(config=config)
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError("SDPAttention supports the causal mask only (LLaMA pre-training)")
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.rotary_base = rotary_base
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPAttention does not support packed sequences or attention bias")
+        freqs = rope_angles(query.size(-1), self.rotary_base, query.size(0), query.device)
+        query, key = kernels.apply_rotary(query, freqs), kernels.apply_rotary(key, freqs)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = F.scaled_dot_product_attention(
@@ -107,7 +125,7 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, h * d]
 
 
-def native_layer_spec() -> ModuleSpec:
+def native_layer_spec(rotary_base: float) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -117,7 +135,7 @@ def native_layer_spec() -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=SDPAttention,
+                    core_attention=ModuleSpec(module=SDPAttention, params={"rotary_base": rotary_base}),
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
@@ -156,11 +174,13 @@ def choose_backend(requested: str, device: str, te_available: bool) -> str:
     return "native"
 
 
-def block_spec(backend: str, config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:
+def block_spec(backend: str, config: TransformerConfig, vp_stage: int | None,
+               rotary_base: float) -> TransformerBlockSubmodules:
     """The decoder layers this pipeline stage (and virtual stage) builds, plus the final norm."""
     if backend == "native":
         layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-        return TransformerBlockSubmodules(layer_specs=[native_layer_spec()] * layers, layer_norm=RMSNorm)
+        spec = native_layer_spec(rotary_base)
+        return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=RMSNorm)
     return get_gpt_decoder_block_spec(config, use_transformer_engine=backend == "transformer_engine",
                                       normalization="RMSNorm", vp_stage=vp_stage)
 
@@ -230,14 +250,15 @@ def build_model_chunks(cfg: JobConfig, arch: LlamaArch, backend: str) -> list[GP
         stage = vp_stage if cfg.parallel.virtual_pipeline else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=block_spec(backend, config, stage),
+            transformer_layer_spec=block_spec(backend, config, stage, arch.rope_base),
             vocab_size=vocab,
             max_sequence_length=cfg.training.seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             parallel_output=True,
             share_embeddings_and_output_weights=False,
-            position_embedding_type="rope",
+            # native: RoPE is applied by the spec's SDPAttention (fused kernel), see there
+            position_embedding_type="none" if backend == "native" else "rope",
             rotary_base=int(arch.rope_base),
             vp_stage=stage,
         )
