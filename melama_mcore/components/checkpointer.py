@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 PARTIAL = ".partial"
-CHECKSUMS = "checksums.json"  # crc32 of every file megatron wrote, checked before loading
+CHECKSUMS = "checksums.json"  # crc32 of every file megatron wrote, checked before loading (checkpoint.verify_checksums)
 IDENTITY = "model_identity.json"  # resolved architecture and tokenizer vocabulary of the run that saved
 
 
@@ -169,8 +169,8 @@ def _verify_checksums(folder: Path) -> None:
     """CheckpointError naming every file whose bytes changed since the save (all ranks agree)."""
     path = folder / CHECKSUMS
     if not path.is_file():
-        log.warning("%s has no %s (an older checkpoint, or a conversion): its files cannot be verified",
-                    folder, CHECKSUMS)
+        log.warning("%s has no %s (saved with checkpoint.verify_checksums=false, an older checkpoint, or a "
+                    "conversion): its files cannot be verified", folder, CHECKSUMS)
         return
     saved = json.loads(path.read_text())
     problems = []
@@ -388,11 +388,12 @@ class Checkpointer:
         return final
 
     def _publish(self, partial: Path, final: Path) -> None:
-        """After every rank wrote its files: checksums, identity and config beside them, then the
-        rename that makes the checkpoint exist (rank 0)."""
-        checksums = _compute_checksums(partial)
+        """After every rank wrote its files: checksums (unless checkpoint.verify_checksums is off),
+        identity and config beside them, then the rename that makes the checkpoint exist (rank 0)."""
+        checksums = _compute_checksums(partial) if self.cfg.checkpoint.verify_checksums else None
         if dist.get_rank() == 0:
-            _write_atomically(partial / CHECKSUMS, json.dumps(checksums, indent=0))
+            if checksums is not None:
+                _write_atomically(partial / CHECKSUMS, json.dumps(checksums, indent=0))
             if self.identity is not None:
                 _write_atomically(partial / IDENTITY, json.dumps(self.identity))
             _write_atomically(partial / "config.yaml", dump_config(self.cfg))
@@ -456,12 +457,16 @@ class Checkpointer:
         log.info("initialised weights from %s", ckpt)
 
     def _check_before_load(self, path: Path) -> None:
-        """Model and tokenizer match, every file intact, no pickle that could run code: or a
-        CheckpointError naming the file and the mismatch, before anything is loaded."""
+        """Model and tokenizer match, every file intact (unless checkpoint.verify_checksums is off),
+        no pickle that could run code: or a CheckpointError naming the file and the mismatch, before
+        anything is loaded."""
         if not (path / "metadata.json").is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint (no metadata.json)")
         _check_identity(path, self.identity)
-        _verify_checksums(path)
+        if self.cfg.checkpoint.verify_checksums:
+            _verify_checksums(path)
+        else:
+            log.info("%s: file checksums not verified (checkpoint.verify_checksums=false)", path)
         check_no_code(path)
 
     def _load(self, state: dict, path: Path, checked: bool = False) -> dict:
