@@ -17,7 +17,8 @@ so the optimizer step is amortised as in training.
 
 FLOPs: the trunk's `flops_per_token` (Megatron convention: 3 x 2 x every GEMM, causal attention
 halved, recompute not counted) of the model actually built, i.e. --layers decoder layers plus the
-output layer, never the full preset. TFLOP/s/GPU = tokens/s x FLOPs/token / GPUs;
+output layer over the padded vocabulary (a multiple of model.make_vocab_size_divisible_by x TP, as
+built and as Megatron-LM counts it), never the full preset. TFLOP/s/GPU = tokens/s x FLOPs/token / GPUs;
 MFU = TFLOP/s/GPU / dense peak (components/metrics.py). Peak memory is
 `torch.cuda.max_memory_allocated` (None on CPU), shown beside the planner's prediction for the same
 layout (melama_mcore/planner.py; it assumes a flash-style attention, so `local`, which stores
@@ -47,7 +48,7 @@ from melama_mcore.config.job_config import JobConfig, load_config
 from melama_mcore.config.validate import detect_environment, resolve, resolve_arch, validate
 from melama_mcore.distributed import parallel
 from melama_mcore.errors import UserError
-from melama_mcore.models.llama.config_registry import PRESETS
+from melama_mcore.models.llama.config_registry import PRESETS, padded_vocab_size
 from melama_mcore.models.llama.model import build_model_chunks
 
 SLICE_LAYERS = 2  # 70B width: ~14 GB of weights + grads + Adam state per layer in bf16
@@ -207,6 +208,12 @@ def measure(cfg: JobConfig, arch, backend: str, warmup: int, steps: int) -> dict
     return result
 
 
+def model_flops_per_token(cfg: JobConfig, arch) -> float:
+    """The trunk's FLOPs per token of the model as built: output layer over the padded vocabulary."""
+    vocab = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)
+    return flops_per_token(arch, cfg.training.seq_length, vocab)
+
+
 def summarise(cfg: JobConfig, arch, backend: str, ranks: list[dict], world: int) -> dict:
     errors = sorted({r["error"] for r in ranks if "error" in r})
     if errors:
@@ -214,7 +221,7 @@ def summarise(cfg: JobConfig, arch, backend: str, ranks: list[dict], world: int)
     t = cfg.training
     step_time = max(r["step_time_s"] for r in ranks)  # the step ends when the slowest rank ends
     tokens_per_s = t.global_batch_size * t.seq_length / step_time
-    fpt = flops_per_token(arch, t.seq_length)
+    fpt = model_flops_per_token(cfg, arch)
     tflops = tokens_per_s * fpt / world / 1e12
     peak = peak_tflops(t.precision, False, None)
     measured = [r["peak_memory_bytes"] for r in ranks if r["peak_memory_bytes"] is not None]
@@ -241,7 +248,8 @@ def summarise(cfg: JobConfig, arch, backend: str, ranks: list[dict], world: int)
 def print_table(report: dict) -> None:
     m, lay = report["model"], report["layout"]
     print(f"\n{m['preset']}: {m['layers_built']} of {m['preset_layers']} decoder layers built (hidden {m['hidden_size']}, "
-          f"{m['heads']} heads, {m['kv_groups']} KV groups, FFN {m['ffn_hidden_size']}, vocab {m['vocab_size']}), "
+          f"{m['heads']} heads, {m['kv_groups']} KV groups, FFN {m['ffn_hidden_size']}, vocab {m['vocab_size']} "
+          f"padded to {m['padded_vocab_size']}), "
           f"seq {lay['seq']}, micro batch {lay['mbs']}, global batch {lay['gbs']}, {lay['precision']}, "
           f"TP{lay['tp']} PP{lay['pp']} VP{lay['vp'] or 1} DP{lay['dp']}, recompute {lay['recompute']}")
     print(f"{report['gpus']} x {report['machine']['device']}; FLOPs/token {report['flops_per_token']:.4g} "
@@ -296,16 +304,18 @@ def main(argv: list[str] | None = None) -> int:
         "gpus": world,
         "model": {"preset": args.preset, "layers_built": arch.num_layers, "preset_layers": PRESETS[args.preset].num_layers,
                   "hidden_size": arch.hidden_size, "heads": arch.num_attention_heads, "kv_groups": arch.num_query_groups,
-                  "ffn_hidden_size": arch.ffn_hidden_size, "vocab_size": arch.vocab_size},
+                  "ffn_hidden_size": arch.ffn_hidden_size, "vocab_size": arch.vocab_size,
+                  "padded_vocab_size": padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by,
+                                                         p.tensor_parallel)},
         "layout": {"tp": p.tensor_parallel, "pp": p.pipeline_parallel, "vp": p.virtual_pipeline,
                    "dp": world // (p.tensor_parallel * p.pipeline_parallel), "sequence_parallel": p.sequence_parallel,
                    "distributed_optimizer": p.use_distributed_optimizer, "mbs": t.micro_batch_size,
                    "gbs": t.global_batch_size, "seq": t.seq_length, "recompute": t.recompute, "precision": t.precision},
         "warmup_steps": args.warmup, "timed_steps": args.steps,
         "peak_tflops": peak_tflops(t.precision, False, None),
-        "flops_per_token": flops_per_token(arch, t.seq_length),
+        "flops_per_token": model_flops_per_token(cfg, arch),
         "flop_convention": "Megatron: 3 x 2 x GEMM FLOPs, causal attention halved, recompute not counted; "
-                           "for the layers actually built",
+                           "for the layers actually built, output layer over the padded vocabulary",
         "results": results,
     }
     print_table(report)

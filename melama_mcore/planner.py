@@ -30,7 +30,8 @@ Memory per GPU (bytes, per pipeline stage; the worst stage is reported):
 
 Step time (a roofline; the constants below are assumptions, calibrate COMPUTE_EFFICIENCY with
 `benchmarks/throughput.py` on your GPUs and pass --compute-efficiency):
-* compute: model FLOPs (components/metrics.py `flops_per_token`, Megatron convention) plus recompute
+* compute: model FLOPs (components/metrics.py `flops_per_token`, Megatron convention, output layer
+  over the padded vocabulary as for memory) plus recompute
   FLOPs (selective: the core-attention forward; full: the layers' forward), at
   COMPUTE_EFFICIENCY x dense bf16 peak;
 * TP with SP: per layer and micro-batch 4 all-gathers/reduce-scatters of sbh bf16 forward and 4
@@ -84,6 +85,13 @@ RUNTIME_RESERVED_GIB = 3.0  # CUDA context, NCCL buffers, cuBLAS workspaces: not
 MICRO_BATCH_SIZES = (1, 2, 4, 8)
 RECOMPUTE = ("none", "selective", "full")
 ACTIVATION_BYTES = 2  # bf16 activations
+# Layouts are judged with the trunk's default model settings (Layout.job_config), so its vocab padding.
+VOCAB_DIVISIBLE_BY = JobConfig().model.make_vocab_size_divisible_by
+
+
+def padded_vocab(arch: LlamaArch, tp: int) -> int:
+    """Output-layer / embedding rows as the trunk builds them at this TP (memory and FLOPs)."""
+    return padded_vocab_size(arch.vocab_size, VOCAB_DIVISIBLE_BY, tp)
 
 
 @dataclass(frozen=True)
@@ -175,7 +183,7 @@ def in_flight(pp: int, vp: int | None, num_micro: int, pp_rank: int) -> tuple[in
 
 def stage_memory(arch: LlamaArch, layout: Layout, seq: int, gbs: int, precision: str, pp_rank: int) -> Memory:
     tp, pp = layout.tp, layout.pp
-    padded = padded_vocab_size(arch.vocab_size, 128, tp)
+    padded = padded_vocab(arch, tp)
     params = stage_parameter_count(arch, padded, tp, pp, layout.vp, pp_rank)
     w, g, o = bytes_per_param(precision)
     optimizer = params * o / (layout.dp if layout.distributed_optimizer else 1)
@@ -224,13 +232,14 @@ class Estimate:
         }
 
 
-def forward_flops_per_token(arch: LlamaArch, seq: int) -> tuple[float, float, float]:
-    """(one decoder layer, its core attention, the output layer) forward FLOPs per token, all
-    derived from the trunk's `flops_per_token` so the convention lives in one place."""
+def forward_flops_per_token(arch: LlamaArch, seq: int, vocab_size: int) -> tuple[float, float, float]:
+    """(one decoder layer, its core attention, the output layer over `vocab_size` rows) forward FLOPs
+    per token, all derived from the trunk's `flops_per_token` so the convention lives in one place."""
     no_layers = dataclasses.replace(arch, num_layers=0)
-    output = flops_per_token(no_layers, seq) / 3
-    layer = (flops_per_token(arch, seq) / 3 - output) / arch.num_layers
-    core_attention = (flops_per_token(arch, seq) - flops_per_token(arch, 0)) / 3 / arch.num_layers
+    total = flops_per_token(arch, seq, vocab_size)
+    output = flops_per_token(no_layers, seq, vocab_size) / 3
+    layer = (total / 3 - output) / arch.num_layers
+    core_attention = (total - flops_per_token(arch, 0, vocab_size)) / 3 / arch.num_layers
     return layer, core_attention, output
 
 
@@ -241,7 +250,8 @@ def estimate(arch: LlamaArch, layout: Layout, *, gpu: GpuSpec, gpus: int, seq: i
     peak = PEAK_TFLOPS[gpu.peak_key]["bf16"] * 1e12
     tokens = seq * layout.mbs
     num_micro = gbs // (layout.mbs * dp)
-    layer, core_attention, output = forward_flops_per_token(arch, seq)
+    vocab = padded_vocab(arch, tp)
+    layer, core_attention, output = forward_flops_per_token(arch, seq, vocab)
     recompute_extra = {"none": 0.0, "selective": core_attention, "full": layer}[layout.recompute]
     layers_per_stage = arch.num_layers // pp
 
@@ -268,7 +278,7 @@ def estimate(arch: LlamaArch, layout: Layout, *, gpu: GpuSpec, gpus: int, seq: i
 
     step_s = pipeline_s + dp_exposed_s
     tokens_per_s_per_gpu = gbs * seq / step_s / gpus
-    tflops = tokens_per_s_per_gpu * flops_per_token(arch, seq)
+    tflops = tokens_per_s_per_gpu * flops_per_token(arch, seq, vocab)
     return Estimate(
         layout=layout, memory=memory, fits=fits(memory, gpu_memory_gib), step_time_s=step_s,
         tokens_per_s_per_gpu=tokens_per_s_per_gpu, tflops_per_gpu=tflops / 1e12, mfu=tflops / peak,

@@ -39,6 +39,7 @@ from melama_mcore.data.loader import build_loader
 from melama_mcore.data.tokenizer import load_tokenizer
 from melama_mcore.distributed import parallel
 from melama_mcore.errors import UserError
+from melama_mcore.models.llama.config_registry import padded_vocab_size
 from melama_mcore.models.llama.model import build_model_chunks, choose_backend
 
 log = logging.getLogger("melama")
@@ -112,11 +113,13 @@ class Trainer:
         )
         self.train_iters = [self._loader(self.train_ds, self.state.consumed_samples) for _ in self.model]
 
-        # 6. Metrics.
+        # 6. Metrics. FLOPs over the padded vocabulary the output layer is built with (as Megatron-LM).
         self.forward_backward = get_forward_backward_func()
+        vocab = padded_vocab_size(self.arch.vocab_size, cfg.model.make_vocab_size_divisible_by,
+                                  cfg.parallel.tensor_parallel)
         self.metrics = MetricsLogger(
             cfg.output_dir, enabled=self.is_logging_rank, tensorboard=cfg.logging.tensorboard,
-            num_gpus=dist.get_world_size(), flops_per_token=flops_per_token(self.arch, t.seq_length),
+            num_gpus=dist.get_world_size(), flops_per_token=flops_per_token(self.arch, t.seq_length, vocab),
             peak_tflops=peak_tflops(t.precision, t.fp8 is not None, cfg.logging.peak_tflops),
             train_iters=t.train_iters,
         )

@@ -130,6 +130,22 @@ def test_me_llama_recipe_layout_is_judged_to_fit(plan_70b):
     assert listed[recipe].memory.total < 80 * 2**30
 
 
+def test_predicted_flops_count_the_padded_vocabulary_as_the_trainer_does(plan_70b):
+    """TFLOP/s = tokens/s x the trunk's FLOPs per token over the vocabulary padded for that layout's TP
+    (70B's 32000 tokens: 32000 rows at TP 1 and 2, 32256 at TP 4, 32768 at TP 8)."""
+    from melama_mcore.components.metrics import flops_per_token
+
+    arch = PRESETS["llama2-70b"]
+    seen = set()
+    for e in plan_70b.estimates:
+        padded = padded_vocab_size(arch.vocab_size, 128, e.layout.tp)
+        assert planner.padded_vocab(arch, e.layout.tp) == padded
+        expected = e.tokens_per_s_per_gpu * flops_per_token(arch, 4096, padded) / 1e12
+        assert e.tflops_per_gpu == pytest.approx(expected, rel=1e-12), e.layout
+        seen.add(padded)
+    assert seen == {32000, 32256, 32768}
+
+
 def test_recipe_check_from_the_cli(capsys):
     assert run_main(planner.main, ["--config", str(ME_LLAMA), "--gpu", "a100-80gb", "--gpus", "160", "--top", "2"]) == 0
     out = capsys.readouterr().out

@@ -1,6 +1,7 @@
 """benchmarks/throughput.py on CPU: it runs megatron's real training step for every backend listed,
 its JSON parses, and its throughput figures agree with the trunk's FLOP formula for the layers it
-built (not the preset's). No speed is asserted: timings are readouts."""
+built (not the preset's) and the padded vocabulary it built (300 tokens -> 384 rows at TP 1, 512 at
+TP 2). No speed is asserted: timings are readouts."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from melama_mcore.components.metrics import flops_per_token
-from melama_mcore.models.llama.config_registry import PRESETS
+from melama_mcore.models.llama.config_registry import PRESETS, padded_vocab_size
 from trunk_fixtures import free_port
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+VOCAB = 300  # not a multiple of 128: the padded output layer counts
 TINY = ["--preset", "nano", "--seq", "64", "--mbs", "2", "--gbs", "4", "--warmup", "1", "--steps", "2",
-        "--vocab-size", "256"]
+        "--vocab-size", str(VOCAB)]
 
 
 def run_bench(tmp_path: Path, args: list[str], nproc: int = 1) -> tuple[dict, str]:
@@ -34,11 +36,15 @@ def run_bench(tmp_path: Path, args: list[str], nproc: int = 1) -> tuple[dict, st
 
 
 def check_consistent(report: dict, layers: int, seq: int) -> None:
-    """tokens/s x FLOPs/token / GPUs = TFLOP/s, with FLOPs of the `layers` actually built."""
-    arch = dataclasses.replace(PRESETS["nano"], num_layers=layers, vocab_size=256)
-    expected_fpt = flops_per_token(arch, seq)
+    """tokens/s x FLOPs/token / GPUs = TFLOP/s, with FLOPs of the `layers` actually built and the
+    output layer over the padded vocabulary (128 x TP)."""
+    arch = dataclasses.replace(PRESETS["nano"], num_layers=layers, vocab_size=VOCAB)
     gpus = report["gpus"]
     layout = report["layout"]
+    padded = {1: 384, 2: 512}[layout["tp"]]
+    assert padded_vocab_size(VOCAB, 128, layout["tp"]) == padded
+    assert report["model"]["vocab_size"] == VOCAB and report["model"]["padded_vocab_size"] == padded
+    expected_fpt = flops_per_token(arch, seq, padded)
     assert report["flops_per_token"] == pytest.approx(expected_fpt, rel=1e-12)
     for r in report["results"]:
         assert "error" not in r, r
@@ -56,7 +62,7 @@ def test_single_process_compares_backends_on_the_layers_built(tmp_path):
     assert [r["backend"] for r in report["results"]] == ["native", "local"]
     assert report["model"]["layers_built"] == 2 and report["model"]["preset_layers"] == 4
     check_consistent(report, layers=2, seq=64)
-    four = flops_per_token(dataclasses.replace(PRESETS["nano"], vocab_size=256), 64)
+    four = flops_per_token(dataclasses.replace(PRESETS["nano"], vocab_size=VOCAB), 64, 384)
     assert report["results"][0]["flops_per_token"] < four  # the slice, not the whole preset
     for backend in ("native", "local"):
         assert backend in stdout

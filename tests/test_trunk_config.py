@@ -13,7 +13,7 @@ from melama_mcore.cli import main as melama
 from melama_mcore.components.metrics import MetricsLogger, StepStats, flops_per_token
 from melama_mcore.config.job_config import load_config
 from melama_mcore.errors import ConfigError
-from melama_mcore.models.llama.config_registry import PRESETS, parameter_count
+from melama_mcore.models.llama.config_registry import PRESETS, padded_vocab_size, parameter_count
 
 BASE = ["model.preset=nano", "model.vocab_size=512", "training.seq_length=32", "training.device=cpu"]
 
@@ -120,18 +120,34 @@ def test_70b_flops_and_mfu_match_a_hand_derivation(tmp_path):
       proj   2*8192*8192               = 134,217,728
       MLP    2*3*8192*28672            = 1,409,286,144
       layer total                      = 1,778,384,896;  x 80 layers = 142,270,791,680
-      logits 2*8192*32000              = 524,288,000
-      forward 142,795,079,680; training x3 = 428,385,239,040 FLOPs per token.
+    The output layer counts the padded vocabulary the model is built with (a multiple of
+    make_vocab_size_divisible_by 128 x TP), as Megatron-LM's num_floating_point_operations does:
+      TP 1 or 2: 32000 is already a multiple of 128 (256):
+        logits 2*8192*32000 = 524,288,000; forward 142,795,079,680; x3 = 428,385,239,040 FLOPs/token
+      TP 8 (the Me-LLaMA recipe): 32000 -> 32768 (32 x 1024):
+        logits 2*8192*32768 = 536,870,912; forward 142,807,662,592; x3 = 428,422,987,776 FLOPs/token
     """
-    per_token = flops_per_token(PRESETS["llama2-70b"], 4096)
-    assert per_token == 428_385_239_040
+    h, f, s, layers, d_kv = 8192, 28672, 4096, 80, 8 * 128
+
+    def by_hand(vocab: int) -> int:
+        layer = 2 * h * (h + 2 * d_kv) + 2 * 2 * h * s // 2 + 2 * h * h + 2 * 3 * h * f
+        return 3 * (layers * layer + 2 * h * vocab)
+
+    assert by_hand(32000) == 428_385_239_040 and by_hand(32768) == 428_422_987_776
+    arch = PRESETS["llama2-70b"]
+    for tp, vocab in ((1, 32000), (2, 32000), (4, 32256), (8, 32768)):
+        assert padded_vocab_size(arch.vocab_size, 128, tp) == vocab
+        assert flops_per_token(arch, 4096, padded_vocab_size(arch.vocab_size, 128, tp)) == by_hand(vocab)
+    recipe = load_config("examples/configs/llama2_70b_me_llama.yaml")
+    assert (recipe.parallel.tensor_parallel, recipe.model.make_vocab_size_divisible_by) == (8, 128)
+    per_token = flops_per_token(arch, 4096, 32768)
     # A step of 1000 x 4096 tokens in 60 s on 160 GPUs of 312 TFLOP/s peak:
     logger = MetricsLogger(str(tmp_path), enabled=True, tensorboard=False, num_gpus=160,
                            flops_per_token=per_token, peak_tflops=312.0, train_iters=10)
     record = logger.log_step(StepStats(step=1, loss=2.0, lr=8e-6, grad_norm=1.0, step_time_s=60.0,
                                        tokens=1000 * 4096))
     logger.close()
-    tflops = 1000 * 4096 / 60.0 * 428_385_239_040 / 160 / 1e12  # 182.8 TFLOP/s per GPU, MFU 58.6%
+    tflops = 1000 * 4096 / 60.0 * 428_422_987_776 / 160 / 1e12  # 182.8 TFLOP/s per GPU, MFU 58.6%
     assert record["tflops_per_gpu"] == pytest.approx(tflops)
     assert record["mfu"] == pytest.approx(tflops / 312.0)
     assert record["tokens_per_s_per_gpu"] == pytest.approx(1000 * 4096 / 60.0 / 160)

@@ -5,7 +5,10 @@ FLOP count (Megatron's convention, stated so numbers can be compared): every GEM
 (Megatron-LM since 2025-03). Per token of a sequence of length s, per layer (h hidden, d_kv = KV
 groups x head_dim, f FFN):
     QKV 2h(h + 2 d_kv) + scores and context 2 x 2hs / 2 + output 2h^2 + SwiGLU MLP 6hf
-plus the output layer 2hV. Activation recompute is not counted (it is not model FLOPs).
+plus the output layer 2hV, V the *padded* vocabulary the model is built with (a multiple of
+model.make_vocab_size_divisible_by x TP, as Megatron-LM's num_floating_point_operations uses
+args.padded_vocab_size: the padded logits are computed). Activation recompute is not counted (it is
+not model FLOPs).
 torchtitan's 6N + 12 L h s (no causal discount) gives a higher number for the same run.
 """
 
@@ -33,10 +36,14 @@ PEAK_TFLOPS = {
 }
 
 
-def flops_per_token(arch: LlamaArch, seq_length: int, vocab_size: int | None = None) -> float:
-    """Training model FLOPs per token (forward + backward), Megatron convention (see module doc)."""
-    h, f, s = arch.hidden_size, arch.ffn_hidden_size, seq_length
-    v = vocab_size or arch.vocab_size
+def flops_per_token(arch: LlamaArch, seq_length: int, vocab_size: int) -> float:
+    """Training model FLOPs per token (forward + backward), Megatron convention (see module doc).
+
+    `vocab_size` is the output layer's width as built: pass the padded vocabulary,
+    `padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)`
+    (models/llama/config_registry.py), as Megatron-LM does. It is required so that no caller
+    silently counts the unpadded `arch.vocab_size`."""
+    h, f, s, v = arch.hidden_size, arch.ffn_hidden_size, seq_length, vocab_size
     d_kv = arch.num_query_groups * arch.head_dim
     per_layer = 2 * h * (h + 2 * d_kv) + 2 * h * s + 2 * h * h + 6 * h * f
     forward = arch.num_layers * per_layer + 2 * h * v
