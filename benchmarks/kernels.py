@@ -1,6 +1,8 @@
 """Benchmark melama's CUDA kernels against torch eager and torch.compile of the references at
-LLaMA-2 70B shapes (bf16): seq 4096, micro-batch 1, hidden 8192, FFN 28672 and 64 q / 8 kv heads
-of dim 128 split over tensor-parallel ranks.
+LLaMA-2 70B shapes (bf16): seq 4096, micro-batch 1, hidden 8192, FFN 28672, 64 q / 8 kv heads
+of dim 128 and the 32000-token vocabulary (padded as megatron pads it) split over tensor-parallel
+ranks. The cross-entropy is also timed against megatron's fused vocab-parallel cross-entropy
+(what `model.cross_entropy=megatron` runs), on one rank: the TP collectives are not timed.
 
     python benchmarks/kernels.py [--tp 1 2 4 8] [--iters 50] [--warmup 10]
 
@@ -18,11 +20,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from melama_mcore import kernels
 from melama_mcore.kernels import reference
+from melama_mcore.models.llama.config_registry import padded_vocab_size
 
-SEQ, HIDDEN, FFN, Q_HEADS, KV_HEADS, HEAD_DIM = 4096, 8192, 28672, 64, 8, 128
+SEQ, HIDDEN, FFN, Q_HEADS, KV_HEADS, HEAD_DIM, VOCAB = 4096, 8192, 28672, 64, 8, 128, 32000
 DTYPE = torch.bfloat16  # weights too: megatron's bf16 params
 EPS = 1e-5
 
@@ -60,6 +64,7 @@ class Case:
     grad_inputs: tuple[int, ...]  # positions of the inputs that get gradients
     fwd_bytes: int
     bwd_bytes: int
+    others: dict[str, Callable] | None = None  # further implementations to time
 
 
 def nbytes(*tensors) -> int:
@@ -85,6 +90,30 @@ def cases(tps: list[int]):
             yield Case(f"rotary {which}", tp, f"[{SEQ}, 1, {heads}, {HEAD_DIM}]",
                        kernels.apply_rotary, reference.apply_rotary, (t, freqs), (0,), moved,
                        moved)
+        v = padded_vocab_size(VOCAB, 128, tp) // tp
+        logits = torch.randn(SEQ, 1, v, device="cuda", dtype=DTYPE) * 4
+        target = torch.randint(0, v, (SEQ, 1), device="cuda")
+        loss = torch.empty(SEQ, 1, device="cuda")
+        yield Case("cross-entropy", tp, f"[{SEQ}, 1, {v}]", kernels.vocab_parallel_cross_entropy,
+                   torch_cross_entropy, (logits, target), (0,), nbytes(logits, target, loss),
+                   nbytes(loss, logits, target, logits), {"megatron": megatron_cross_entropy})
+
+
+def torch_cross_entropy(logits, target):
+    """What a plain torch loss does: fp32 logits through F.cross_entropy."""
+    v = logits.shape[-1]
+    return F.cross_entropy(logits.float().view(-1, v), target.view(-1),
+                           reduction="none").view(target.shape)
+
+
+def megatron_cross_entropy(logits, target):
+    """megatron-core's fused vocab-parallel cross-entropy on a one-rank group."""
+    import torch.distributed as dist
+    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29555", rank=0, world_size=1)
+    return fused_vocab_parallel_cross_entropy(logits, target, dist.group.WORLD)
 
 
 def forward(fn, case: Case):
@@ -123,7 +152,8 @@ def main(argv=None) -> int:
     print("| op | TP | shape | pass | impl | median ms | GB/s | % of copy |")
     print("|---|---|---|---|---|---|---|---|")
     for case in cases(args.tp):
-        impls = {"melama": case.ours, "eager": case.ref, "compiled": torch.compile(case.ref)}
+        impls = {"melama": case.ours, "eager": case.ref, "compiled": torch.compile(case.ref),
+                 **(case.others or {})}
         for label, make, moved in (("fwd", forward, case.fwd_bytes),
                                    ("fwd+bwd", forward_backward, case.fwd_bytes + case.bwd_bytes)):
             for impl, fn in impls.items():

@@ -45,6 +45,17 @@ int melama_rotary_bwd(const void* dy, const float* freqs, void* dt, int64_t s, i
                       int64_t h, int64_t d, int64_t rot, int64_t stride_s, int64_t stride_b,
                       int64_t stride_h, int dtype, cudaStream_t stream);
 
+// Vocab-parallel cross-entropy on this rank's logits[rows, v] (vocabulary ids vocab_start ..
+// vocab_start + v - 1), target[rows] int64 global ids. Forward: stats[rows, 3] fp32 = (max,
+// sum of exp(x - max), the target's logit or 0 when it is not in this slice), which the ranks
+// combine into lse[rows]. Backward: dx = (softmax(x) - onehot(target)) * dloss[rows], softmax
+// taken with lse; dx may be the logits buffer itself.
+int melama_xent_fwd(const void* logits, const int64_t* target, float* stats, int64_t rows,
+                    int64_t v, int64_t vocab_start, int dtype, cudaStream_t stream);
+int melama_xent_bwd(const void* logits, const int64_t* target, const float* lse,
+                    const float* dloss, void* dx, int64_t rows, int64_t v, int64_t vocab_start,
+                    int dtype, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -59,6 +59,22 @@ def grads64(fn, *inputs, dy):
     return [leaf.grad for leaf in leaves]
 
 
+def xent64(logits, target):
+    """Cross-entropy per row, float64: logsumexp(x) - x[target]."""
+    x = logits.double()
+    return torch.logsumexp(x, -1) - x.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+def xent_stats64(logits, target, vocab_start):
+    """(max, sum exp(x - max), target logit or 0) of one vocabulary slice, float64."""
+    x = logits.double()
+    m = x.max(-1).values
+    local = target - vocab_start
+    inside = (local >= 0) & (local < x.shape[-1])
+    picked = x.gather(-1, local.clamp(0, x.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    return torch.stack([m, torch.exp(x - m.unsqueeze(-1)).sum(-1), picked * inside], -1)
+
+
 def megatron_freqs(s, rot, device="cpu"):
     """Angles laid out as megatron's RotaryEmbedding returns them: cat(f, f) -> [s, 1, 1, rot]."""
     inv = 1.0 / 10000 ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot)
@@ -70,6 +86,8 @@ RMS_SHAPES = [(3, 1000), (2, 5, 8191), (7, 64), (1, 1)]
 SWIGLU_SHAPES = [(3, 2000), (2, 3, 2 * 8191), (5, 128), (1, 2)]
 # (s, b, h, d, rot): full, partial and odd rotary dims
 ROTARY_SHAPES = [(5, 2, 3, 128, 128), (7, 1, 4, 64, 32), (3, 2, 1, 10, 6), (4, 3, 2, 128, 64)]
+# (rows..., vocab slice): odd and vector-width slices
+XENT_SHAPES = [(7, 1001), (3, 2, 4000), (1, 1), (5, 64)]
 
 
 # ---- CPU: references ----------------------------------------------------------------------------
@@ -129,6 +147,42 @@ def test_reference_rotary(shape, dtype, megatron_layout):
     assert_close64(reference.apply_rotary_backward(dy, freqs), dt64, dtype)
 
 
+@pytest.mark.parametrize("shape", XENT_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_cross_entropy(shape, dtype):
+    x = (torch.randn(shape) * 4).to(dtype)
+    target = torch.randint(0, shape[-1], shape[:-1])
+    leaf = x.clone().requires_grad_()
+    loss = kernels.vocab_parallel_cross_entropy(leaf, target)
+    assert loss.dtype == torch.float32
+    assert_close64(loss, xent64(x, target), torch.float32)  # fp32 arithmetic on exact inputs
+    dy = torch.randn(shape[:-1])
+    loss.backward(dy)
+    (dx64,) = grads64(lambda t: xent64(t, target), x, dy=dy)
+    assert_close64(leaf.grad, dx64, dtype)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_cross_entropy_vocabulary_slices_combine_to_the_full_softmax(world):
+    """Each rank's stats over its slice (targets mostly in other slices) combine into the
+    full-vocabulary loss, and each slice's gradient is its part of the full gradient."""
+    from melama_mcore.kernels.cross_entropy import combine_stats
+
+    v = 37
+    x = torch.randn(6, world * v) * 5
+    target = torch.randint(0, world * v, (6,))
+    stats = [reference.xent_stats(x[:, r * v:(r + 1) * v], target, r * v) for r in range(world)]
+    for r in range(world):
+        assert_close64(stats[r], xent_stats64(x[:, r * v:(r + 1) * v], target, r * v), torch.float32)
+    lse, loss = combine_stats(torch.stack(stats))
+    assert_close64(loss, xent64(x, target), torch.float32)
+    dy = torch.randn(6)
+    (dx64,) = grads64(lambda t: xent64(t, target), x, dy=dy)
+    for r in range(world):
+        part = reference.xent_backward(dy, x[:, r * v:(r + 1) * v], target, lse, r * v)
+        assert_close64(part, dx64[:, r * v:(r + 1) * v], torch.float32)
+
+
 def test_reference_matches_megatron_layouts():
     """Same conventions as megatron-core's own rotate-half RoPE and SwiGLU ([gate | up])."""
     from megatron.core.fusions.fused_bias_swiglu import swiglu as megatron_swiglu
@@ -156,10 +210,13 @@ def _op_cases():
         (torch.ops.melama.swiglu_backward.default, (torch.randn(4, 6, 16), x.detach())),
         (torch.ops.melama.rotary.default, (t, freqs)),
         (torch.ops.melama.rotary_backward.default, (torch.randn(5, 2, 3, 16), freqs)),
+        (torch.ops.melama.xent_stats.default, (x.detach(), torch.randint(0, 64, (4, 6)), 16)),
+        (torch.ops.melama.xent_backward.default,
+         (torch.randn(4, 6), x.detach(), torch.randint(0, 64, (4, 6)), torch.rand(4, 6) + 4, 16)),
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(8))
 def test_custom_ops_opcheck(case):
     op, args = _op_cases()[case]
     torch.library.opcheck(op, args)
@@ -349,3 +406,46 @@ def test_cuda_public_api_gradients(lib, dtype):
     # three ops chained in low precision: allow the rounding of each step
     assert_close64(leaves[0].grad, dx64, dtype if dtype == torch.float32 else torch.bfloat16)
     assert_close64(leaves[1].grad, dw64, dtype if dtype == torch.float32 else torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", XENT_SHAPES + [(33, 32000), (9, 4096), (2, 128256)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab_start", [0, 500])
+def test_cuda_cross_entropy(lib, shape, dtype, vocab_start):
+    """Stats and gradient of one vocabulary slice; with vocab_start 500 some targets fall
+    outside the slice (no onehot term, target logit 0)."""
+    x = (torch.randn(shape, device="cuda") * 4).to(dtype)
+    v = shape[-1]
+    target = torch.randint(vocab_start // 2, vocab_start + v, shape[:-1], device="cuda")
+    stats = nan_like(x, (*shape[:-1], 3), torch.float32)
+    lib.xent_fwd(x, target, vocab_start, stats)
+    expected = xent_stats64(x, target, vocab_start)
+    assert_close64(stats, expected, torch.float32)
+    lse = (expected[..., 0] + torch.log(expected[..., 1]) + torch.rand(shape[:-1], device="cuda",
+                                                                          dtype=torch.float64))
+    dloss = torch.randn(shape[:-1], device="cuda")
+    dx = nan_like(x)
+    lib.xent_bwd(x, target, lse.float().contiguous(), dloss, vocab_start, dx)
+    local = (target - vocab_start).unsqueeze(-1)
+    onehot = torch.zeros(shape, device="cuda", dtype=torch.float64).scatter(
+        -1, local.clamp(0, v - 1), ((local >= 0) & (local < v)).double())
+    dx64 = (torch.exp(x.double() - lse.unsqueeze(-1)) - onehot) * dloss.double().unsqueeze(-1)
+    assert_close64(dx, dx64, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_cross_entropy_public_api_and_unaligned_logits(lib, dtype):
+    x = (torch.randn(4 * 3 * 1000 + 1, device="cuda") * 4).to(dtype)[1:].view(4, 3, 1000)
+    target = torch.randint(0, 1000, (4, 3), device="cuda")
+    leaf = x.clone().requires_grad_()
+    loss = kernels.vocab_parallel_cross_entropy(leaf, target)
+    dy = torch.randn(4, 3, device="cuda")
+    loss.backward(dy)
+    assert_close64(loss, xent64(x, target), torch.float32)
+    (dx64,) = grads64(lambda t: xent64(t, target), x, dy=dy)
+    assert_close64(leaf.grad, dx64, dtype)
+    stats = nan_like(x, (4, 3, 3), torch.float32)
+    lib.xent_fwd(x, target, 0, stats)  # x itself starts one element past an aligned address
+    assert_close64(stats, xent_stats64(x, target, 0), torch.float32)

@@ -24,6 +24,10 @@ LAYOUTS = {
     # Recompute changes memory, never numbers.
     "tp2_full_recompute": (2, ["parallel.tensor_parallel=2", "training.recompute=full"]),
     "selective_recompute": (1, ["training.recompute=selective"]),
+    # The loss through melama's vocab-parallel cross-entropy (ranks' stats combined by all-gather)
+    # against megatron's in the single-process reference.
+    "tp2_sp_melama_cross_entropy": (2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
+                                        "model.cross_entropy=melama"]),
 }
 
 

@@ -31,6 +31,10 @@ class ModelConfig:
     rope_base: float | None = None
     # Layer implementation: auto | transformer_engine | native | local (see models/llama/model.py).
     backend: str = "auto"
+    # Loss kernel: megatron (its fused vocab-parallel cross-entropy on GPU) | melama (csrc kernel:
+    # one pass over the logits each way, one all-gather, no fp32 softmax kept; torch reference on
+    # CPU). megatron stays the default until benchmarks/kernels.py on a GPU shows melama faster.
+    cross_entropy: str = "megatron"
     init_method_std: float = 0.02
     # Pad the embedding table to a multiple of this x TP (as Megatron-LM does) for fast GEMMs.
     make_vocab_size_divisible_by: int = 128

@@ -146,6 +146,8 @@ def validate(cfg: JobConfig, arch: LlamaArch, env: Environment) -> None:
     need(t.precision in ("bf16", "fp32"), f"training.precision must be auto, bf16 or fp32, got {t.precision!r}")
     need(cfg.model.backend in ("auto", "transformer_engine", "native", "local"),
          f"model.backend must be auto, transformer_engine, native or local, got {cfg.model.backend!r}")
+    need(cfg.model.cross_entropy in ("megatron", "melama"),
+         f"model.cross_entropy must be megatron or melama, got {cfg.model.cross_entropy!r}")
     need(o.lr_decay_style in ("cosine", "linear", "constant"), "optimizer.lr_decay_style must be cosine, linear or constant")
     need(0 <= o.min_lr <= o.lr, f"optimizer.min_lr ({o.min_lr}) must be between 0 and lr ({o.lr})")
     need(0 <= o.warmup_fraction < 1, "optimizer.warmup_fraction must be in [0, 1)")

@@ -1,6 +1,6 @@
-"""Fused kernels for LLaMA layers: RMSNorm, SwiGLU and rotary embedding.
+"""Fused kernels for LLaMA layers: RMSNorm, SwiGLU, rotary embedding, vocab-parallel cross-entropy.
 
-    from melama_mcore.kernels import rms_norm, swiglu, apply_rotary, backend
+    from melama_mcore.kernels import rms_norm, swiglu, apply_rotary, vocab_parallel_cross_entropy
 
 On CUDA tensors of fp32/fp16/bf16 these call the `melama::*` custom ops (CUDA kernels from csrc/,
 built on first use, see build.py); otherwise, or when the kernels cannot be built or loaded, the
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from melama_mcore.kernels import reference
 
-__all__ = ["rms_norm", "swiglu", "apply_rotary", "backend"]
+__all__ = ["rms_norm", "swiglu", "apply_rotary", "vocab_parallel_cross_entropy", "backend"]
 
 log = logging.getLogger(__name__)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -112,3 +112,17 @@ def apply_rotary(t: Tensor, freqs: Tensor) -> Tensor:
             return torch.ops.melama.rotary(t, freqs)
         _fallback(f"unsupported rotary shapes t {tuple(t.shape)}, freqs {tuple(freqs.shape)}")
     return reference.apply_rotary(t, freqs)
+
+
+def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, tp_group=None) -> Tensor:
+    """Cross-entropy per token, fp32 [...], of this tensor-parallel rank's vocabulary slice of the
+    logits [..., v] (rank r holds ids r*v .. r*v + v - 1, as megatron's output layer) against
+    global target ids [...]. Same result as megatron's vocab_parallel_cross_entropy; see
+    cross_entropy.py for what differs."""
+    from melama_mcore.kernels.cross_entropy import VocabParallelCrossEntropy
+
+    if target.shape != logits.shape[:-1]:
+        raise ValueError(f"target {tuple(target.shape)} must be logits {tuple(logits.shape)} "
+                         "without the vocabulary dim")
+    native = _native(logits) and logits.shape[-1] > 0
+    return VocabParallelCrossEntropy.apply(logits, target.long(), tp_group, native)

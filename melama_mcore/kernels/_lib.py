@@ -24,6 +24,8 @@ _SIGNATURES = {
     "melama_swiglu_bwd": (_p, _p, _p, _i64, _i64, _int, _p),
     "melama_rotary_fwd": (_p, _p, _p, *[_i64] * 8, _int, _p),
     "melama_rotary_bwd": (_p, _p, _p, *[_i64] * 8, _int, _p),
+    "melama_xent_fwd": (_p, _p, _p, _i64, _i64, _i64, _int, _p),
+    "melama_xent_bwd": (_p, _p, _p, _p, _p, _i64, _i64, _i64, _int, _p),
 }
 
 
@@ -106,3 +108,18 @@ def rotary(t, freqs, out, backward: bool = False) -> None:
     _call("melama_rotary_bwd" if backward else "melama_rotary_fwd", t.device, t.data_ptr(),
           freqs.data_ptr(), out.data_ptr(), s, b, h, d, freqs.shape[-1], t.stride(0), t.stride(1),
           t.stride(2), DTYPE_CODES[t.dtype])
+
+
+def xent_fwd(logits, target, vocab_start: int, stats) -> None:
+    """logits [rows, v] contiguous, target [rows] int64, stats [rows, 3] fp32."""
+    v = logits.shape[-1]
+    _call("melama_xent_fwd", logits.device, logits.data_ptr(), target.data_ptr(), stats.data_ptr(),
+          logits.numel() // v, v, vocab_start, DTYPE_CODES[logits.dtype])
+
+
+def xent_bwd(logits, target, lse, dloss, vocab_start: int, dx) -> None:
+    """lse and dloss [rows] fp32; dx like logits (may be logits itself)."""
+    v = logits.shape[-1]
+    _call("melama_xent_bwd", logits.device, logits.data_ptr(), target.data_ptr(), lse.data_ptr(),
+          dloss.data_ptr(), dx.data_ptr(), logits.numel() // v, v, vocab_start,
+          DTYPE_CODES[logits.dtype])

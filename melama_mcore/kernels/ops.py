@@ -144,3 +144,37 @@ def _rotary_grad(ctx, dy):
 
 
 rotary.register_autograd(_rotary_grad, setup_context=_rotary_setup)
+
+
+@torch.library.custom_op("melama::xent_stats", mutates_args=())
+def xent_stats(logits: Tensor, target: Tensor, vocab_start: int) -> Tensor:
+    """[..., 3] fp32 per-row (max, sum exp(x - max), target logit or 0); not differentiable: the
+    autograd of the cross-entropy is in cross_entropy.py, after the ranks combine these."""
+    if not logits.is_cuda:
+        return reference.xent_stats(logits, target, vocab_start).float()
+    logits, target = logits.contiguous(), target.contiguous()
+    stats = logits.new_empty(*logits.shape[:-1], 3, dtype=torch.float32)
+    _lib.xent_fwd(logits, target, vocab_start, stats)
+    return stats
+
+
+@xent_stats.register_fake
+def _(logits, target, vocab_start):
+    return logits.new_empty(*logits.shape[:-1], 3, dtype=torch.float32)
+
+
+@torch.library.custom_op("melama::xent_backward", mutates_args=())
+def xent_backward(dloss: Tensor, logits: Tensor, target: Tensor, lse: Tensor,
+                  vocab_start: int) -> Tensor:
+    if not logits.is_cuda:
+        return reference.xent_backward(dloss, logits, target, lse, vocab_start)
+    logits, target = logits.contiguous(), target.contiguous()
+    lse, dloss = lse.float().contiguous(), dloss.float().contiguous()  # dloss may be an expand
+    dx = torch.empty_like(logits)
+    _lib.xent_bwd(logits, target, lse, dloss, vocab_start, dx)
+    return dx
+
+
+@xent_backward.register_fake
+def _(dloss, logits, target, lse, vocab_start):
+    return torch.empty_like(logits)

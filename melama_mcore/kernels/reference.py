@@ -78,3 +78,29 @@ def apply_rotary_backward(dy: Tensor, freqs: Tensor) -> Tensor:
     # rotate_half is antisymmetric (R^T = -R): d/dt of rotate_half(t) * sin is -R(dy * sin).
     dt = dy_rot * f.cos() - _rotate_half(dy_rot * f.sin())
     return torch.cat([dt.to(dy.dtype), dy_pass], dim=-1)
+
+
+def xent_stats(logits: Tensor, target: Tensor, vocab_start: int) -> Tensor:
+    """Per row of this rank's vocabulary slice logits[..., v] (ids vocab_start ..): [..., 3] =
+    (max, sum of exp(x - max), the target's logit or 0 when the target is not in this slice)."""
+    x = logits.to(_compute_dtype(logits))
+    m = x.amax(-1)
+    s = torch.exp(x - m.unsqueeze(-1)).sum(-1)
+    local = target - vocab_start
+    in_slice = (local >= 0) & (local < x.shape[-1])
+    picked = x.gather(-1, local.clamp(0, x.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    return torch.stack([m, s, torch.where(in_slice, picked, torch.zeros_like(picked))], -1)
+
+
+def xent_backward(dloss: Tensor, logits: Tensor, target: Tensor, lse: Tensor,
+                  vocab_start: int) -> Tensor:
+    """d loss / d logits = (softmax(x) - onehot(target)) * dloss, softmax taken with the global
+    log-sum-exp `lse`; rows whose target is in another slice get no onehot term."""
+    ct = _compute_dtype(logits)
+    x = logits.to(ct)
+    grad = torch.exp(x - lse.to(ct).unsqueeze(-1))
+    local = (target - vocab_start).unsqueeze(-1)
+    in_slice = (local >= 0) & (local < x.shape[-1])
+    grad = grad - torch.zeros_like(grad).scatter(-1, local.clamp(0, x.shape[-1] - 1),
+                                                 in_slice.to(ct))
+    return (grad * dloss.to(ct).unsqueeze(-1)).to(logits.dtype)

@@ -159,6 +159,22 @@ def native_layer_spec(rotary_base: float) -> ModuleSpec:
     )
 
 
+class LlamaModel(GPTModel):
+    """megatron's GPTModel, with the loss optionally through melama's vocab-parallel
+    cross-entropy (`model.cross_entropy=melama`) instead of megatron's."""
+
+    def __init__(self, *args, melama_cross_entropy: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.melama_cross_entropy = melama_cross_entropy
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if not self.melama_cross_entropy:
+            return super().compute_language_model_loss(labels, logits)
+        # labels [b, s], logits [s, b, v / tp] -> loss [b, s], as megatron's
+        loss = kernels.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), self.pg_collection.tp)
+        return loss.transpose(0, 1).contiguous()
+
+
 # ---------------------------------------------------------------------------------------------
 # Backend choice, TransformerConfig, model construction
 # ---------------------------------------------------------------------------------------------
@@ -241,14 +257,14 @@ def transformer_config(cfg: JobConfig, arch: LlamaArch, backend: str) -> Transfo
     )
 
 
-def build_model_chunks(cfg: JobConfig, arch: LlamaArch, backend: str) -> list[GPTModel]:
+def build_model_chunks(cfg: JobConfig, arch: LlamaArch, backend: str) -> list[LlamaModel]:
     """One GPTModel per virtual pipeline stage held by this rank (one without interleaving)."""
     config = transformer_config(cfg, arch, backend)
     vocab = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)
     chunks = []
     for vp_stage in range(cfg.parallel.virtual_pipeline or 1):
         stage = vp_stage if cfg.parallel.virtual_pipeline else None
-        model = GPTModel(
+        model = LlamaModel(
             config=config,
             transformer_layer_spec=block_spec(backend, config, stage, arch.rope_base),
             vocab_size=vocab,
@@ -261,6 +277,7 @@ def build_model_chunks(cfg: JobConfig, arch: LlamaArch, backend: str) -> list[GP
             position_embedding_type="none" if backend == "native" else "rope",
             rotary_base=int(arch.rope_base),
             vp_stage=stage,
+            melama_cross_entropy=cfg.model.cross_entropy == "melama",
         )
         if cfg.training.device == "cuda":
             model.cuda(torch.cuda.current_device())
