@@ -67,3 +67,30 @@ def test_cache_key_follows_sources_and_archs(tmp_path, monkeypatch):
     assert build.source_hash(("90",)) != first
     (src / "common.cuh").write_text("// header\n")
     assert build.source_hash(("80", "90")) != first
+
+
+def test_wheel_carries_the_sources_and_the_ahead_of_time_build(tmp_path):
+    """`MELAMA_BUILD_KERNELS=1 pip install .` on a CUDA machine: the wheel holds csrc/ and the
+    compiled kernels, and the installed package finds both without a source checkout."""
+    import os
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, MELAMA_BUILD_KERNELS="1", MELAMA_KERNEL_ARCHS="80")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    str(root), "-w", str(tmp_path / "wheel")], check=True, env=env, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    installed = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(installed)
+    kernels_dir = installed / "melama_mcore" / "kernels"
+    assert sorted(p.name for p in (kernels_dir / "csrc").iterdir()) == sorted(
+        p.name for p in (root / "csrc").iterdir())
+    probe = ("import sys; from melama_mcore.kernels import build\n"
+             "build.compile_to = None  # must not compile: the wheel has the build\n"
+             "print(build.CSRC); print(build.library_path(('80',)))")
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(installed)), cwd=tmp_path).stdout.split()
+    assert out[0] == str(kernels_dir / "csrc")
+    assert Path(out[1]).is_relative_to(kernels_dir / "prebuilt") and Path(out[1]).is_file()

@@ -2,10 +2,14 @@
 
     python -m melama_mcore.kernels.build [--arch 80 --arch 90] [--out DIR]
 
-builds ahead of time (default: sm_80 and sm_90, the A100/H100 targets) and prints the path.
-At run time `library_path()` builds for the current GPU on first use. Cache:
-`$MELAMA_KERNELS_CACHE` or `~/.cache/melama_mcore/kernels/<hash>/libmelama_kernels.so`, written to a
-temporary name and renamed (atomic), under a file lock so that the ranks of one node build once.
+builds ahead of time into the cache (default: sm_80 and sm_90, the A100/H100 targets) and prints
+the path; `MELAMA_BUILD_KERNELS=1 pip install .` does the same into the installed package (see
+setup.py). At run time `library_path()` takes the installed build, else the cached one, else builds
+for the current GPU on first use. Cache: `$MELAMA_KERNELS_CACHE` or
+`~/.cache/melama_mcore/kernels/<hash>/libmelama_kernels.so`, written to a temporary name and renamed
+(atomic), under a file lock so that the ranks of one node build once.
+
+Only the standard library is used here: setup.py runs this file without torch.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+HERE = Path(__file__).resolve().parent
+# An installed wheel carries the sources inside the package; a source checkout has them at the top.
+CSRC = HERE / "csrc" if (HERE / "csrc").is_dir() else HERE.parents[1] / "csrc"
 LIB_NAME = "libmelama_kernels.so"
 DEFAULT_ARCHS = ("80", "90")
 FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "--threads", "0")
@@ -83,8 +89,15 @@ def compile_to(out: Path, archs: tuple[str, ...]) -> Path:
     return out
 
 
+def prebuilt_path(archs: tuple[str, ...]) -> Path:
+    """Where `MELAMA_BUILD_KERNELS=1 pip install` puts the build for `archs`, inside the package."""
+    return HERE / "prebuilt" / source_hash(archs) / LIB_NAME
+
+
 def library_path(archs: tuple[str, ...]) -> Path:
-    """The cached shared object for `archs`, building it if absent."""
+    """The installed or cached shared object for `archs`, building it into the cache if absent."""
+    if (prebuilt := prebuilt_path(archs)).exists():
+        return prebuilt
     directory = cache_root() / source_hash(archs)
     lib = directory / LIB_NAME
     if lib.exists():
