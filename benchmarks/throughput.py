@@ -2,6 +2,8 @@
 
     # (a) a 70B-shaped slice on one GPU, every layer backend available (native, local, TE):
     python benchmarks/throughput.py --json slice.json
+    # the same with the loss through melama's cross-entropy kernel as well as megatron's:
+    python benchmarks/throughput.py --backends native --cross-entropy megatron melama
     # (b) any preset and layout on the GPUs of a node:
     torchrun --nproc-per-node 8 benchmarks/throughput.py --preset llama2-70b --layers 8 --tp 8 --pp 1 \
         --mbs 1 --gbs 16 --recompute selective --backends transformer_engine native
@@ -70,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: on when --tp > 1")
     p.add_argument("--backends", nargs="+", choices=["transformer_engine", "native", "local"],
                    help="default: every backend available here")
+    p.add_argument("--cross-entropy", nargs="+", choices=["megatron", "melama"], default=["megatron"],
+                   help="loss kernels to time with each backend (model.cross_entropy); melama rows are "
+                        "labelled <backend>+melama-xent")
     p.add_argument("--vocab-size", type=int, help="default: the preset's, else 32000")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
@@ -151,7 +156,7 @@ def forward_step(data_iterator, model):
     return output, loss
 
 
-def measure(cfg: JobConfig, arch, backend: str, warmup: int, steps: int) -> dict:
+def measure(cfg: JobConfig, arch, backend: str, warmup: int, steps: int, label: str) -> dict:
     """One backend: build, warm up, time. Returns this rank's measurements."""
     gpu = cfg.training.device == "cuda"
     if gpu:
@@ -193,7 +198,7 @@ def measure(cfg: JobConfig, arch, backend: str, warmup: int, steps: int) -> dict
     else:
         elapsed = time.perf_counter() - began
     result = {
-        "backend": backend,
+        "backend": label,
         "rank": dist.get_rank(),
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
         "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
@@ -282,16 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     parallel.initialize(cfg)
     try:
         results = []
-        for backend in backends:
+        for backend, loss_kernel in itertools.product(backends, args.cross_entropy):
+            label = backend if loss_kernel == "megatron" else f"{backend}+melama-xent"
+            cfg.model.cross_entropy = loss_kernel
             try:
-                mine = measure(cfg, arch, backend, args.warmup, args.steps)
+                mine = measure(cfg, arch, backend, args.warmup, args.steps, label)
             # One backend failing (out of memory, a fused kernel missing outside NVIDIA's container)
             # must not hide the others' figures; the failure is reported in its row.
             except Exception as err:  # noqa: BLE001
-                mine = {"backend": backend, "rank": dist.get_rank(), "error": f"{type(err).__name__}: {err}"[:300]}
+                mine = {"backend": label, "rank": dist.get_rank(), "error": f"{type(err).__name__}: {err}"[:300]}
             ranks = [None] * world
             dist.all_gather_object(ranks, mine)
-            results.append(summarise(cfg, arch, backend, ranks, world))
+            results.append(summarise(cfg, arch, label, ranks, world))
     finally:
         parallel.shutdown()
     if int(os.environ.get("RANK", 0)) != 0:

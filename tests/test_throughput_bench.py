@@ -71,9 +71,10 @@ def test_single_process_compares_backends_on_the_layers_built(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_tensor_parallel_divides_by_gpus(tmp_path):
-    report, _ = run_bench(tmp_path, TINY + ["--tp", "2", "--backends", "native"], nproc=2)
+    report, _ = run_bench(tmp_path, TINY + ["--tp", "2", "--backends", "native",
+                                            "--cross-entropy", "megatron", "melama"], nproc=2)
     assert report["gpus"] == 2 and report["layout"]["tp"] == 2 and report["layout"]["sequence_parallel"]
-    assert [r["backend"] for r in report["results"]] == ["native"]
+    assert [r["backend"] for r in report["results"]] == ["native", "native+melama-xent"]
     check_consistent(report, layers=4, seq=64)
     ranks = report["results"][0]["ranks"]
     assert sorted(r["tp_rank"] for r in ranks) == [0, 1]
