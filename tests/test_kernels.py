@@ -259,6 +259,32 @@ def test_public_api_traces_under_torch_compile():
     torch.testing.assert_close(compiled(x, w, freqs), block(x, w, freqs))
 
 
+def test_start_up_self_check_passes_and_names_a_disagreeing_kernel(monkeypatch):
+    """On CPU the ops run the reference, so the check passes; a kernel 1% off is named."""
+    from melama_mcore.kernels import self_check
+
+    assert self_check.first_mismatch(torch.device("cpu")) is None
+
+    def cases(device):
+        x = torch.randn(4, 8)
+        yield "exact", lambda t: t * 2, lambda t: t * 2, (x,)
+        yield "off_by_1pct", lambda t: t * 2.02, lambda t: t * 2, (x,)
+
+    monkeypatch.setattr(self_check, "_cases", cases)
+    assert self_check.first_mismatch(torch.device("cpu")).startswith("off_by_1pct output")
+
+
+def test_kernels_failing_the_self_check_fall_back_to_the_reference(monkeypatch):
+    from melama_mcore.kernels import _lib, self_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_lib, "load", lambda: None)
+    monkeypatch.setattr(self_check, "first_mismatch", lambda device: "rotary grad 0: max abs error 3")
+    name, reason = kernels._resolve()
+    assert name == "torch" and "disagrees with the reference" in reason and "rotary grad 0" in reason
+
+
 def test_build_cache_builds_once_per_key(tmp_path, monkeypatch):
     from melama_mcore.kernels import build
 

@@ -3,8 +3,9 @@
     from melama_mcore.kernels import rms_norm, swiglu, apply_rotary, vocab_parallel_cross_entropy
 
 On CUDA tensors of fp32/fp16/bf16 these call the `melama::*` custom ops (CUDA kernels from csrc/,
-built on first use, see build.py); otherwise, or when the kernels cannot be built or loaded, the
-differentiable torch reference in reference.py. Each reason for falling back is logged once.
+built on first use, see build.py); otherwise, or when the kernels cannot be built or loaded or fail
+their start-up check against the reference (self_check.py), the differentiable torch reference in
+reference.py. Each reason for falling back is logged once.
 `MELAMA_KERNELS=torch` forces the reference.
 """
 
@@ -49,7 +50,10 @@ def _resolve() -> tuple[str, str]:
     except (build.BuildError, OSError) as err:
         return "torch", f"the CUDA kernels could not be built or loaded: {err}"
     from melama_mcore.kernels import ops  # noqa: F401  (registers the melama:: ops)
+    from melama_mcore.kernels.self_check import first_mismatch
 
+    if problem := first_mismatch(torch.device("cuda", torch.cuda.current_device())):
+        return "torch", f"a CUDA kernel disagrees with the reference on this GPU: {problem}"
     return "cuda", ""
 
 
