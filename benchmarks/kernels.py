@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -111,8 +113,9 @@ def megatron_cross_entropy(logits, target):
     import torch.distributed as dist
     from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29555", rank=0, world_size=1)
+    if not dist.is_initialized():  # a file store: no port to collide with
+        store = Path(tempfile.mkdtemp(prefix="melama_bench_")) / "store"
+        dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
     return fused_vocab_parallel_cross_entropy(logits, target, dist.group.WORLD)
 
 

@@ -9,6 +9,8 @@
 #include <cub/block/block_reduce.cuh>
 
 #include <cmath>
+#include <initializer_list>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -85,8 +87,23 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// grid.x is the row; gridDim.x can hold 2^31 - 1 rows.
-bool valid_rows(int64_t rows) { return rows >= 0 && rows <= INT32_MAX; }
+// One block per row: checks the sizes, then calls launch(Tag<T>, N) with N the vector width when
+// v and every pointer in `ptrs` allow it, else 1.
+template <typename Launch>
+cudaError_t launch_per_row(int64_t rows, int64_t v, int dtype,
+                           std::initializer_list<const void*> ptrs, Launch&& launch) {
+  if (rows < 0 || rows > INT32_MAX || v <= 0) return cudaErrorInvalidValue;  // rows: gridDim.x
+  if (rows == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    constexpr int n = kVec<T>;
+    bool vec = v % n == 0;
+    for (const void* p : ptrs) vec = vec && aligned(p, sizeof(T) * n);
+    if (vec) launch(tag, std::integral_constant<int, n>{});
+    else launch(tag, std::integral_constant<int, 1>{});
+    return launched();
+  });
+}
 
 }  // namespace
 }  // namespace melama
@@ -94,33 +111,19 @@ bool valid_rows(int64_t rows) { return rows >= 0 && rows <= INT32_MAX; }
 extern "C" int melama_xent_fwd(const void* logits, const int64_t* target, float* stats,
                                int64_t rows, int64_t v, int64_t vocab_start, int dtype,
                                cudaStream_t stream) {
-  using namespace melama;
-  if (!valid_rows(rows) || v <= 0) return cudaErrorInvalidValue;
-  if (rows == 0) return cudaSuccess;
-  return dispatch_dtype(dtype, [&](auto tag) {
+  return melama::launch_per_row(rows, v, dtype, {logits}, [&](auto tag, auto n) {
     using T = typename decltype(tag)::type;
-    constexpr int n = kVec<T>;
-    const bool vec = v % n == 0 && aligned(logits, sizeof(T) * n);
-    auto kernel = vec ? xent_fwd_kernel<T, n> : xent_fwd_kernel<T, 1>;
-    kernel<<<static_cast<unsigned>(rows), kBlock, 0, stream>>>(static_cast<const T*>(logits),
-                                                               target, stats, v, vocab_start);
-    return launched();
+    melama::xent_fwd_kernel<T, n.value><<<static_cast<unsigned>(rows), melama::kBlock, 0, stream>>>(
+        static_cast<const T*>(logits), target, stats, v, vocab_start);
   });
 }
 
 extern "C" int melama_xent_bwd(const void* logits, const int64_t* target, const float* lse,
                                const float* dloss, void* dx, int64_t rows, int64_t v,
                                int64_t vocab_start, int dtype, cudaStream_t stream) {
-  using namespace melama;
-  if (!valid_rows(rows) || v <= 0) return cudaErrorInvalidValue;
-  if (rows == 0) return cudaSuccess;
-  return dispatch_dtype(dtype, [&](auto tag) {
+  return melama::launch_per_row(rows, v, dtype, {logits, dx}, [&](auto tag, auto n) {
     using T = typename decltype(tag)::type;
-    constexpr int n = kVec<T>;
-    const bool vec = v % n == 0 && aligned(logits, sizeof(T) * n) && aligned(dx, sizeof(T) * n);
-    auto kernel = vec ? xent_bwd_kernel<T, n> : xent_bwd_kernel<T, 1>;
-    kernel<<<static_cast<unsigned>(rows), kBlock, 0, stream>>>(
+    melama::xent_bwd_kernel<T, n.value><<<static_cast<unsigned>(rows), melama::kBlock, 0, stream>>>(
         static_cast<const T*>(logits), target, lse, dloss, static_cast<T*>(dx), v, vocab_start);
-    return launched();
   });
 }
