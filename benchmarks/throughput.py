@@ -50,8 +50,8 @@ from melama_mcore.config.job_config import JobConfig, load_config
 from melama_mcore.config.validate import detect_environment, resolve, resolve_arch, validate
 from melama_mcore.distributed import parallel
 from melama_mcore.errors import UserError
-from melama_mcore.models.llama.config_registry import PRESETS, padded_vocab_size
-from melama_mcore.models.llama.model import build_model_chunks
+from melama_mcore.models.llama.config_registry import PRESETS
+from melama_mcore.models.llama.model import build_model_chunks, output_vocab_size
 
 SLICE_LAYERS = 2  # 70B width: ~14 GB of weights + grads + Adam state per layer in bf16
 
@@ -215,7 +215,7 @@ def measure(cfg: JobConfig, arch, backend: str, warmup: int, steps: int, label: 
 
 def model_flops_per_token(cfg: JobConfig, arch) -> float:
     """The trunk's FLOPs per token of the model as built: output layer over the padded vocabulary."""
-    vocab = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)
+    vocab = output_vocab_size(cfg, arch)
     return flops_per_token(arch, cfg.training.seq_length, vocab)
 
 
@@ -312,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"preset": args.preset, "layers_built": arch.num_layers, "preset_layers": PRESETS[args.preset].num_layers,
                   "hidden_size": arch.hidden_size, "heads": arch.num_attention_heads, "kv_groups": arch.num_query_groups,
                   "ffn_hidden_size": arch.ffn_hidden_size, "vocab_size": arch.vocab_size,
-                  "padded_vocab_size": padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by,
-                                                         p.tensor_parallel)},
+                  "padded_vocab_size": output_vocab_size(cfg, arch)},
         "layout": {"tp": p.tensor_parallel, "pp": p.pipeline_parallel, "vp": p.virtual_pipeline,
                    "dp": world // (p.tensor_parallel * p.pipeline_parallel), "sequence_parallel": p.sequence_parallel,
                    "distributed_optimizer": p.use_distributed_optimizer, "mbs": t.micro_batch_size,

@@ -39,8 +39,7 @@ from melama_mcore.data.loader import build_loader
 from melama_mcore.data.tokenizer import load_tokenizer
 from melama_mcore.distributed import parallel
 from melama_mcore.errors import UserError
-from melama_mcore.models.llama.config_registry import padded_vocab_size
-from melama_mcore.models.llama.model import build_model_chunks, choose_backend
+from melama_mcore.models.llama.model import build_model_chunks, choose_backend, output_vocab_size
 
 log = logging.getLogger("melama")
 
@@ -115,8 +114,7 @@ class Trainer:
 
         # 6. Metrics. FLOPs over the padded vocabulary the output layer is built with (as Megatron-LM).
         self.forward_backward = get_forward_backward_func()
-        vocab = padded_vocab_size(self.arch.vocab_size, cfg.model.make_vocab_size_divisible_by,
-                                  cfg.parallel.tensor_parallel)
+        vocab = output_vocab_size(cfg, self.arch)
         self.metrics = MetricsLogger(
             cfg.output_dir, enabled=self.is_logging_rank, tensorboard=cfg.logging.tensorboard,
             num_gpus=dist.get_world_size(), flops_per_token=flops_per_token(self.arch, t.seq_length, vocab),

@@ -40,8 +40,7 @@ def flops_per_token(arch: LlamaArch, seq_length: int, vocab_size: int) -> float:
     """Training model FLOPs per token (forward + backward), Megatron convention (see module doc).
 
     `vocab_size` is the output layer's width as built: pass the padded vocabulary,
-    `padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)`
-    (models/llama/config_registry.py), as Megatron-LM does. It is required so that no caller
+    `output_vocab_size(cfg, arch)` (models/llama/model.py), as Megatron-LM does. It is required so that no caller
     silently counts the unpadded `arch.vocab_size`."""
     h, f, s, v = arch.hidden_size, arch.ffn_hidden_size, seq_length, vocab_size
     d_kv = arch.num_query_groups * arch.head_dim

@@ -257,10 +257,16 @@ def transformer_config(cfg: JobConfig, arch: LlamaArch, backend: str) -> Transfo
     )
 
 
+def output_vocab_size(cfg: JobConfig, arch: LlamaArch) -> int:
+    """Rows of the embedding and output layer as built: the vocabulary padded to a multiple of
+    model.make_vocab_size_divisible_by x TP (as Megatron-LM); what FLOPs are counted over."""
+    return padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)
+
+
 def build_model_chunks(cfg: JobConfig, arch: LlamaArch, backend: str) -> list[LlamaModel]:
     """One GPTModel per virtual pipeline stage held by this rank (one without interleaving)."""
     config = transformer_config(cfg, arch, backend)
-    vocab = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)
+    vocab = output_vocab_size(cfg, arch)
     chunks = []
     for vp_stage in range(cfg.parallel.virtual_pipeline or 1):
         stage = vp_stage if cfg.parallel.virtual_pipeline else None
