@@ -99,8 +99,8 @@ class SDPAttention(MegatronModule):
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: float | None = None,
-                 softmax_scale: float | None = None, cp_comm_type=None, pg_collection=None,
-                 rotary_base: float = 10000.0):
+                 softmax_scale: float | None = None, cp_comm_type=None, pg_collection=None, *,
+                 rotary_base: float):
         super().__init__(config=config)
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError("SDPAttention supports the causal mask only (LLaMA pre-training)")
