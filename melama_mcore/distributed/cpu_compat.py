@@ -15,6 +15,7 @@ it. What it does, and why:
   grads are ``torch.cuda.FloatTensor``; megatron still computes the norm (TP/PP-aware).
 * Megatron's no-op RNG tracker is installed: LLaMA has no dropout, and the CUDA tracker cannot
   fork CPU generators.
+* ``TRANSFORMER_CONFIG_ON_CPU``: TransformerConfig fields set differently on CPU, each with its reason.
 
 Limits on CPU (the config checks enforce them): fp32 only, no distributed optimizer, no
 overlapped grad reduce, no Transformer Engine.
@@ -28,6 +29,13 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _enabled = False
+
+TRANSFORMER_CONFIG_ON_CPU = {
+    # megatron frees a pipeline stage's output (swaps its storage for a 1-element tensor) right
+    # after issuing the send. NCCL has read the pointer by then; gloo's asynchronous send (the
+    # interleaved schedule's overlapped p2p) reads the storage later and would ship that element.
+    "deallocate_pipeline_outputs": False,
+}
 
 
 def _is_cuda(device) -> bool:

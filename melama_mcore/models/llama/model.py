@@ -40,6 +40,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from melama_mcore import kernels
 from melama_mcore.config.job_config import JobConfig
+from melama_mcore.distributed import cpu_compat
 from melama_mcore.models.llama.config_registry import LlamaArch, padded_vocab_size
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ def transformer_config(cfg: JobConfig, arch: LlamaArch, backend: str) -> Transfo
     fp8 = {}
     if t.fp8 is not None:
         fp8 = dict(fp8=t.fp8, fp8_recipe=t.fp8_recipe, fp8_param=False)
-    return TransformerConfig(
+    fields = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_attention_heads,
@@ -252,9 +253,18 @@ def transformer_config(cfg: JobConfig, arch: LlamaArch, backend: str) -> Transfo
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=gpu,
         deallocate_pipeline_outputs=True,
+        # Pipeline p2p as Megatron-LM sets it: the interleaved schedule overlaps its sends and
+        # receives (separate ops, ordered per rank parity); 1F1B batches them. Batched p2p under
+        # interleaving pairs the wrong messages when both neighbours are one rank (PP=2: an
+        # activation arrives as a gradient, silently), which is why Megatron-LM refuses it there.
+        overlap_p2p_comm=p.virtual_pipeline is not None,
+        batch_p2p_comm=p.virtual_pipeline is None,
         **recompute,
         **fp8,
     )
+    if not gpu:
+        fields.update(cpu_compat.TRANSFORMER_CONFIG_ON_CPU)
+    return TransformerConfig(**fields)
 
 
 def output_vocab_size(cfg: JobConfig, arch: LlamaArch) -> int:
