@@ -289,6 +289,9 @@ class Trainer:
     def save(self, last: bool = False) -> None:
         """`last`: no later save will follow (end of run, stop signal), so a failure is fatal even with
         on_save_failure=continue: exiting 0 would lose the steps since the previous checkpoint."""
+        if self.cfg.parallel.overlap_param_gather:  # the step's param all-gather may still be in flight
+            for m in self.model:
+                m.start_param_sync(force_sync=True)
         try:
             started = time.monotonic()
             self.checkpointer.save(self.state)

@@ -25,11 +25,15 @@ BAD_CONFIGS = [
      ["global_batch_size 6 is not divisible by micro_batch_size x data_parallel", "multiple of 4"]),
     (2, ["parallel.tensor_parallel=4"], ["world size 2 is not divisible by", "= 4"]),
     (1, ["parallel.sequence_parallel=true"], ["sequence_parallel needs tensor_parallel > 1"]),
-    (1, ["training.precision=bf16"], ["precision=bf16 needs a GPU"]),
-    (1, ["training.fp8=hybrid"], ["training.fp8 needs Transformer Engine", "FP8-capable GPU"]),
+    (1, ["training.fp8=hybrid", "model.backend=native"],
+     ["training.fp8 needs Transformer Engine", "FP8-capable GPU", "model.backend=native would train in bf16"]),
     (2, ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2", "training.global_batch_size=3",
          "training.micro_batch_size=1"], ["interleaved schedule needs the number of micro-batches"]),
-    (1, ["parallel.use_distributed_optimizer=true"], ["use_distributed_optimizer needs a GPU"]),
+    (1, ["parallel.use_distributed_optimizer=false", "parallel.overlap_param_gather=true"],
+     ["overlap_param_gather needs parallel.use_distributed_optimizer=true"]),
+    (2, ["model.backend=local", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
+     ["model.backend=local does not support sequence parallelism"]),
+    (1, ["checkpoint.optimizer_format=model_space"], ["checkpoint.optimizer_format must be"]),
     (1, ["model.preset=llama3"], ["model.preset 'llama3' is unknown"]),
     (1, ["training.learning_rate=1"], ["unknown config key training.learning_rate"]),
     (1, ["training.train_iters=many"], ["training.train_iters: expected int"]),
@@ -51,9 +55,9 @@ def test_config_error_message_exit_code_and_no_process_group(world, overrides, w
 
 def test_all_problems_reported_at_once(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert melama(["train", *BASE, "parallel.tensor_parallel=8", "training.precision=bf16"]) == 2
+    assert melama(["train", *BASE, "parallel.tensor_parallel=8", "training.precision=fp16"]) == 2
     err = capsys.readouterr().err
-    assert "tensor_parallel=8" in err and "precision=bf16" in err
+    assert "tensor_parallel=8" in err and "precision must be" in err
 
 
 def test_missing_config_file_is_a_user_error(capsys):

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from melama_mcore.components.optimizer import load_optimizer_state, prepare_optimizer_for_load
 from melama_mcore.config.job_config import JobConfig, dump_config
 from melama_mcore.errors import CheckpointError
 
@@ -298,6 +299,12 @@ def _layout() -> tuple[int, int, int]:
     )
 
 
+def _model_parallel_layout(cfg: JobConfig) -> tuple[int, int, int | None]:
+    """What a dp_reshardable optimizer state is tied to: how the model is split (TP, PP, VP)."""
+    p = cfg.parallel
+    return p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline
+
+
 def _rng_sharded_object(with_data: bool) -> ShardedObject:
     state = None
     if with_data:
@@ -330,19 +337,31 @@ class Checkpointer:
     def _model_state(self) -> dict:
         return {f"model{i}": chunk.sharded_state_dict(prefix="") for i, chunk in enumerate(self.model_chunks)}
 
-    def _optimizer_metadata(self) -> dict:
-        # Stored in model space so the distributed optimizer's state reshards across layouts.
-        return {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+    def _optimizer_metadata(self, sharding_type: str | None = None) -> dict:
+        """How the distributed optimizer lays out its state (megatron's content metadata, stored with
+        the checkpoint). `dp_reshardable` (the default, as Megatron-LM's): every rank writes its own
+        flat shards, no communication, reshards across DP only. `fully_reshardable`: shards are
+        gathered over DP at save and stored per parameter, so the checkpoint resumes at any TP/PP,
+        at the price of the gather (time, and memory for a DP group's optimizer state).
+        The plain optimizer's state is per parameter either way."""
+        metadata = {"chained_optim_avoid_prefix": True, "singleton_local_shards": False}
+        if self.cfg.parallel.use_distributed_optimizer:
+            metadata["distrib_optim_sharding_type"] = sharding_type or self.cfg.checkpoint.optimizer_format
+        return metadata
 
-    def _full_state(self, train_state: TrainState | None, loading: bool, with_rng: bool) -> dict:
+    def _full_state(self, train_state: TrainState | None, loading: bool, with_rng: bool,
+                    optimizer_metadata: dict | None = None) -> dict:
         model_state = self._model_state()
         state = dict(model_state)
+        if loading:
+            prepare_optimizer_for_load(self.optimizer)
         state["optimizer"] = self.optimizer.sharded_state_dict(
-            model_state, is_loading=loading, metadata=self._optimizer_metadata()
+            model_state, is_loading=loading, metadata=optimizer_metadata or self._optimizer_metadata()
         )
         state["scheduler"] = self.scheduler.state_dict()
         state["train_state"] = train_state.to_dict() if train_state else None
         state["layout"] = list(_layout())
+        state["model_parallel"] = list(_model_parallel_layout(self.cfg))
         if with_rng:
             state["rng_state"] = _rng_sharded_object(with_data=not loading)
         return state
@@ -428,11 +447,15 @@ class Checkpointer:
         self._check_before_load(path)
         common = dist_checkpointing.load_common_state_dict(str(path))
         same_layout = list(common.get("layout") or []) == list(_layout())
-        state = self._full_state(None, loading=True, with_rng=same_layout)
+        saved_metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
+        self._check_optimizer_reshard(path, common, saved_metadata)
+        state = self._full_state(None, loading=True, with_rng=same_layout,
+                                 optimizer_metadata=self._optimizer_metadata(
+                                     saved_metadata.get("distrib_optim_sharding_type")))
         loaded = self._load(state, path, checked=True)
         for chunk, key in zip(self.model_chunks, (f"model{i}" for i in range(len(self.model_chunks)))):
             chunk.load_state_dict(loaded[key])
-        self.optimizer.load_state_dict(loaded["optimizer"])
+        load_optimizer_state(self.optimizer, loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["scheduler"])
         if same_layout:
             rng = loaded["rng_state"]
@@ -446,6 +469,27 @@ class Checkpointer:
         train_state = TrainState(**loaded["train_state"])
         log.info("resumed from %s (step %d, %d samples consumed)", path, train_state.step, train_state.consumed_samples)
         return train_state
+
+    def _check_optimizer_reshard(self, path: Path, common: dict, saved_metadata: dict) -> None:
+        """The optimizer state must fit this run: the same kind of optimizer, and a dp_reshardable
+        state only at the model-parallel layout it was saved at."""
+        saved_type = saved_metadata.get("distrib_optim_sharding_type")
+        if (saved_type is not None) != bool(self.cfg.parallel.use_distributed_optimizer):
+            saved, mine = ("with", "without") if saved_type else ("without", "with")
+            raise CheckpointError(
+                f"{path} was saved {saved} the distributed optimizer, and this run is {mine} it: set "
+                f"parallel.use_distributed_optimizer={str(saved_type is not None).lower()} to resume, or start "
+                f"a new output_dir from its weights (checkpoint.init_from={path})")
+        saved_mp = common.get("model_parallel")
+        if saved_type != "dp_reshardable" or saved_mp is None or list(saved_mp) == list(_model_parallel_layout(self.cfg)):
+            return
+        (tp, pp, vp), (my_tp, my_pp, my_vp) = saved_mp, _model_parallel_layout(self.cfg)
+        raise CheckpointError(
+            f"{path} holds distributed-optimizer state in dp_reshardable format, saved at TP {tp} x PP {pp}"
+            f"{f' x VP {vp}' if vp else ''}; this run is TP {my_tp} x PP {my_pp}{f' x VP {my_vp}' if my_vp else ''}. "
+            f"Resume at TP {tp} x PP {pp}{f' x VP {vp}' if vp else ''} (any data-parallel size), or start a new "
+            f"output_dir from its weights (checkpoint.init_from={path}: fresh optimizer and schedule). To make "
+            "future checkpoints reshardable across TP/PP, save with checkpoint.optimizer_format=fully_reshardable")
 
     def load_weights(self, path: str) -> None:
         """Weights only (a Hugging Face import, or another run's checkpoint): fresh optimizer and schedule.

@@ -114,6 +114,12 @@ class CheckpointConfig:
     # fails inside megatron's load or loads silently wrong. The model-identity and no-code-in-pickles
     # checks stay on either way.
     verify_checksums: bool = True
+    # How the distributed optimizer's state is stored (parallel.use_distributed_optimizer):
+    # dp_reshardable (Megatron-LM's default: each rank writes its own shards, no communication;
+    # resumes at any data-parallel size but the same TP/PP/VP) | fully_reshardable (gathered over DP
+    # at each save and stored per parameter: resumes at any layout; costs the gather's time and
+    # memory). Weights always reshard; so does the plain optimizer's state.
+    optimizer_format: str = "dp_reshardable"
 
 
 @dataclass

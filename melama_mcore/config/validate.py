@@ -153,15 +153,19 @@ def validate(cfg: JobConfig, arch: LlamaArch, env: Environment) -> None:
     need(0 <= o.warmup_fraction < 1, "optimizer.warmup_fraction must be in [0, 1)")
     need(cfg.data.loader in ("default", "dali"), "data.loader must be default or dali")
     need(cfg.checkpoint.on_save_failure in ("stop", "continue"), "checkpoint.on_save_failure must be stop or continue")
+    need(cfg.checkpoint.optimizer_format in ("dp_reshardable", "fully_reshardable"),
+         "checkpoint.optimizer_format must be dp_reshardable or fully_reshardable")
 
     if t.device == "cpu":
-        need(t.precision == "fp32",
-             "training.precision=bf16 needs a GPU (megatron's mixed-precision optimizer is CUDA-only): "
-             "use precision=fp32 on CPU")
-        need(not p.use_distributed_optimizer,
-             "parallel.use_distributed_optimizer needs a GPU: set it to false on CPU")
-        need(not p.overlap_grad_reduce, "parallel.overlap_grad_reduce needs a GPU: set it to false on CPU")
+        need(not env.cuda, "training.device=cpu on a machine with CUDA: megatron on CPU needs CUDA hidden "
+                           "(CUDA_VISIBLE_DEVICES=) — or use training.device=cuda")
         need(cfg.model.backend != "transformer_engine", "model.backend=transformer_engine needs a GPU")
+    need(not p.overlap_param_gather or (p.use_distributed_optimizer and p.overlap_grad_reduce),
+         "parallel.overlap_param_gather needs parallel.use_distributed_optimizer=true and "
+         "parallel.overlap_grad_reduce=true (megatron overlaps the gather of the optimizer's shards)")
+    need(cfg.model.backend != "local" or not p.sequence_parallel,
+         "model.backend=local does not support sequence parallelism (its RMSNorm refuses it): use "
+         "backend native or set parallel.sequence_parallel=false")
 
     if t.fp8 is not None:
         need(t.fp8 in ("hybrid", "e4m3"), f"training.fp8 must be null, hybrid or e4m3, got {t.fp8!r}")
@@ -173,6 +177,9 @@ def validate(cfg: JobConfig, arch: LlamaArch, env: Environment) -> None:
              "training.fp8 needs an FP8-capable GPU (compute capability 8.9+: H100, H200, L40S, B200); "
              "this machine has none: set training.fp8=null")
         need(t.precision == "bf16", "training.fp8 needs training.precision=bf16")
+        need(cfg.model.backend in ("auto", "transformer_engine"),
+             f"training.fp8 runs in Transformer Engine's layers; model.backend={cfg.model.backend} would "
+             "train in bf16 without a word: use model.backend=transformer_engine (or auto)")
     if cfg.model.backend == "transformer_engine":
         need(env.transformer_engine, "model.backend=transformer_engine but Transformer Engine is not importable")
 

@@ -11,14 +11,18 @@ it. What it does, and why:
 * A ``TorchFunctionMode`` rewrites a CUDA ``device=`` argument (and ``.to(cuda)`` / ``.cuda()``)
   to CPU. This catches megatron's ``device="cuda"`` literals (causal mask, schedules' token
   counters, clip-grads, grad scaler) without editing megatron's files.
-* ``clip_grad_by_total_norm_fp32`` is replaced by the same scaling without its assertion that
-  grads are ``torch.cuda.FloatTensor``; megatron still computes the norm (TP/PP-aware).
+* The same mode answers ``Tensor.type()`` (no arguments) with the CUDA type name, e.g.
+  ``torch.cuda.BFloat16Tensor`` for a CPU bf16 tensor: megatron's mixed-precision and distributed
+  optimizers and its grad clipping accept a parameter only when its type string names CUDA.
+  Nothing else reads those strings, so bf16, the distributed optimizer and overlapped grad reduce
+  and param gather run megatron's own code on CPU.
 * Megatron's no-op RNG tracker is installed: LLaMA has no dropout, and the CUDA tracker cannot
   fork CPU generators.
 * ``TRANSFORMER_CONFIG_ON_CPU``: TransformerConfig fields set differently on CPU, each with its reason.
 
-Limits on CPU (the config checks enforce them): fp32 only, no distributed optimizer, no
-overlapped grad reduce, no Transformer Engine.
+What still cannot run on CPU (the config checks refuse it, naming the reason): Transformer
+Engine and FP8 (CUDA libraries), NCCL-specific settings, CUDA graphs, and the fused CUDA kernels
+(the native backend uses their torch references on CPU).
 """
 
 from __future__ import annotations
@@ -47,10 +51,12 @@ def _is_cuda(device) -> bool:
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """Turns every request for a CUDA tensor into a CPU one."""
+    """Turns every request for a CUDA tensor into a CPU one, and names CPU tensors' types as CUDA's."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return "torch.cuda." + func(*args).rsplit(".", 1)[-1]
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.cuda:
@@ -90,15 +96,6 @@ class _NullStream:
         return 0.0
 
 
-def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
-    """megatron's clip_grad_by_total_norm_fp32, minus its CUDA-type assertion."""
-    attr = "decoupled_grad" if use_decoupled_grad else "grad"
-    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
-    clip_coeff = max_norm / (total_norm + 1.0e-6)
-    if clip_coeff < 1.0:
-        torch._foreach_mul_(grads, clip_coeff)
-
-
 def enable() -> None:
     """Adapt megatron-core to CPU processes. Idempotent; call before building any megatron object."""
     global _enabled
@@ -118,11 +115,6 @@ def enable() -> None:
     cuda.get_rng_state = cuda.random.get_rng_state = lambda *a, **k: torch.get_rng_state()
     cuda.set_rng_state = lambda *a, **k: None
     cuda.empty_cache = lambda: None
-
-    from megatron.core.optimizer import clip_grads, optimizer
-
-    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
-    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
 
     _CudaToCpu().__enter__()  # stays active for the life of the process
     _enabled = True
