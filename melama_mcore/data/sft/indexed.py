@@ -70,6 +70,7 @@ class SFTWriter:
 
     def __init__(self, prefix: str, token_dtype):
         self.prefix = prefix
+        self._publishing = False
         self.tokens = IndexedWriter(prefix, token_dtype)
         self.masks = None
         try:
@@ -83,6 +84,7 @@ class SFTWriter:
         self.masks.add_documents(masks, lengths)
 
     def commit(self, metadata: dict) -> None:
+        self._publishing = True
         for stale in (marker_path(self.prefix), self.prefix + ".idx"):
             if os.path.exists(stale):
                 os.remove(stale)
@@ -97,11 +99,16 @@ class SFTWriter:
         self.tokens.commit()
 
     def abort(self) -> None:
+        """Remove this run's files, including what a failed commit had already published."""
         self.tokens.abort()
         if self.masks is not None:
             self.masks.abort()
-        if os.path.exists(marker_path(self.prefix) + INCOMPLETE):
-            os.remove(marker_path(self.prefix) + INCOMPLETE)
+        leftovers = [marker_path(self.prefix) + INCOMPLETE]
+        if self._publishing:
+            leftovers += [marker_path(self.prefix), mask_prefix(self.prefix) + ".idx", mask_prefix(self.prefix) + ".bin"]
+        for path in leftovers:
+            if os.path.exists(path):
+                os.remove(path)
 
 
 def read_marker(prefix) -> dict:
