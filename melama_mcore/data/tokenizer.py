@@ -64,6 +64,8 @@ class Tokenizer:
         special-token text (see `special_texts`) read as the special token. A Hugging Face tokenizer
         encodes the whole text, as its apply_chat_template does; a sentencepiece model encodes each
         run between special tokens on its own, as Meta's LLaMA-2 chat code encodes each turn."""
+        if not texts:
+            return []
         if self.kind == "hf":
             out = self._backend(list(texts), add_special_tokens=False, return_offsets_mapping=True)
             return [(ids, *_offset_arrays(offsets, len(ids)))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -76,8 +77,13 @@ class PackedSFTDataset(MegatronDataset):
             path = os.path.join(cache, f"{self.unique_description_hash}-{type(self).__name__}-"
                                        f"{self.index_split.name}-plan.npz")
             if os.path.isfile(path):
-                with np.load(path, allow_pickle=False) as saved:
-                    return PackingPlan(saved["offsets"], saved["members"], int(saved["epochs"]))
+                try:
+                    with np.load(path, allow_pickle=False) as saved:
+                        plan = PackingPlan(saved["offsets"], saved["members"], int(saved["epochs"]))
+                    if plan.offsets[-1] == len(plan.members) and np.isin(plan.members, ids).all():
+                        return plan
+                except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+                    pass  # unreadable: built again below and replaced
         plan = build_plan(ids, positions, self.seq_length, self.config.random_seed, self.num_samples)
         if path is not None:
             os.makedirs(cache, exist_ok=True)

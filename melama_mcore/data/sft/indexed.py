@@ -158,6 +158,8 @@ class SFTIndexedData:
         self.lengths = np.asarray(self.token_data.sequence_lengths, dtype=np.int64)
         if not np.array_equal(self.lengths, self.mask_data.sequence_lengths):
             raise DataError(f"{self.prefix}: token and loss-mask pairs have different sample boundaries")
+        if len(self.lengths) and self.lengths.min() < 2:  # preprocess-sft writes BOS .. answer EOS at least
+            raise DataError(f"{self.prefix}: a sample of {int(self.lengths.min())} token: not preprocess-sft output")
         # What identifies these files in cached packing plans.
         self.identity = {"counts": self.meta["counts"], "template": self.meta.get("template"),
                          "tokenizer": self.meta.get("tokenizer")}

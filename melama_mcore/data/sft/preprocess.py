@@ -28,7 +28,7 @@ from melama_mcore.data.sft.indexed import FORMAT, VERSION, SFTWriter, sft_prefix
 from melama_mcore.data.sft.templates import CHOICES, load_template, template_identity
 from melama_mcore.data.sft.tokenize import refuse_special_text, special_text_pattern, tokenize_rendered
 from melama_mcore.data.tokenizer import load_tokenizer
-from melama_mcore.errors import UserError
+from melama_mcore.errors import DataError, UserError
 
 DEFAULT_SEQ_LENGTH = 4096
 TRUNCATION = ("drop", "truncate")
@@ -82,7 +82,8 @@ class SFTSummary:
         skipped = f"skipped:   {self.skipped:,}"
         if self.skipped:
             skipped += " (" + ", ".join(f"{n:,} {r}" for r, n in sorted(self.skipped_by_reason.items())) + ")"
-        return [f"samples:   {self.samples:,} written{rate}",
+        warning = ["warning:   no sample was written; training on this prefix will be refused"] if not self.samples else []
+        return warning + [f"samples:   {self.samples:,} written{rate}",
                 f"tokens:    {self.tokens:,} ({self.trained_tokens:,} trained: {trained})",
                 f"truncated: {self.truncated:,} (cut to the sequence length)",
                 f"dropped:   {self.too_long + self.no_answer:,} ({self.too_long:,} longer than the sequence, "
@@ -186,6 +187,12 @@ def preprocess_sft(inputs: list[str], output_prefix: str, tokenizer_path: str, *
         raise UserError(f"--truncation must be one of {', '.join(TRUNCATION)}")
     files = expand_inputs(list(inputs))
     tok = load_tokenizer(tokenizer_path, num_threads=1)
+    try:
+        tok.encode_with_offsets(["offsets check"])
+    except (NotImplementedError, ValueError, TypeError) as err:
+        raise DataError(f"{tokenizer_path}: the tokenizer cannot report where its tokens come from in the text "
+                        f"({type(err).__name__}), which the loss masks need; use a fast tokenizer "
+                        "(tokenizer.json) or the sentencepiece .model") from None
     template = load_template(chat_template, tok)  # a broken template stops here, before any worker starts
     workers = max(1, workers or os.cpu_count() or 1)
     options = SFTOptions(tokenizer_path, chat_template, seq_length, truncation, train_on_all, system_prompt)
