@@ -94,11 +94,12 @@ class Tokenizer:
                     starts.append(np.array([offset]))
                     ends.append(np.array([offset + len(run)]))
                     continue
-                pieces = next(protos).pieces
-                ids.extend(p.id for p in pieces)
+                # one pass over the pieces (per-piece attribute reads are most of the cost here)
+                triples = np.array([(p.id, p.begin, p.end) for p in next(protos).pieces], np.int64).reshape(-1, 3)
+                ids.extend(triples[:, 0].tolist())
                 char_of_byte = _char_index_of_bytes(run)
-                starts.append(offset + char_of_byte[[p.begin for p in pieces]])
-                ends.append(offset + char_of_byte[[p.end for p in pieces]])
+                starts.append(offset + char_of_byte[triples[:, 1]])
+                ends.append(offset + char_of_byte[triples[:, 2]])
             results.append((ids, np.concatenate(starts), np.concatenate(ends)))
         return results
 
