@@ -102,7 +102,7 @@ def test_failure_while_publishing_leaves_nothing_usable(failing, tmp_path, spm_m
     real_replace = os.replace
 
     def replace(src, dst):
-        if (failing == "marker" and dst.endswith(".sft.json")) or (failing == "tokens" and dst.endswith("document.idx")):
+        if dst.endswith(".sft.json" if failing == "marker" else "document.idx"):
             raise OSError(28, "No space left on device")
         return real_replace(src, dst)
 

@@ -183,7 +183,8 @@ class TinyLM(torch.nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.embed = torch.nn.Embedding(vocab, dim)
-        self.qkv = torch.nn.ModuleList(torch.nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim) for _ in range(layers))
+        width = (heads + 2 * kv_heads) * self.head_dim
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(dim, width) for _ in range(layers))
         self.proj = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(layers))
         self.mlp = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(dim, 64), torch.nn.SiLU(),
                                                            torch.nn.Linear(64, dim)) for _ in range(layers))
@@ -207,7 +208,8 @@ class TinyLM(torch.nn.Module):
             scale = 1 / math.sqrt(self.head_dim)
             if cu_seqlens is None:  # plain causal attention, as for unpacked sequences
                 attn = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), is_causal=True,
-                                                      scale=scale, enable_gqa=True).permute(2, 0, 1, 3).reshape(s, b, -1)
+                                                      scale=scale, enable_gqa=True)
+                attn = attn.permute(2, 0, 1, 3).reshape(s, b, -1)
             else:
                 attn = packed_causal_attention(q, k, v, cu_seqlens, scale=scale, mask=mask)
             x = x + proj(attn)
@@ -217,7 +219,8 @@ class TinyLM(torch.nn.Module):
 
 def _token_losses(model, tokens, labels, cu_seqlens=None):
     logits = model(tokens, cu_seqlens)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none").reshape(labels.shape)
+    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none")
+    return losses.reshape(labels.shape)
 
 
 def _grads(model, loss):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from data_fixtures import corpus, sp, spm_model  # noqa: F401
-from sft_fixtures import (B_SYS, E_SYS, LLAMA2_JINJA, RECORDS, hf_tokenizer_dir, read_sft, trained_runs,  # noqa: F401
-                          write_jsonl)
+from sft_fixtures import (B_SYS, E_SYS, LLAMA2_JINJA, LLAMA2_JINJA_PLAIN, RECORDS, hf_tokenizer_dir,  # noqa: F401
+                          read_sft, trained_runs, write_jsonl)
 from melama_mcore.cli import main as melama
 from melama_mcore.data.sft.indexed import is_sft_blend, is_sft_prefix, read_marker, sft_prefix, verify_sft_prefix
 from melama_mcore.data.sft.preprocess import preprocess_sft
@@ -38,14 +38,16 @@ def llama2_chat_text(system, turns):
 def sentencepiece_ids(sp, text):
     """What a sentencepiece model makes of rendered text: <s>/</s> as BOS/EOS, every run between
     them encoded on its own (as Meta's LLaMA-2 chat code encodes each turn)."""
-    ids = []
-    for piece in re.split(r"(<s>|</s>)", text):
-        ids += [sp.bos_id()] if piece == "<s>" else [sp.eos_id()] if piece == "</s>" else sp.encode(piece) if piece else []
-    return ids
+    special = {"<s>": [sp.bos_id()], "</s>": [sp.eos_id()]}
+    return [i for piece in re.split(r"(<s>|</s>)", text) if piece for i in special.get(piece) or sp.encode(piece)]
 
 
-@pytest.mark.parametrize("template, render", [("me-llama", me_llama_text), ("llama2-chat", llama2_chat_text)])
+@pytest.mark.parametrize("template, render", [("me-llama", me_llama_text), ("llama2-chat", llama2_chat_text),
+                                              ("FILE.jinja", llama2_chat_text)])
 def test_ids_and_masks_equal_the_template_applied_directly(template, render, tmp_path, spm_model, sp):
+    if template == "FILE.jinja":  # a LLaMA-2-chat Jinja template without {% generation %}: answers found turn by turn
+        template = str(tmp_path / "llama2.jinja")
+        (tmp_path / "llama2.jinja").write_text(LLAMA2_JINJA_PLAIN)
     src = write_jsonl(tmp_path / "in.jsonl", [r for r, _, _ in RECORDS])
     args = ["preprocess-sft", "--input", src, "--output-prefix", str(tmp_path / "out"), "--tokenizer-model",
             spm_model, "--no-progress", "--workers", "2"]

@@ -105,7 +105,8 @@ class SFTWriter:
             self.masks.abort()
         leftovers = [marker_path(self.prefix) + INCOMPLETE]
         if self._publishing:
-            leftovers += [marker_path(self.prefix), mask_prefix(self.prefix) + ".idx", mask_prefix(self.prefix) + ".bin"]
+            masks = mask_prefix(self.prefix)
+            leftovers += [marker_path(self.prefix), masks + ".idx", masks + ".bin"]
         for path in leftovers:
             if os.path.exists(path):
                 os.remove(path)

@@ -82,7 +82,7 @@ class SFTSummary:
         skipped = f"skipped:   {self.skipped:,}"
         if self.skipped:
             skipped += " (" + ", ".join(f"{n:,} {r}" for r, n in sorted(self.skipped_by_reason.items())) + ")"
-        warning = ["warning:   no sample was written; training on this prefix will be refused"] if not self.samples else []
+        warning = [] if self.samples else ["warning:   no sample was written; training on this prefix will be refused"]
         return warning + [f"samples:   {self.samples:,} written{rate}",
                 f"tokens:    {self.tokens:,} ({self.trained_tokens:,} trained: {trained})",
                 f"truncated: {self.truncated:,} (cut to the sequence length)",

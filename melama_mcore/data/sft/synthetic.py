@@ -79,7 +79,8 @@ def _patient_chat(rng: random.Random) -> dict:
                       f"It can be, but it depends on your kidney function and other medicines; "
                       f"{rng.choice(_ADVICE)}."))
     return {"id": f"chat-{rng.randrange(10**8)}",
-            "conversations": [m for q, a in turns for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]}
+            "conversations": [m for q, a in turns
+                              for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]}
 
 
 def _clinical_task(rng: random.Random) -> dict:
@@ -98,7 +99,8 @@ def _clinical_task(rng: random.Random) -> dict:
                   "\n\n".join(notes) + "\nOUTPUT:")
         answer = "Dear colleague,\n\n" + "\n\n".join(
             f"Day {i + 1}: " + " ".join(line.split(": ", 1)[-1] for line in note.splitlines())
-            for i, note in enumerate(notes)) + f"\n\nPlan: {rng.choice(_ADVICE)}; {rng.choice(_ADVICE)}.\n\nKind regards"
+            for i, note in enumerate(notes))
+        answer += f"\n\nPlan: {rng.choice(_ADVICE)}; {rng.choice(_ADVICE)}.\n\nKind regards"
     return {"id": f"task-{rng.randrange(10**8)}",
             "conversations": [{"from": "human", "value": prompt}, {"from": "agent", "value": answer}]}
 
