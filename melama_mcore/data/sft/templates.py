@@ -83,7 +83,11 @@ class Llama2ChatTemplate:
 
 class JinjaTemplate:
     def __init__(self, source: str, name: str, bos: str, eos: str):
-        from transformers.utils.chat_template_utils import render_jinja_template
+        try:
+            from transformers.utils.chat_template_utils import render_jinja_template
+        except ImportError:
+            raise DataError(f"{name}: Jinja chat templates are rendered by the `transformers` package "
+                            "(pip install melama-mcore[hf]); or use me-llama or llama2-chat") from None
 
         self._render_jinja = render_jinja_template
         self.source, self.name = source, name
