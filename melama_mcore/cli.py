@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "train": ("melama_mcore.train", "pretrain / continue pre-training a LLaMA model (torchrun-aware)"),
     "demo": ("melama_mcore.demo", "the tiny CPU demo: corpus -> tokenizer -> datasets -> train -> resume"),
     "preprocess": ("melama_mcore.data.preprocess", "tokenise JSONL/text into Megatron .bin/.idx"),
+    "preprocess-sft": ("melama_mcore.data.sft.preprocess", "tokenise instruction JSONL into token ids + loss masks"),
     "train-tokenizer": ("melama_mcore.data.train_tokenizer", "train a LLaMA-style sentencepiece model"),
     "verify-data": ("melama_mcore.data.verify", "check a .bin/.idx pair (sizes, offsets, token range)"),
     "blend-report": ("melama_mcore.data.blend", "per-source token shares and epochs for a blend"),

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from melama_mcore.data.sft.indexed import is_sft_blend
+from melama_mcore.data.sft.report import format_sft_report, sft_blend_report
 from melama_mcore.errors import ConfigError
 
 _SOURCE_KEYS = {"name", "weight", "train", "valid"}
@@ -147,9 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="melama blend-report",
         description="For a blend file and a training length, print per source its share of the "
                     "training tokens, its share of the tokens on disk, and how many epochs of it the "
-                    "run implies (above 1 the source repeats). Token counts come from the .idx files.")
+                    "run implies (above 1 the source repeats). Token counts come from the .idx files. "
+                    "For instruction data (prefixes written by preprocess-sft): per source its samples, "
+                    "the packed sequences one epoch takes, and the epochs drawn.")
     parser.add_argument("blend", help="blend YAML file (see examples/blends/me_llama_15_1_4.yaml)")
-    parser.add_argument("--samples", type=int, required=True, help="training samples (global batch x steps)")
+    parser.add_argument("--samples", type=int, required=True,
+                        help="training samples (global batch x steps; packed sequences for instruction data)")
     parser.add_argument("--seq-length", type=int, required=True, help="tokens per sample")
     return parser
 
@@ -158,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.samples <= 0 or args.seq_length <= 0:
         raise ConfigError("--samples and --seq-length must be positive")
-    print(format_report(blend_report(load_blend(args.blend), args.samples, args.seq_length),
-                        args.samples, args.seq_length))
+    blend = load_blend(args.blend)
+    if is_sft_blend(blend):  # instruction data: samples are packed conversations
+        print(format_sft_report(sft_blend_report(blend, args.samples, args.seq_length), args.samples, args.seq_length))
+    else:
+        print(format_report(blend_report(blend, args.samples, args.seq_length), args.samples, args.seq_length))
     return 0

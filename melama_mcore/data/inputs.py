@@ -128,22 +128,40 @@ def _iter_blocks(stream, max_bytes: int) -> Iterator[RawRecord]:
         yield finished(start, parts, oversized)
 
 
-def parse_record(data: bytes, fmt: str, json_keys: list[str]) -> tuple[list[str] | None, str | None]:
-    """(texts, None) or (None, reason). The reason never quotes the document."""
+def _decode(data: bytes) -> tuple[str | None, str | None]:
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8"), None
     except UnicodeDecodeError as err:
         return None, f"not valid UTF-8 (byte {err.start} of the record)"
-    if fmt != "jsonl":
-        return [text.rstrip("\n")], None
-    if not text.strip():
-        return [""] * len(json_keys), None  # a blank line: an empty document
+
+
+def parse_json_object(data: bytes) -> tuple[dict | None, str | None]:
+    """One JSONL record: (object, None); (None, None) for a blank line; or (None, reason).
+    The reason never quotes the document."""
+    text, reason = _decode(data)
+    if text is None or not text.strip():
+        return None, reason
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
         return None, f"malformed JSON ({err.msg} at column {err.colno})"
+    except RecursionError:
+        return None, "malformed JSON (nested too deeply)"
     if not isinstance(obj, dict):
         return None, f"a JSON {type(obj).__name__}, expected an object"
+    return obj, None
+
+
+def parse_record(data: bytes, fmt: str, json_keys: list[str]) -> tuple[list[str] | None, str | None]:
+    """(texts, None) or (None, reason). The reason never quotes the document."""
+    if fmt != "jsonl":
+        text, reason = _decode(data)
+        return (None, reason) if text is None else ([text.rstrip("\n")], None)
+    obj, reason = parse_json_object(data)
+    if reason is not None:
+        return None, reason
+    if obj is None:
+        return [""] * len(json_keys), None  # a blank line: an empty document
     texts = []
     for key in json_keys:
         if key not in obj:

@@ -89,7 +89,6 @@ _WORKER = {}
 
 
 def _init_worker(options: EncodeOptions) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and cleans up
     _WORKER["tok"] = load_tokenizer(options.tokenizer_path, num_threads=1)
     _WORKER["options"] = options
 
@@ -140,7 +139,8 @@ def _with_special_tokens(docs: list[list[int]], tok, opt: EncodeOptions) -> tupl
 
 
 # ----- main side -----
-def _batches(inputs: list[str], fmt: str, text_unit: str, max_bytes: int):
+def read_batches(inputs: list[str], fmt: str, text_unit: str, max_bytes: int):
+    """Batches of raw records, file by file, bounded in records and bytes."""
     for path in inputs:
         file_format = detect_format(path, fmt)
         records, size = [], 0
@@ -200,37 +200,59 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, *, js
     summary = Summary(outputs=prefixes)
     writers = []
     start = time.perf_counter()
-    # fork: workers start in milliseconds and inherit nothing they write to.
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(options,))
-    # progress None: a bar only on a terminal (tqdm's disable=None); False: none.
-    bar = None if progress is False else tqdm(unit=" docs", unit_scale=True, dynamic_ncols=True, desc="tokenising",
-                                              disable=None if progress is None else False, mininterval=1.0)
-    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         writers = [IndexedWriter(prefix, out_dtype) for prefix in prefixes]
-        in_flight = collections.deque()
-        batches = _batches(files, input_format, text_unit, max_document_bytes)
-        for batch in batches:
-            in_flight.append(pool.submit(encode_batch, batch))
-            if len(in_flight) >= 2 * workers + 2:
-                _write(in_flight.popleft().result(), writers, summary, on_error, dtype_limit, tok, bar, start)
-        while in_flight:
-            _write(in_flight.popleft().result(), writers, summary, on_error, dtype_limit, tok, bar, start)
+        run_pipeline(read_batches(files, input_format, text_unit, max_document_bytes), encode_batch,
+                     lambda result, bar: _write(result, writers, summary, on_error, dtype_limit, tok, bar, start),
+                     workers=workers, initializer=_init_worker, initargs=(options,), progress=progress, unit="docs")
         for writer in writers:
             writer.commit()
     except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
         for writer in writers:
             writer.abort()
+        raise
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def run_pipeline(batches, encode, consume, *, workers: int, initializer, initargs, progress: bool | None,
+                 unit: str) -> None:
+    """Run `encode(batch)` in `workers` processes and `consume(result, bar)` here, in input order.
+
+    At most a few batches per worker are in flight, so memory does not grow with the input. On any
+    failure, Ctrl-C or SIGTERM the workers are stopped and the exception propagates: the caller
+    removes its partial outputs. `bar` is a progress bar (None without one), counting `unit`.
+    """
+    # fork: workers start in milliseconds and inherit nothing they write to.
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                               initargs=(initializer, initargs))
+    # progress None: a bar only on a terminal (tqdm's disable=None); False: none.
+    bar = None if progress is False else tqdm(unit=f" {unit}", unit_scale=True, dynamic_ncols=True,
+                                              desc="tokenising", disable=None if progress is None else False,
+                                              mininterval=1.0)
+    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        in_flight = collections.deque()
+        for batch in batches:
+            in_flight.append(pool.submit(encode, batch))
+            if len(in_flight) >= 2 * workers + 2:
+                consume(in_flight.popleft().result(), bar)
+        while in_flight:
+            consume(in_flight.popleft().result(), bar)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_term)
         if bar is not None:
             bar.close()
     pool.shutdown()
-    summary.seconds = time.perf_counter() - start
-    return summary
+
+
+def _start_worker(initializer, initargs) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and cleans up
+    initializer(*initargs)
 
 
 def _raise_interrupt(signum, frame):
@@ -238,27 +260,43 @@ def _raise_interrupt(signum, frame):
 
 
 def _write(result: EncodedBatch, writers, summary: Summary, on_error: str, dtype_limit: int, tok, bar, start):
-    if result.errors:
-        line, reason = result.errors[0]
-        if on_error == "stop":
-            raise DataError(f"{result.file}:{line}: {reason} (use --on-error skip to skip such records; "
-                            "nothing was written)")
-        summary.skipped += len(result.errors)
-        for _, reason in result.errors:
-            kind = _reason_kind(reason)
-            summary.skipped_by_reason[kind] = summary.skipped_by_reason.get(kind, 0) + 1
-    if result.max_id >= tok.vocab_size or result.max_id > dtype_limit:
-        raise DataError(f"{tok.path}: the tokenizer produced id {result.max_id:,}, outside its vocabulary "
-                        f"of {tok.vocab_size:,} or the output dtype (while reading {result.file})")
+    handle_bad_records(result.file, result.errors, summary, on_error)
+    check_token_ids(result.max_id, tok, dtype_limit, result.file)
     for writer, tokens, lengths in zip(writers, result.tokens, result.lengths):
         writer.add_documents(tokens, lengths)
     summary.documents += sum(map(len, result.lengths))
     summary.tokens += sum(int(t.size) for t in result.tokens)
     summary.empty += result.empty
+    show_progress(bar, result.records, summary.tokens, start)
+
+
+def handle_bad_records(file: str, errors: list[tuple[int, str]], summary, on_error: str) -> None:
+    """on_error="stop": DataError naming the first bad record's file:line; "skip": count them by kind
+    in `summary.skipped` / `summary.skipped_by_reason`."""
+    if not errors:
+        return
+    line, reason = errors[0]
+    if on_error == "stop":
+        raise DataError(f"{file}:{line}: {reason} (use --on-error skip to skip such records; "
+                        "nothing was written)")
+    summary.skipped += len(errors)
+    for _, reason in errors:
+        kind = _reason_kind(reason)
+        summary.skipped_by_reason[kind] = summary.skipped_by_reason.get(kind, 0) + 1
+
+
+def check_token_ids(max_id: int, tok, dtype_limit: int, file: str) -> None:
+    """Never write an id outside the vocabulary or one the output dtype would wrap."""
+    if max_id >= tok.vocab_size or max_id > dtype_limit:
+        raise DataError(f"{tok.path}: the tokenizer produced id {max_id:,}, outside its vocabulary "
+                        f"of {tok.vocab_size:,} or the output dtype (while reading {file})")
+
+
+def show_progress(bar, records: int, tokens: int, start: float) -> None:
     if bar is not None:
-        bar.update(result.records)
+        bar.update(records)
         elapsed = max(time.perf_counter() - start, 1e-9)
-        bar.set_postfix_str(f"{summary.tokens / elapsed:,.0f} tok/s", refresh=False)
+        bar.set_postfix_str(f"{tokens / elapsed:,.0f} tok/s", refresh=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,10 @@ go, so the same ids come out whichever backend is used.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+import numpy as np
 
 from melama_mcore.errors import DataError
 
@@ -41,8 +44,80 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self._backend.decode([int(i) for i in ids])
 
+    @property
+    def special_texts(self) -> dict[str, int]:
+        """Text that `encode_with_offsets` reads as one special token: a sentencepiece model's BOS
+        and EOS pieces (`<s>`, `</s>`), a Hugging Face tokenizer's added tokens."""
+        if self.kind == "hf":
+            return dict(self._backend.added_tokens_encoder)
+        ids = [i for i in (self.bos_id, self.eos_id) if i is not None]
+        return {self._backend.id_to_piece(i): i for i in ids}
+
+    @property
+    def chat_template(self) -> str | None:
+        """A Hugging Face tokenizer folder's own chat template (None for sentencepiece or none)."""
+        template = getattr(self._backend, "chat_template", None) if self.kind == "hf" else None
+        return template if isinstance(template, str) else None
+
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+        """Per text: (ids, start, end), each token's [start, end) character offsets in the text, with
+        special-token text (see `special_texts`) read as the special token. A Hugging Face tokenizer
+        encodes the whole text, as its apply_chat_template does; a sentencepiece model encodes each
+        run between special tokens on its own, as Meta's LLaMA-2 chat code encodes each turn."""
+        if not texts:
+            return []
+        if self.kind == "hf":
+            out = self._backend(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+            return [(ids, *_offset_arrays(offsets, len(ids)))
+                    for ids, offsets in zip(out["input_ids"], out["offset_mapping"])]
+        specials = self.special_texts
+        splitter = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
+        layouts, runs = [], []  # per text: (special id or None, char offset, run) in order
+        for text in texts:
+            layout, position = [], 0
+            for match in splitter.finditer(text):
+                if match.start() > position:
+                    layout.append((None, position, text[position:match.start()]))
+                layout.append((specials[match.group()], match.start(), match.group()))
+                position = match.end()
+            if position < len(text):
+                layout.append((None, position, text[position:]))
+            runs.extend(run for special, _, run in layout if special is None)
+            layouts.append(layout)
+        protos = iter(self._backend.encode(runs, out_type="proto", num_threads=self._num_threads) if runs else [])
+        results = []
+        for layout in layouts:
+            ids, starts, ends = [], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+            for special, offset, run in layout:
+                if special is not None:
+                    ids.append(special)
+                    starts.append(np.array([offset]))
+                    ends.append(np.array([offset + len(run)]))
+                    continue
+                # one pass over the pieces (per-piece attribute reads are most of the cost here)
+                triples = np.array([(p.id, p.begin, p.end) for p in next(protos).pieces], np.int64).reshape(-1, 3)
+                ids.extend(triples[:, 0].tolist())
+                char_of_byte = _char_index_of_bytes(run)
+                starts.append(offset + char_of_byte[triples[:, 1]])
+                ends.append(offset + char_of_byte[triples[:, 2]])
+            results.append((ids, np.concatenate(starts), np.concatenate(ends)))
+        return results
+
     def __repr__(self) -> str:
         return f"Tokenizer({self.kind}, {self.path!r}, vocab_size={self.vocab_size})"
+
+
+def _offset_arrays(offsets, n: int) -> tuple[np.ndarray, np.ndarray]:
+    pairs = np.asarray(offsets, dtype=np.int64).reshape(n, 2)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def _char_index_of_bytes(text: str) -> np.ndarray:
+    """For each UTF-8 byte offset 0..len(bytes) of `text`: the character offset it falls in
+    (sentencepiece reports byte offsets)."""
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    char_starts = (data & 0xC0) != 0x80  # every byte that is not a continuation byte starts a character
+    return np.concatenate([[0], np.cumsum(char_starts)])
 
 
 def _optional_id(value) -> int | None:

@@ -1,0 +1,127 @@
+"""A small synthetic medical instruction set, in the three input formats, for the demo, tests and
+benchmarks. Everything is invented from templates and word lists (those of the synthetic pre-training
+corpus): no real patients, questions or papers, nothing downloaded. The same seed gives the same files.
+
+Like Me-LLaMA's mix, lengths run from flash-card answers of a few words to summaries of long notes:
+- medical_qa.jsonl      Alpaca: flash-card and drug questions, one-line answers;
+- exam_mcq.jsonl        messages, with a system prompt: multiple-choice questions, a letter and a reason;
+- patient_chat.jsonl    ShareGPT (human/gpt): patient questions and doctor answers, 1-3 turns;
+- clinical_tasks.jsonl  Me-LLaMA (human/agent, `TASK: ...###INPUT: ...OUTPUT:` prompts): summaries of
+                        abstracts and notes, and long discharge-letter answers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from melama_mcore.data.synthetic_corpus import (_DISEASES, _DRUGS, _FINDINGS, _OUTCOMES, _SYMPTOMS, _biomedical,
+                                                _clinical)
+
+_CLASSES = {"metformin": "a biguanide", "empagliflozin": "an SGLT2 inhibitor", "lisinopril": "an ACE inhibitor",
+            "apixaban": "a factor Xa inhibitor", "atorvastatin": "a statin", "prednisone": "a corticosteroid",
+            "vancomycin": "a glycopeptide antibiotic", "piperacillin-tazobactam": "a penicillin with a beta-lactamase "
+            "inhibitor", "salbutamol": "a short-acting beta-2 agonist", "adalimumab": "a TNF-alpha inhibitor",
+            "sertraline": "an SSRI", "furosemide": "a loop diuretic", "insulin glargine": "a long-acting insulin",
+            "amoxicillin": "an aminopenicillin", "levothyroxine": "a thyroid hormone",
+            "tiotropium": "a long-acting muscarinic antagonist"}
+_ADVICE = ["keep a diary of your symptoms", "drink enough fluids", "avoid heavy exercise for a few days",
+           "take the medicine with food", "check your blood pressure at home", "return if you feel worse",
+           "book a follow-up visit in two weeks", "ask your pharmacist about interactions"]
+
+
+def _medical_qa(rng: random.Random) -> dict:
+    drug, disease = rng.choice(sorted(_CLASSES)), rng.choice(_DISEASES)
+    kind = rng.randrange(3)
+    if kind == 0:
+        return {"instruction": f"What class of drug is {drug}?", "input": "", "output": f"{drug.capitalize()} is "
+                f"{_CLASSES[drug]}."}
+    if kind == 1:
+        return {"instruction": "Answer the question about the condition.", "input": f"Name a common symptom of "
+                f"{disease}.", "output": f"{rng.choice(_SYMPTOMS).capitalize()}."}
+    return {"instruction": f"Is {drug} used to treat {disease}? Answer yes or no, then explain in one sentence.",
+            "output": f"{rng.choice(['Yes', 'No'])}. It is {_CLASSES[drug]}, and its use in {disease} depends on "
+                      f"the {rng.choice(_OUTCOMES)} seen in trials."}
+
+
+def _exam_mcq(rng: random.Random) -> dict:
+    disease = rng.choice(_DISEASES)
+    options = rng.sample(sorted(_CLASSES), 4)
+    answer = rng.randrange(4)
+    letters = "ABCD"
+    question = (f"A {rng.randint(20, 85)}-year-old patient with {disease} presents with {rng.choice(_SYMPTOMS)} and "
+                f"{rng.choice(_FINDINGS)}. Which drug is {_CLASSES[options[answer]]}?\n" +
+                "\n".join(f"{letters[i]}. {o}" for i, o in enumerate(options)))
+    return {"messages": [
+        {"role": "system", "content": "You are a medical exam tutor. Answer with the letter, then one reason."},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": f"{letters[answer]}. {options[answer].capitalize()} is "
+                                         f"{_CLASSES[options[answer]]}."}]}
+
+
+def _patient_turn(rng: random.Random) -> tuple[str, str]:
+    age, symptom, disease, drug = rng.randint(18, 80), rng.choice(_SYMPTOMS), rng.choice(_DISEASES), rng.choice(_DRUGS)
+    question = (f"Hi doctor, I am {age} years old and I have had {symptom} for {rng.randint(2, 20)} days. "
+                f"I was told years ago that I have {disease}. Should I be worried?")
+    answer = " ".join([f"Thanks for your question. {symptom.capitalize()} in someone with {disease} has several "
+                       "possible causes, most of them treatable.",
+                       f"Please see your doctor for an examination; they may check for {rng.choice(_FINDINGS)}.",
+                       f"If you already take {drug}, do not stop it on your own.",
+                       f"Meanwhile, {rng.choice(_ADVICE)} and {rng.choice(_ADVICE)}."][: rng.randint(2, 4)])
+    return question, answer
+
+
+def _patient_chat(rng: random.Random) -> dict:
+    turns = [_patient_turn(rng)]
+    for _ in range(rng.choice([0, 0, 1, 2])):
+        turns.append((f"Thank you. What about {rng.choice(_DRUGS)}, is it safe for me?",
+                      f"It can be, but it depends on your kidney function and other medicines; "
+                      f"{rng.choice(_ADVICE)}."))
+    return {"id": f"chat-{rng.randrange(10**8)}",
+            "conversations": [m for q, a in turns
+                              for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]}
+
+
+def _clinical_task(rng: random.Random) -> dict:
+    kind = rng.randrange(3)
+    if kind == 0:
+        text = _biomedical(rng)
+        prompt = f"TASK: Summarise the abstract in one sentence.\n###\nINPUT: {text}\nOUTPUT:"
+        answer = text.split("Conclusions: ")[-1] if "Conclusions: " in text else text.split(". ")[0] + "."
+    elif kind == 1:
+        text = _clinical(rng)
+        prompt = f"TASK: Write the impression for this clinical note.\n###\nINPUT: {text}\nOUTPUT:"
+        answer = " ".join(line.split(": ", 1)[-1] for line in text.splitlines()[:3])
+    else:
+        notes = [_clinical(rng) for _ in range(rng.randint(1, 3))]
+        prompt = ("TASK: Write a discharge letter to the family doctor from these notes.\n###\nINPUT: " +
+                  "\n\n".join(notes) + "\nOUTPUT:")
+        answer = "Dear colleague,\n\n" + "\n\n".join(
+            f"Day {i + 1}: " + " ".join(line.split(": ", 1)[-1] for line in note.splitlines())
+            for i, note in enumerate(notes))
+        answer += f"\n\nPlan: {rng.choice(_ADVICE)}; {rng.choice(_ADVICE)}.\n\nKind regards"
+    return {"id": f"task-{rng.randrange(10**8)}",
+            "conversations": [{"from": "human", "value": prompt}, {"from": "agent", "value": answer}]}
+
+
+_SOURCES = {"medical_qa": (_medical_qa, 0.35), "exam_mcq": (_exam_mcq, 0.15), "patient_chat": (_patient_chat, 0.3),
+            "clinical_tasks": (_clinical_task, 0.2)}
+
+
+def write_synthetic_instructions(out_dir, samples: int = 1000, seed: int = 0) -> dict[str, Path]:
+    """Write the four JSONL files (about `samples` records in all, split as Me-LLaMA's mix leans:
+    short QA most, long tasks fewest) into out_dir; returns {name: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for index, (name, (make, share)) in enumerate(_SOURCES.items()):
+        rng = random.Random(f"sft:{seed}:{index}")
+        path = out / f"{name}.jsonl"
+        tmp = path.with_suffix(".jsonl.incomplete")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for _ in range(max(1, round(samples * share))):
+                f.write(json.dumps(make(rng)) + "\n")
+        tmp.replace(path)
+        paths[name] = path
+    return paths

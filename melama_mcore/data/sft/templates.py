@@ -1,0 +1,177 @@
+"""Chat templates: a Conversation -> (rendered text, character spans of what is trained).
+
+The rendered text writes special tokens as their text (`<s>`, `</s>`); the tokenizer reads them back
+as special tokens (Tokenizer.encode_with_offsets). A span covers an answer and its end-of-turn tokens
+(EOS), so the model learns to stop.
+
+Built in:
+- `me-llama`: Me-LLaMA's wrapper, `Human: \\n{prompt}\\n\\nAssistant: \\n{answer}`, one BOS first and EOS
+  after each answer; a system prompt, when there is one, comes first, followed by a blank line:
+      <s>[{system}\\n\\n]Human: \\n{p1}\\n\\nAssistant: \\n{a1}</s>Human: \\n{p2}\\n\\nAssistant: \\n{a2}</s>
+- `llama2-chat`: Meta's LLaMA-2-chat format (its reference `chat_completion`): each turn
+  `<s>[INST] {prompt} [/INST] {answer} </s>` with prompt and answer stripped, and the system prompt
+  inside the first turn as `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{prompt}`.
+- a Jinja file or a Hugging Face tokenizer's own `chat_template` (`hf`), rendered by transformers'
+  sandboxed renderer with `messages`, `bos_token` and `eos_token`, as apply_chat_template renders it.
+  Answers are found by the template's `{% generation %}` blocks when it has them; otherwise by
+  rendering turn by turn (the text added by each answer, up to the next prompt); a template that
+  rewrites earlier text when a turn is added cannot be used without `{% generation %}` blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from melama_mcore.data.sft.conversations import ASSISTANT, Conversation, RecordError
+from melama_mcore.errors import DataError, UserError
+
+BUILT_IN = ("me-llama", "llama2-chat")
+CHOICES = BUILT_IN + ("hf",)
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class _Text:
+    """Rendered text built piece by piece, with the spans of the trained pieces."""
+
+    def __init__(self):
+        self.parts, self.spans, self.length = [], [], 0
+
+    def add(self, text: str, trained: bool = False) -> None:
+        if trained:
+            self.spans.append((self.length, self.length + len(text)))
+        self.parts.append(text)
+        self.length += len(text)
+
+    def result(self) -> tuple[str, list[tuple[int, int]]]:
+        return "".join(self.parts), self.spans
+
+
+class MeLlamaTemplate:
+    name = "me-llama"
+
+    def __init__(self, bos: str, eos: str):
+        self.bos, self.eos = bos, eos
+
+    def render(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        out = _Text()
+        out.add(self.bos + (f"{conv.system}\n\n" if conv.system is not None else ""))
+        for prompt, answer in conv.turns:
+            out.add(f"Human: \n{prompt}\n\nAssistant: \n")
+            out.add(answer + self.eos, trained=True)
+        return out.result()
+
+
+class Llama2ChatTemplate:
+    name = "llama2-chat"
+
+    def __init__(self, bos: str, eos: str):
+        self.bos, self.eos = bos, eos
+
+    def render(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        out = _Text()
+        for number, (prompt, answer) in enumerate(conv.turns):
+            if number == 0 and conv.system is not None:
+                prompt = B_SYS + conv.system + E_SYS + prompt
+            out.add(f"{self.bos}{B_INST} {prompt.strip()} {E_INST} ")
+            out.add(f"{answer.strip()} {self.eos}", trained=True)
+        return out.result()
+
+
+class JinjaTemplate:
+    def __init__(self, source: str, name: str, bos: str, eos: str):
+        try:
+            from transformers.utils.chat_template_utils import render_jinja_template
+        except ImportError:
+            raise DataError(f"{name}: Jinja chat templates are rendered by the `transformers` package "
+                            "(pip install melama-mcore[hf]); or use me-llama or llama2-chat") from None
+
+        self._render_jinja = render_jinja_template
+        self.source, self.name = source, name
+        self.kwargs = {"bos_token": bos, "eos_token": eos}
+        self.generation_blocks = bool(_GENERATION_TAG.search(source))
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool = False):
+        rendered, indices = self._render_jinja([messages], chat_template=self.source,
+                                               add_generation_prompt=add_generation_prompt,
+                                               return_assistant_tokens_mask=self.generation_blocks,
+                                               **self.kwargs)
+        return rendered[0], (indices[0] if indices else [])
+
+    def render(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        messages = conv.messages()
+        try:
+            text, spans = self._render(messages)
+            if self.generation_blocks:
+                return text, [tuple(span) for span in spans]
+            spans = []
+            for k, message in enumerate(messages):
+                if message["role"] != ASSISTANT:
+                    continue
+                before = self._render(messages[:k], add_generation_prompt=True)[0]
+                after = self._render(messages[:k + 1])[0]
+                if not (after.startswith(before) and text.startswith(after)):
+                    raise RecordError(f"turn {k + 1}: the chat template does not render this conversation "
+                                      "turn by turn; mark its answers with {% generation %} blocks")
+                spans.append((len(before), len(after)))
+            return text, spans
+        except RecordError:
+            raise
+        except Exception as err:  # jinja's TemplateError (raise_exception) and the like; never its text
+            raise RecordError(f"the chat template failed on this conversation ({type(err).__name__})") from None
+
+
+def _special_text(tok, token_id) -> str:
+    if token_id is None:
+        return ""
+    return next(text for text, i in tok.special_texts.items() if i == token_id)
+
+
+def load_template(spec: str, tok):
+    """`me-llama`, `llama2-chat`, `hf` (the tokenizer folder's own template) or a Jinja file. Checks
+    the template on a small invented conversation, so a broken one stops before any data is read."""
+    bos, eos = _special_text(tok, tok.bos_id), _special_text(tok, tok.eos_id)
+    if spec == "me-llama":
+        return MeLlamaTemplate(bos, eos)
+    if spec == "llama2-chat":
+        return Llama2ChatTemplate(bos, eos)
+    if spec == "hf":
+        if tok.kind != "hf":
+            raise UserError("--chat-template hf reads the chat_template of a Hugging Face tokenizer folder; "
+                            f"{tok.path} is a sentencepiece model (pass a folder, or a template file)")
+        if tok.chat_template is None:
+            raise DataError(f"{tok.path}: the tokenizer folder has no chat_template")
+        template = JinjaTemplate(tok.chat_template, "hf", bos, eos)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"--chat-template {spec!r}: not one of {', '.join(CHOICES)} and no such file")
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"{spec}: cannot read the chat template ({type(err).__name__})") from None
+        template = JinjaTemplate(source, str(path), bos, eos)
+    _check(template, spec)
+    return template
+
+
+def _check(template: JinjaTemplate, spec: str) -> None:
+    sample = Conversation([("What is the usual adult dose?", "Five milligrams once a day."),
+                           ("And for children?", "Ask a paediatrician.")])
+    try:
+        text, spans = template.render(sample)
+    except RecordError as err:
+        raise DataError(f"{spec}: the chat template fails on a two-turn test conversation: {err}") from None
+    if len(spans) != 2 or not all(answer in text[a:b] for answer, (a, b) in zip(("Five", "Ask"), spans)):
+        raise DataError(f"{spec}: the chat template's answers could not be located in its output")
+
+
+def template_identity(template) -> dict:
+    """What the output's metadata records about the template."""
+    identity = {"name": template.name}
+    if isinstance(template, JinjaTemplate):
+        identity["sha256"] = hashlib.sha256(template.source.encode("utf-8")).hexdigest()
+    return identity
