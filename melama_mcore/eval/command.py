@@ -59,11 +59,26 @@ def task_names(text: str) -> list[str]:
     return names
 
 
-class _QuietCustomDatasetAdvice(logging.Filter):
-    """lm-eval advises `--metadata` for every task with its own loader; `melama eval` sets it already."""
+class _LmEvalAdvice(logging.Filter):
+    """lm-eval's advice to its own command line's users, which `melama eval` already follows: pass
+    `--metadata` to tasks with their own loader; mind sampling when overriding generation settings."""
+
+    PHRASES = ("Custom kwargs can be passed", "specified through cli")
 
     def filter(self, record):
-        return "Custom kwargs can be passed" not in record.getMessage()
+        return not any(phrase in record.getMessage() for phrase in self.PHRASES)
+
+
+_LM_EVAL_ADVICE = _LmEvalAdvice()
+
+
+def quiet_libraries() -> None:
+    """Warnings and errors only from the libraries (lm-eval logs every task's configuration at INFO);
+    progress comes from lm-eval's generation bar and this module's lines."""
+    for name in ("megatron", "lm_eval", "lm-eval", "datasets", "transformers", "absl", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("lm_eval.api.task", "lm_eval.evaluator"):
+        logging.getLogger(name).addFilter(_LM_EVAL_ADVICE)
 
 
 def load_tasks(names: list[str], metadata: dict) -> tuple[object, list]:
@@ -72,7 +87,6 @@ def load_tasks(names: list[str], metadata: dict) -> tuple[object, list]:
     before a model is exported or loaded."""
     from lm_eval.tasks import TaskManager
 
-    logging.getLogger("lm_eval.api.task").addFilter(_QuietCustomDatasetAdvice())
     general = [n for n in names if n not in TASKS and n != GROUP]
     manager = TaskManager(include_path=str(TASK_DIR), include_defaults=bool(general), metadata=metadata)
     unknown = [n for n in names if n not in manager.all_tasks]
@@ -170,6 +184,7 @@ def evaluate(options: EvalOptions) -> dict[str, dict[str, float | None]]:
     """Run the evaluation and write its outputs; returns {task: {metric: value}}."""
     import torch
 
+    quiet_libraries()
     if options.extractor not in EXTRACTORS:
         raise UserError(f"extractor {options.extractor!r}: expected one of {', '.join(EXTRACTORS)}")
     if (options.out / "results.json").exists():
@@ -213,7 +228,8 @@ def evaluate(options: EvalOptions) -> dict[str, dict[str, float | None]]:
             **run_args)
         seconds = time.time() - start
     total = sum(counts.values())
-    log.info("evaluated %d records in %.0f s (%.2f records/s)", total, seconds, total / max(seconds, 1e-9))
+    log.info("evaluated %d records in %.0f s, model loading included (%.2f records/s)", total, seconds,
+             total / max(seconds, 1e-9))
 
     table = report.collect(results)
     header = [f"- model: `{options.model}`" + (f" + adapter `{options.adapter}`" if options.adapter else ""),
@@ -272,8 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("megatron", "lm_eval", "lm-eval", "datasets", "transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     options = EvalOptions(model=args.model, tasks=args.tasks, out=args.out, adapter=args.adapter,
                           data_dir=args.data_dir, backend=args.backend, limit=args.limit,
                           num_fewshot=args.num_fewshot, extractor=args.extractor, log_samples=args.log_samples,

@@ -16,6 +16,7 @@ from melama_mcore.data.synthetic_corpus import _DISEASES, _DRUGS, _OUTCOMES, _SY
 from melama_mcore.eval.extraction import WORD, spans_to_html
 
 DEMO_TASKS = ("pubmedqa", "mednli", "i2b2", "pubmedsum")
+DEMO_NEW_TOKENS = 32  # the tiny preset's context is 256 tokens: no room for the paper's 256 new ones
 _TESTS = ["chest x-ray", "complete blood count", "troponin level", "ECG", "CT scan", "urine culture",
           "echocardiogram", "lipid panel"]
 _EFFECTS = {"yes": "reduced", "no": "did not change", "maybe": "may have reduced"}
@@ -90,3 +91,17 @@ def write_demo_records(data_dir: Path, records_per_task: int = 8, seed: int = 0)
 def print_results_table(out_dir: Path) -> None:
     """Print the results.md a `melama eval` run wrote into out_dir."""
     print((Path(out_dir) / "results.md").read_text(encoding="utf-8"), end="")
+
+
+def run_demo_evaluation(model: Path, out: Path) -> Path:
+    """The demo's step: records into out/mibe_data, `melama eval` of `model` (the demo's run folder)
+    into out/eval with plain prompts (a base model) and the demo's short generations; prints the table.
+    Returns the results folder."""
+    from melama_mcore.eval.command import EvalOptions, evaluate
+
+    out = Path(out)
+    write_demo_records(out / "mibe_data")
+    evaluate(EvalOptions(model=Path(model), tasks=list(DEMO_TASKS), out=out / "eval", data_dir=out / "mibe_data",
+                         chat=False, log_samples=True, max_new_tokens=DEMO_NEW_TOKENS))
+    print_results_table(out / "eval")
+    return out / "eval"
