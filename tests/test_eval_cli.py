@@ -60,7 +60,8 @@ def test_data_errors(setup, tmp_path):
     model, out = setup["model"], setup["out"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    refused(["--model", model, "--tasks", "pubmedqa", "--data-dir", empty], out, f"{empty / 'pubmedqa.jsonl'} not found")
+    refused(["--model", model, "--tasks", "pubmedqa", "--data-dir", empty], out,
+            f"{empty / 'pubmedqa.jsonl'} not found")
     (setup["data"] / "mednli.jsonl").write_text('{"query": "q", "choices": ["a", "b"]}\n')
     refused(["--model", model, "--tasks", "pubmedqa,mednli", "--data-dir", setup["data"]], out,
             f"{setup['data'] / 'mednli.jsonl'}:1: no field 'gold'")
@@ -134,3 +135,27 @@ def test_unknown_task_name(setup):
     last = refused(["--model", setup["model"], "--tasks", "pubmedqa,pubmedq", "--data-dir", setup["data"]],
                    setup["out"], "unknown task 'pubmedq'", "did you mean pubmedqa")
     assert "MIBE tasks are mibe, pubmedqa, medqa" in last
+
+
+def test_results_table_and_markdown():
+    from melama_mcore.eval.report import collect, markdown
+
+    lm_results = {"results": {
+        "pubmedqa": {"alias": "pubmedqa", "sample_len": 3, "accuracy,none": 0.5, "accuracy_stderr,none": "N/A",
+                     "macro_f1,none": 0.4, "missing_rate,none": 0.125},
+        "pubmedsum": {"rouge_1,none": 0.3, "rouge_2,none": 0.1, "rouge_l,none": 0.2, "bertscore_f1,none": float("nan")},
+        "mibe": {"alias": "mibe"},  # a group without metrics of its own
+        "gsm8k": {"exact_match,strict-match": 0.2, "exact_match_stderr,strict-match": 0.01,
+                  "exact_match,flexible-extract": 0.3},
+        "arc_easy": {"acc,none": 0.6, "acc_norm,none": 0.55}}}
+    table = collect(lm_results)
+    assert table == {"pubmedqa": {"accuracy": 0.5, "macro_f1": 0.4, "missing_rate": 0.125},
+                     "pubmedsum": {"rouge_1": 0.3, "rouge_2": 0.1, "rouge_l": 0.2, "bertscore_f1": None},
+                     "gsm8k": {"exact_match_strict-match": 0.2, "exact_match_flexible-extract": 0.3},
+                     "arc_easy": {"accuracy": 0.6, "accuracy_norm": 0.55}}
+    text = markdown(table, ["- model: `m`"], ["gsm8k", "arc_easy"])
+    columns = "accuracy | macro_f1 | rouge_1 | rouge_2 | rouge_l | bertscore_f1 | missing_rate"
+    assert f"| Task | Dataset | {columns} |" in text
+    assert "| QA | PubMedQA | 0.5000 | 0.4000 |  |  |  |  | 0.1250 |" in text
+    assert "| summarisation | PubMed |  |  | 0.3000 | 0.1000 | 0.2000 | n/a |  |" in text
+    assert "| arc_easy | accuracy | 0.6000 |" in text and "| gsm8k | exact_match_strict-match | 0.2000 |" in text

@@ -193,3 +193,17 @@ def test_fewshot_context(tmp_path, chat):
                               "Human: \nDoes B help?\nANSWER:\n\nAssistant: \n")
     else:
         assert seen[0][0] == "Does A help?\nANSWER: yes\n\nDoes B help?\nANSWER:"
+
+
+def test_the_mibe_group_from_local_files(tmp_path):
+    from melama_mcore.eval.command import leaf_tasks, load_tasks
+    from melama_mcore.eval.tasks import CHOICE, EXTRACTIVE_QA, MULTILABEL, NER
+
+    one = {CHOICE: PUBMEDQA[0], MULTILABEL: {**PUBMEDQA[0], "gold": [1, 0, 1]},
+           EXTRACTIVE_QA: {"query": "Where?", "answer": "left lower lobe"},
+           NER: {"query": "Tag it.", "token": ["chest", "pain"], "label": ["B-problem", "I-problem"]}}
+    for task in TASKS.values():
+        write_jsonl(tmp_path / f"{task.name}.jsonl", [one.get(task.kind, {"query": "Sum up.", "answer": "A summary."})])
+    _, objects = load_tasks(["pubmedqa", GROUP], {"data_dir": str(tmp_path)})  # pubmedqa is in the group
+    assert list(objects) == [GROUP]
+    assert sorted(leaf_tasks(objects)) == sorted(TASKS)

@@ -81,20 +81,24 @@ def quiet_libraries() -> None:
         logging.getLogger(name).addFilter(_LM_EVAL_ADVICE)
 
 
-def load_tasks(names: list[str], metadata: dict) -> tuple[object, list]:
-    """lm-eval's TaskManager (MIBE's folder, plus lm-eval's own tasks when a name needs them) and the
-    loaded task or group object per requested name; loading reads and checks every dataset now,
-    before a model is exported or loaded."""
+def load_tasks(names: list[str], metadata: dict) -> tuple[object, dict[str, list]]:
+    """lm-eval's TaskManager (MIBE's folder when a MIBE name is asked for, lm-eval's own tasks when
+    another name is: MIBE's pubmedqa and medmcqa replace lm-eval's tasks of those names) and the loaded
+    task or group objects per requested name; loading reads and checks every dataset now, before a model
+    is exported or loaded."""
     from lm_eval.tasks import TaskManager
 
+    if GROUP in names:  # the group holds every MIBE task once
+        names = [n for n in names if n not in TASKS]
     general = [n for n in names if n not in TASKS and n != GROUP]
-    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=bool(general), metadata=metadata)
+    manager = TaskManager(include_path=str(TASK_DIR) if len(general) < len(names) else None,
+                          include_defaults=bool(general), metadata=metadata)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         close = difflib.get_close_matches(unknown[0], [*TASKS, GROUP, *manager.all_tasks], n=3)
         raise UserError(f"unknown task {unknown[0]!r}: MIBE tasks are {GROUP}, {', '.join(TASKS)}; other names "
                         "must be lm-eval tasks" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    objects = []
+    objects = {}
     for name in names:
         try:
             loaded = manager.load([name])
@@ -103,20 +107,24 @@ def load_tasks(names: list[str], metadata: dict) -> tuple[object, list]:
         except Exception as err:  # lm-eval and datasets raise many types; the first line says what
             raise DataError(f"task {name}: cannot load it ({type(err).__name__}: "
                             f"{(str(err).splitlines() or [''])[0][:300]})") from None
-        if name in loaded["groups"]:
-            objects.append(loaded["groups"][name])
-        else:
-            objects += list(loaded["tasks"].values())  # one task, or every task of a tag
+        # a group, or its one task, or every task of a tag
+        objects[name] = [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
     return manager, objects
 
 
-def leaf_tasks(objects: list) -> dict:
+def leaf_tasks(objects: dict[str, list]) -> dict:
+    """Every task to run, by name; a task reached from two requested names is refused (lm-eval would
+    stop with a traceback)."""
     from lm_eval.api.group import Group
 
-    tasks = {}
-    for obj in objects:
-        for task in (obj.get_all_tasks() if isinstance(obj, Group) else [obj]):
-            tasks[task.task_name] = task
+    tasks, source = {}, {}
+    for name, built in objects.items():
+        for obj in built:
+            for task in (obj.get_all_tasks() if isinstance(obj, Group) else [obj]):
+                if task.task_name in source and source[task.task_name] != name:
+                    raise UserError(f"--tasks names {task.task_name} twice (in {source[task.task_name]} and "
+                                    f"{name}): name it once")
+                tasks[task.task_name], source[task.task_name] = task, name
     return tasks
 
 
@@ -154,7 +162,6 @@ def model_arguments(backend: str, hf_dir: Path, adapter: Path | None, adapter_co
     hf: one device (CPU in fp32, or GPU in the checkpoint's dtype; several GPUs: lm-eval's
     `parallelize`, layers spread over them). vllm: tensor parallel over the node's GPUs (the largest
     count that divides the attention heads)."""
-    config = model_source.model_config(hf_dir)
     if backend == "hf":
         args = {"pretrained": str(hf_dir), "dtype": "auto" if gpus else "float32"}
         if adapter:
@@ -162,7 +169,7 @@ def model_arguments(backend: str, hf_dir: Path, adapter: Path | None, adapter_co
         if gpus > 1:
             args["parallelize"] = True
         return args, {"batch_size": "auto" if gpus else 1, "device": "cuda" if gpus else "cpu"}
-    heads = config["num_attention_heads"]
+    heads = model_source.model_config(hf_dir)["num_attention_heads"]
     args = {"pretrained": str(hf_dir), "dtype": "auto", "gpu_memory_utilization": 0.9,
             "tensor_parallel_size": max(d for d in range(1, max(gpus, 1) + 1) if heads % d == 0)}
     if adapter:
@@ -219,12 +226,14 @@ def evaluate(options: EvalOptions) -> dict[str, dict[str, float | None]]:
         log.info("generating with lm-eval's %s backend (%s), greedy, at most %d new tokens, %s",
                  options.backend, run_args.get("device", f"tensor parallel {model_args.get('tensor_parallel_size')}"),
                  options.max_new_tokens, f"{options.num_fewshot}-shot" if options.num_fewshot else "zero-shot")
+        shorter = None if options.max_new_tokens == DEFAULT_NEW_TOKENS else {"max_gen_toks": options.max_new_tokens}
         start = time.time()
         results = lm_eval.simple_evaluate(
-            model=options.backend, model_args=model_args, tasks=objects, task_manager=manager,
+            model=options.backend, model_args=model_args, task_manager=manager,
+            tasks=[obj for built in objects.values() for obj in built],
             num_fewshot=options.num_fewshot, limit=options.limit, log_samples=options.log_samples,
             bootstrap_iters=0,
-            gen_kwargs=None if options.max_new_tokens == DEFAULT_NEW_TOKENS else {"max_gen_toks": options.max_new_tokens},
+            gen_kwargs=shorter,
             **run_args)
         seconds = time.time() - start
     total = sum(counts.values())
@@ -236,8 +245,10 @@ def evaluate(options: EvalOptions) -> dict[str, dict[str, float | None]]:
               f"- backend {options.backend}, prompts {'chat' if chat else 'plain'}, extractor {options.extractor}, "
               f"{options.num_fewshot or 0}-shot, greedy, {options.max_new_tokens} new tokens"
               + (f", first {options.limit} records per task" if options.limit else "")]
-    requested = [n for n in options.tasks if n not in TASKS and n != GROUP]
-    report.write_outputs(options.out, table, report.markdown(table, header, requested),
+    general = []  # the lm-eval names asked for; a tag or a group without a score of its own by its tasks
+    for name in (n for n in objects if n not in TASKS and n != GROUP):
+        general += [name] if name in table else sorted(t for t in leaf_tasks({name: objects[name]}) if t in table)
+    report.write_outputs(options.out, table, report.markdown(table, header, general),
                          results.get("samples") if options.log_samples else None)
     return table
 

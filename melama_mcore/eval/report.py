@@ -54,9 +54,9 @@ def _cell(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def markdown(table: dict[str, dict], header: list[str], requested: list[str]) -> str:
-    """MIBE datasets as rows (in the paper's order) and metrics as columns; lm-eval tasks the user named
-    below, one row per metric."""
+def markdown(table: dict[str, dict], header: list[str], general: list[str]) -> str:
+    """MIBE datasets as rows (in the paper's order) and metrics as columns; then the `general` lm-eval
+    tasks, one row per metric."""
     lines = ["# Evaluation results", "", *header, ""]
     mibe = [t for t in TASKS if t in table]
     if mibe:
@@ -66,7 +66,6 @@ def markdown(table: dict[str, dict], header: list[str], requested: list[str]) ->
             cells = [_cell(table[name][m]) if m in table[name] else "" for m in columns]
             lines.append(f"| {TASKS[name].task_type} | {TASKS[name].dataset} | " + " | ".join(cells) + " |")
         lines.append("")
-    general = [t for t in requested if t in table and t not in TASKS]
     if general:
         lines += ["## lm-eval tasks", "", "| Task | Metric | Value |", "|---|---|---|"]
         lines += [f"| {t} | {m} | {_cell(v)} |" for t in general for m, v in table[t].items()]
