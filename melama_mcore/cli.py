@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "blend-report": ("melama_mcore.data.blend", "per-source token shares and epochs for a blend"),
     "convert": ("melama_mcore.models.llama.convert", "Hugging Face <-> megatron checkpoint conversion"),
     "plan": ("melama_mcore.planner", "parallel layouts that fit, with predicted memory and MFU"),
+    "eval": ("melama_mcore.eval.command", "score a checkpoint or HF model on MIBE and lm-eval tasks"),
 }
 
 

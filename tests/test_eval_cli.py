@@ -1,0 +1,161 @@
+"""`melama eval` refusals: each user mistake ends in one `error:` line and exit code 2, before any
+model is loaded and without results.json; and the lm-eval model arguments each backend gets."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from melama_mcore.eval.command import EvalOptions, main, model_arguments
+from melama_mcore.eval.demo import write_demo_records
+
+CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=400, hidden_size=48,
+              intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=4096)
+
+
+def run(*args) -> tuple[int, str]:
+    from melama_mcore.cli import run_main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run_main(main, [str(a) for a in args])
+    return code, err.getvalue()
+
+
+def refused(args, out: Path, *phrases: str) -> str:
+    code, stderr = run(*args, "--out", out)
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    assert code == 2, stderr
+    assert last.startswith("error: ") and "Traceback" not in stderr, stderr
+    for phrase in phrases:
+        assert phrase in last, last
+    assert not (out / "results.json").exists()
+    return last
+
+
+@pytest.fixture()
+def setup(tmp_path) -> dict:
+    """A Hugging Face folder that is never loaded (these runs stop before) and demo records."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(CONFIG))
+    (model / "tokenizer.model").write_bytes(b"")
+    data = tmp_path / "data"
+    write_demo_records(data, records_per_task=2)
+    return {"model": model, "data": data, "out": tmp_path / "out"}
+
+
+def test_help():
+    with pytest.raises(SystemExit) as info, contextlib.redirect_stdout(io.StringIO()) as out:
+        main(["--help"])
+    assert info.value.code == 0 and "--extractor {strict,mibe-compat}" in out.getvalue()
+
+
+def test_data_errors(setup, tmp_path):
+    model, out = setup["model"], setup["out"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused(["--model", model, "--tasks", "pubmedqa", "--data-dir", empty], out,
+            f"{empty / 'pubmedqa.jsonl'} not found")
+    (setup["data"] / "mednli.jsonl").write_text('{"query": "q", "choices": ["a", "b"]}\n')
+    refused(["--model", model, "--tasks", "pubmedqa,mednli", "--data-dir", setup["data"]], out,
+            f"{setup['data'] / 'mednli.jsonl'}:1: no field 'gold'")
+    refused(["--model", model, "--tasks", "pubmedqa", "--data-dir", setup["data"], "--num-fewshot", "5"], out,
+            "--num-fewshot 5: pubmedqa has 3 training examples")
+
+
+def test_model_and_output_errors(setup, tmp_path):
+    common = ["--tasks", "pubmedqa", "--data-dir", setup["data"]]
+    refused(["--model", tmp_path / "nowhere", *common], setup["out"], "does not exist")
+    (setup["model"] / "tokenizer.model").unlink()
+    refused(["--model", setup["model"], *common], setup["out"], "no tokenizer")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    refused(["--model", plain, *common], setup["out"], "is not a checkpoint")
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "results.json").write_text("{}")
+    code, stderr = run("--model", setup["model"], *common, "--out", done)
+    assert code == 2 and "already holds results.json" in stderr and (done / "results.json").read_text() == "{}"
+
+
+def test_small_context_and_vllm_missing(setup):
+    common = ["--model", setup["model"], "--tasks", "pubmedqa", "--data-dir", setup["data"]]
+    refused([*common, "--backend", "vllm"], setup["out"], "--backend vllm needs vLLM")
+    (setup["model"] / "config.json").write_text(json.dumps({**CONFIG, "max_position_embeddings": 256}))
+    refused(common, setup["out"], "context (256 tokens", "256 new tokens")
+
+
+def lora_adapter(folder: Path, hidden: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = {k: v for k, v in CONFIG.items() if k not in ("architectures", "model_type")}
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**{**config, "hidden_size": hidden}))
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])).save_pretrained(folder)
+    return folder
+
+
+def test_adapter_errors(setup, tmp_path):
+    common = ["--model", setup["model"], "--tasks", "pubmedqa", "--data-dir", setup["data"]]
+    refused([*common, "--adapter", tmp_path], setup["out"], "no adapter_config.json")
+    other = lora_adapter(tmp_path / "other", hidden=32)  # trained on a model with hidden size 32, not 48
+    refused([*common, "--adapter", other], setup["out"], f"--adapter {other} does not fit the model",
+            "down_proj of layer 0 has output size 48, the adapter's lora_B 32")
+    deeper = tmp_path / "deeper"
+    (setup["model"] / "config.json").write_text(json.dumps({**CONFIG, "num_hidden_layers": 1}))
+    refused([*common, "--adapter", lora_adapter(deeper, hidden=48)], setup["out"], "adapts layer 1",
+            "the model has 1 layers")
+
+
+def test_model_arguments(setup, tmp_path):
+    hf = setup["model"]
+    args, run_args = model_arguments("hf", hf, None, None, gpus=0)
+    assert args == {"pretrained": str(hf), "dtype": "float32"} and run_args == {"batch_size": 1, "device": "cpu"}
+    args, run_args = model_arguments("hf", hf, tmp_path, {"r": 4}, gpus=2)
+    assert args == {"pretrained": str(hf), "dtype": "auto", "peft": str(tmp_path), "parallelize": True}
+    assert run_args == {"batch_size": "auto", "device": "cuda"}
+    # vLLM: tensor parallel over the GPUs, at most as many as divide the 4 attention heads
+    args, run_args = model_arguments("vllm", hf, tmp_path, {"r": 12}, gpus=8)
+    assert args == {"pretrained": str(hf), "dtype": "auto", "gpu_memory_utilization": 0.9, "tensor_parallel_size": 4,
+                    "lora_local_path": str(tmp_path), "max_lora_rank": 16}
+    assert model_arguments("vllm", hf, None, None, gpus=3)[0]["tensor_parallel_size"] == 2
+    assert EvalOptions(model=hf, tasks=["mibe"], out=tmp_path).max_new_tokens == 256
+
+
+@pytest.mark.slow  # looks the name up in lm-eval's whole task index (thousands of YAML files)
+def test_unknown_task_name(setup):
+    last = refused(["--model", setup["model"], "--tasks", "pubmedqa,pubmedq", "--data-dir", setup["data"]],
+                   setup["out"], "unknown task 'pubmedq'", "did you mean pubmedqa")
+    assert "MIBE tasks are mibe, pubmedqa, medqa" in last
+
+
+def test_results_table_and_markdown():
+    from melama_mcore.eval.report import collect, markdown
+
+    lm_results = {"results": {
+        "pubmedqa": {"alias": "pubmedqa", "sample_len": 3, "accuracy,none": 0.5, "accuracy_stderr,none": "N/A",
+                     "macro_f1,none": 0.4, "missing_rate,none": 0.125},
+        "pubmedsum": {"rouge_1,none": 0.3, "rouge_2,none": 0.1, "rouge_l,none": 0.2, "bertscore_f1,none": float("nan")},
+        "mibe": {"alias": "mibe"},  # a group without metrics of its own
+        "gsm8k": {"exact_match,strict-match": 0.2, "exact_match_stderr,strict-match": 0.01,
+                  "exact_match,flexible-extract": 0.3},
+        "arc_easy": {"acc,none": 0.6, "acc_norm,none": 0.55}}}
+    table = collect(lm_results)
+    assert table == {"pubmedqa": {"accuracy": 0.5, "macro_f1": 0.4, "missing_rate": 0.125},
+                     "pubmedsum": {"rouge_1": 0.3, "rouge_2": 0.1, "rouge_l": 0.2, "bertscore_f1": None},
+                     "gsm8k": {"exact_match_strict-match": 0.2, "exact_match_flexible-extract": 0.3},
+                     "arc_easy": {"accuracy": 0.6, "accuracy_norm": 0.55}}
+    text = markdown(table, ["- model: `m`"], ["gsm8k", "arc_easy"])
+    columns = "accuracy | macro_f1 | rouge_1 | rouge_2 | rouge_l | bertscore_f1 | missing_rate"
+    assert f"| Task | Dataset | {columns} |" in text
+    assert "| QA | PubMedQA | 0.5000 | 0.4000 |  |  |  |  | 0.1250 |" in text
+    assert "| summarisation | PubMed |  |  | 0.3000 | 0.1000 | 0.2000 | n/a |  |" in text
+    assert "| arc_easy | accuracy | 0.6000 |" in text and "| gsm8k | exact_match_strict-match | 0.2000 |" in text
