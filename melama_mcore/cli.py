@@ -20,7 +20,7 @@ SUBCOMMANDS = {
     "train-tokenizer": ("melama_mcore.data.train_tokenizer", "train a LLaMA-style sentencepiece model"),
     "verify-data": ("melama_mcore.data.verify", "check a .bin/.idx pair (sizes, offsets, token range)"),
     "blend-report": ("melama_mcore.data.blend", "per-source token shares and epochs for a blend"),
-    "convert": ("melama_mcore.models.llama.convert", "Hugging Face <-> megatron checkpoint conversion"),
+    "convert": ("melama_mcore.commands.convert", "Hugging Face <-> megatron checkpoints, LoRA adapters to PEFT"),
     "plan": ("melama_mcore.planner", "parallel layouts that fit, with predicted memory and MFU"),
     "eval": ("melama_mcore.eval.command", "score a checkpoint or HF model on MIBE and lm-eval tasks"),
 }

@@ -28,7 +28,8 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from melama_mcore.components.checkpointer import Checkpointer, TrainState, model_identity
+from melama_mcore.checkpoint.checkpointer import Checkpointer, TrainState
+from melama_mcore.checkpoint.integrity import model_identity
 from melama_mcore.components.metrics import MetricsLogger, StepStats, flops_per_token, peak_tflops
 from melama_mcore.components.optimizer import build_optimizer, build_scheduler
 from melama_mcore.config.job_config import JobConfig, dump_config, load_config

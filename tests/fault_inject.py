@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from melama_mcore import train
-from melama_mcore.components import checkpointer as ckpt_module
+from melama_mcore.checkpoint import checkpointer as ckpt_module
 from melama_mcore.data import loader as loader_module
 
 FAULTS = json.loads(os.environ.get("MELAMA_FAULTS", "{}"))
@@ -143,7 +143,7 @@ _original_dcp_save = ckpt_module.dist_checkpointing.save
 
 
 class _PatchedDistCheckpointing:
-    """Stands in for the `dist_checkpointing` module inside components/checkpointer.py."""
+    """Stands in for the `dist_checkpointing` module inside checkpoint/checkpointer.py."""
 
     def __init__(self, real):
         self._real = real

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from melama_mcore.components.checkpointer import CHECKSUMS, IDENTITY, Checkpointer
+from melama_mcore.checkpoint.checkpointer import Checkpointer
+from melama_mcore.checkpoint.layout import CHECKSUMS, IDENTITY
 from melama_mcore.config.job_config import load_config
 from melama_mcore.errors import CheckpointError
 
@@ -89,7 +90,7 @@ def test_verify_off_loads_a_checkpoint_saved_with_checksums(world, tmp_path):
 
 def test_verify_on_without_checksums_warns_and_says_why(world, tmp_path, caplog):
     folder = saved(tmp_path, verify=False)
-    with caplog.at_level(logging.WARNING, logger="melama_mcore.components.checkpointer"):
+    with caplog.at_level(logging.WARNING, logger="melama_mcore.checkpoint.integrity"):
         checkpointer(tmp_path, verify=True)._check_before_load(folder)  # as for an older checkpoint
     assert any("cannot be verified" in r.getMessage() and "checkpoint.verify_checksums=false" in r.getMessage()
                for r in caplog.records), caplog.text

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,13 +72,22 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:
-    """The same in this process (what the CLI prints on stderr, as `stdout`), without the start-up cost."""
+    """The same in this process (what the CLI prints on stderr and logs, as `stdout`), without the
+    start-up cost."""
     from melama_mcore.cli import run_main
-    from melama_mcore.models.llama.convert import main
+    from melama_mcore.commands.convert import main
 
     err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = run_main(main, list(map(str, args)))
+    root, handler = logging.getLogger(), logging.StreamHandler(err)
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stderr(err):
+            code = run_main(main, list(map(str, args)))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
     return subprocess.CompletedProcess(args, code, stdout=err.getvalue())
 
 
@@ -110,7 +121,7 @@ def tokens() -> torch.Tensor:
 
 
 def import_hf(hf: Path, out: Path, tp: int = 1, pp: int = 1):
-    from melama_mcore.models.llama.convert import import_hf as run
+    from melama_mcore.commands.convert import import_hf as run
 
     return run(hf, out, tp, pp, None, 128)
 
@@ -164,8 +175,9 @@ def test_import_train_export(hf_dir, tiny_data, tokens, tmp_path):  # noqa: F811
     run_train(run, [f"checkpoint.init_from={ckpt}", "training.train_iters=1", "optimizer.lr_warmup_iters=0",
                     *MODEL_OVERRIDES,
                     *data_overrides(tiny_data)])
-    result = convert("export-hf", "--ckpt", run / "checkpoints", "--out", out, "--tokenizer", tiny_data["tokenizer"])
+    result = convert("export-hf", "--ckpt", run / "checkpoints", "--out", out)  # the run's tokenizer by default
     assert result.returncode == 0, result.stdout
+    assert f"tokenizer: {tiny_data['tokenizer']} (the run's, data.tokenizer), copied into the export" in result.stdout
     trained, original = safetensors_dict(out), safetensors_dict(hf_dir)
     assert any(not torch.equal(trained[k], original[k]) for k in original)  # the step changed the weights
     ours = framework_logits(run / "checkpoints", tmp_path, tokens)
@@ -233,7 +245,11 @@ def test_missing_shard_mixed_dtypes_and_bad_layout(hf_dir, tmp_path):
     save_file({k: v.half() for k, v in tensors.items()}, shard, metadata={"format": "pt"})
     assert_refused(convert("import-hf", "--hf-dir", src, "--out", out), out, "one floating-point dtype")
     assert_refused(convert("import-hf", "--hf-dir", hf_dir, "--out", out, "--tp", "3"), out,
-                   "attention heads (4) are not divisible by --tp 3")
+                   "invalid layout: 4 attention heads are not divisible by --tp=3")
+    assert_refused(convert("import-hf", "--hf-dir", hf_dir, "--out", out, "--pp", "3", "--vp", "2"), out,
+                   "4 layers cannot be split into --pp x --vp = 6 equal stages")
+    assert_refused(convert("import-hf", "--hf-dir", hf_dir, "--out", out, "--vp", "2"), out,
+                   "--vp needs --pp > 1")
 
 
 def test_export_refuses_mismatched_or_corrupt_checkpoint(hf_dir, tmp_path):
@@ -249,10 +265,13 @@ def test_export_refuses_mismatched_or_corrupt_checkpoint(hf_dir, tmp_path):
 
     storage = FileSystemReader(str(ckpt)).read_metadata().storage_data
     data = ckpt / next(v.relative_path for k, v in storage.items() if k.fqn == "output_layer.weight")  # read last
-    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # truncated: fails after writing began
-    assert_refused(convert("export-hf", "--ckpt", ckpt, "--out", out), out, "cannot read")
-    checksums = json.loads((ckpt / "checksums.json").read_text())  # the trunk refuses it too, by checksum
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    checksums = json.loads((ckpt / "checksums.json").read_text())
     assert set(checksums) >= {p.name for p in ckpt.glob("*.distcp")} | {".metadata", "common.pt", "metadata.json"}
+    assert_refused(convert("export-hf", "--ckpt", ckpt, "--out", out), out, "is damaged", data.name,
+                   "corrupt or truncated")  # named by its checksum before anything is read
+    (ckpt / "checksums.json").unlink()  # unverifiable: the truncation is met after writing began
+    assert_refused(convert("export-hf", "--ckpt", ckpt, "--out", out), out, "cannot read")
     assert_refused(convert("export-hf", "--ckpt", tmp_path, "--out", out), out, "is not a checkpoint")
 
 
@@ -269,6 +288,120 @@ def test_cli_help_and_one_line_errors(tmp_path):
     assert result.returncode == 2 and result.stdout.startswith("error: ") and "Traceback" not in result.stdout
 
 
+def test_truncated_safetensors_and_unsafe_pickle_are_refused(hf_dir, tmp_path):
+    """import-hf of a damaged download, and of a .bin whose pickle would import a class: one line
+    naming the file, never torch's advice to load it without weights_only."""
+    src, out = copy_hf(hf_dir, tmp_path / "src"), tmp_path / "ckpt"
+    shard = sorted(src.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    result = convert("import-hf", "--hf-dir", src, "--out", out)
+    assert_refused(result, out, f"{shard} is not a complete safetensors file", "Fetch it again")
+    assert result.stdout.strip().splitlines()[-1].startswith(f"error: {shard} is not a complete safetensors file")
+
+    unsafe = tmp_path / "bin"
+    unsafe.mkdir()
+    shutil.copy(hf_dir / "config.json", unsafe)
+    torch.save({**safetensors_dict(hf_dir), "extra": Exploit()}, unsafe / "pytorch_model.bin")
+    result = convert("import-hf", "--hf-dir", unsafe, "--out", out)
+    assert_refused(result, out, f"error: {unsafe / 'pytorch_model.bin'} holds more than tensors (it refers to "
+                                "print, which is not plain data) and is not loaded: such a pickle can run code")
+    assert "weights_only" not in result.stdout and "a weights file ran code" not in result.stdout
+
+
+class Exploit:
+    def __reduce__(self):  # unpickling calls print(...): any function could be called instead
+        return (print, ("a weights file ran code",))
+
+
+VERIFY_WITHOUT_TRANSFORMERS = """
+import sys
+sys.modules["transformers"] = None  # as if not installed: importing it fails
+from melama_mcore.cli import main
+sys.exit(main(["convert", *sys.argv[1:]]))
+"""
+
+
+def test_verify_without_transformers_is_refused_before_converting(hf_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    import_hf(hf_dir, ckpt)
+    for args in (["import-hf", "--hf-dir", hf_dir, "--out", tmp_path / "out"],
+                 ["export-hf", "--ckpt", ckpt, "--out", tmp_path / "out"]):
+        result = subprocess.run([sys.executable, "-c", VERIFY_WITHOUT_TRANSFORMERS, *map(str, args), "--verify"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, timeout=300)
+        assert_refused(result, tmp_path / "out", "pip install melama-mcore[hf]")
+        assert result.stdout.strip().splitlines() == [
+            "error: --verify compares the logits with transformers', which is not installed: "
+            "pip install melama-mcore[hf] (or drop --verify)"]  # before any conversion began: nothing logged
+
+
+BROKEN_EXPORT = """
+import sys
+from melama_mcore.models.llama import state_dict_adapter as sda
+from melama_mcore.cli import main
+
+mapping = sda.hf_layer
+def gate_and_up_swapped(arch, layer, tensors):  # a mapping defect --verify must catch
+    out, names = mapping(arch, layer, tensors), sda.hf_layer_names(layer)
+    out[names["gate"]], out[names["up"]] = out[names["up"]], out[names["gate"]]
+    return out
+sda.hf_layer = gate_and_up_swapped
+sys.exit(main(["convert", *sys.argv[1:]]))
+"""
+
+
+def test_export_verify_bound_follows_the_dtype(hf_dir, tmp_path):
+    """bf16 rounds the fp32 checkpoint's weights (a relative error of a few 1e-3 on the logits, above
+    fp32's 1e-4): verified within the bound the rounding implies. A defective export fails that bound
+    and leaves nothing at --out."""
+    ckpt = tmp_path / "ckpt"
+    import_hf(hf_dir, ckpt)
+    result = cli("export-hf", "--ckpt", ckpt, "--out", tmp_path / "bf16", "--dtype", "bf16", "--verify")
+    assert result.returncode == 0, result.stdout
+    shift = float(re.search(r"rounding the weights to bfloat16 moves the framework's logits by (\S+) ",
+                            result.stdout)[1])
+    error, bound = re.search(r"max \|logit difference\| / max \|logit\| = (\S+) over 16 tokens \(bound (\S+)\)",
+                             result.stdout).groups()
+    assert 1e-4 < shift < 2**-7  # bf16's rounding shows, below its machine epsilon
+    assert float(error) <= float(bound) == pytest.approx(1e-4 + 2 * shift, rel=0.01)
+    assert float(error) == pytest.approx(shift, rel=0.01)  # the export holds exactly the rounded weights
+
+    out = tmp_path / "broken"
+    broken = subprocess.run([sys.executable, "-c", BROKEN_EXPORT, "export-hf", "--ckpt", str(ckpt), "--out",
+                             str(out), "--dtype", "bf16", "--verify"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, timeout=300)
+    assert_refused(broken, out, "error: verification failed: logits differ by", "nothing was written")
+
+
+def test_conversions_carry_the_source_architecture(tmp_path):
+    """A shape no preset has, with its own context length, RoPE base and norm eps: config.yaml states
+    them (a run resolves to exactly this architecture), and export writes them back."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from melama_mcore.config.job_config import load_config
+    from melama_mcore.config.validate import resolve_arch
+    from melama_mcore.models.llama import state_dict_adapter as sda
+
+    source = dict(HF_CONFIG, num_hidden_layers=2, hidden_size=48, intermediate_size=96, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, rope_theta=50000.0)
+    hf = tmp_path / "hf"
+    LlamaForCausalLM(LlamaConfig(**source)).save_pretrained(hf)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    assert convert("import-hf", "--hf-dir", hf, "--out", ckpt).returncode == 0
+    cfg = load_config(ckpt / "config.yaml")
+    assert cfg.training.seq_length == 256 and cfg.model.preset != "llama2-7b"
+    assert resolve_arch(cfg, None) == sda.arch_from_hf_config(json.loads((hf / "config.json").read_text()))
+    result = convert("export-hf", "--ckpt", ckpt, "--out", out)
+    assert result.returncode == 0, result.stdout
+    assert "tokenizer: none" in result.stdout and "records none (a weights-only import)" in result.stdout
+    exported = json.loads((out / "config.json").read_text())
+    original = json.loads((hf / "config.json").read_text())
+    for key in ("architectures", "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
+                "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings", "rms_norm_eps",
+                "tie_word_embeddings"):
+        assert exported[key] == original[key], key
+    assert exported["rope_theta"] == (original.get("rope_parameters") or original)["rope_theta"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Streaming: peak memory stays near one layer plus one output shard
 # ---------------------------------------------------------------------------------------------
@@ -277,8 +410,8 @@ import json, re, sys
 from pathlib import Path
 # Everything the conversion imports, so that only its data is measured.
 import megatron.core.dist_checkpointing, safetensors.torch, torch.distributed.checkpoint
-import melama_mcore.components.checkpointer, melama_mcore.config.validate, melama_mcore.data.tokenizer
-from melama_mcore.models.llama import convert
+import melama_mcore.checkpoint.checkpointer, melama_mcore.config.validate, melama_mcore.data.tokenizer
+from melama_mcore.commands import convert
 
 def status(field):
     return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
@@ -341,7 +474,7 @@ def test_streaming_peak_rss(tmp_path):
 # ---------------------------------------------------------------------------------------------
 if __name__ == "__main__":  # torchrun worker: the framework's logits at a TP x PP layout
     from melama_mcore.models.llama import state_dict_adapter as sda
-    from melama_mcore.models.llama.convert import framework_logits as run_forward
+    from melama_mcore.models.llama.logits import framework_logits as run_forward
 
     ckpt, tmp, tp, pp = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     arch = sda.arch_from_hf_config(dict(HF_CONFIG, model_type="llama"))

@@ -31,17 +31,18 @@ def world(tmp_path_factory, tiny_bert) -> dict:  # noqa: F811
     import sentencepiece
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from melama_mcore.checkpoint.hf_folder import copy_tokenizer
+    from melama_mcore.commands.convert import import_hf
     from melama_mcore.config.job_config import dump_config, load_config
     from melama_mcore.data.synthetic_corpus import write_demo_corpus
     from melama_mcore.data.train_tokenizer import train_sentencepiece
     from melama_mcore.eval.demo import write_demo_records
-    from melama_mcore.models.llama.convert import copy_tokenizer, import_hf
 
     root = tmp_path_factory.mktemp("eval_e2e")
     corpus = write_demo_corpus(root / "corpus", docs_per_source=60, seed=0)
     tokenizer = train_sentencepiece([str(p) for p in corpus.values()], str(root / "tok" / "spm"), vocab_size=400)
     pieces = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
-    # A shape no preset has, so the export states the 4096-token context of the default preset.
+    # A shape no preset has; the export carries its 4096-token context.
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=pieces.vocab_size(), hidden_size=48, intermediate_size=128,
                                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -88,8 +89,8 @@ def greedy(hf_dir: Path, prompts: list[str], adapter: Path | None = None) -> lis
 
 
 def test_megatron_checkpoint_matches_its_export_and_transformers(world, tmp_path, monkeypatch):
+    from melama_mcore.commands.convert import export_hf
     from melama_mcore.eval.command import EvalOptions, evaluate
-    from melama_mcore.models.llama.convert import export_hf
 
     # 1. The user's command on the TP2 x PP2 checkpoint (exported on the fly).
     out_ckpt = tmp_path / "from_checkpoint"
@@ -105,7 +106,7 @@ def test_megatron_checkpoint_matches_its_export_and_transformers(world, tmp_path
 
     # 2. Its Hugging Face export, evaluated the same way.
     export = tmp_path / "export"
-    export_hf(world["ckpt"], export, "auto", str(world["tokenizer"]), 10**9)
+    export_hf(world["ckpt"], export)  # carries the tokenizer the checkpoint's config.yaml names
     out_hf = tmp_path / "from_export"
     monkeypatch.setenv("MELAMA_BERTSCORE_MODEL", str(world["bert"]))
     table = evaluate(EvalOptions(model=export, tasks=TASKS, out=out_hf, data_dir=world["data"], limit=1,
@@ -156,8 +157,8 @@ def test_peft_adapter(world, tmp_path):
 
 def test_checkpoint_without_a_tokenizer(world, tmp_path):
     from melama_mcore.cli import run_main
+    from melama_mcore.commands.convert import import_hf
     from melama_mcore.eval.command import main
-    from melama_mcore.models.llama.convert import import_hf
 
     ckpt = tmp_path / "imported"
     import_hf(world["hf"], ckpt, 1, 1, None, 128)  # an import's config.yaml names no tokenizer
@@ -167,6 +168,6 @@ def test_checkpoint_without_a_tokenizer(world, tmp_path):
                                "--out", str(tmp_path / "out")])
     assert code == 2
     assert err.getvalue().strip().splitlines()[-1] == (
-        f"error: {ckpt}: its config.yaml names no tokenizer (data.tokenizer); export it with `melama convert "
-        f"export-hf --ckpt {ckpt} --tokenizer TOKENIZER --out DIR` and evaluate DIR")
+        f"error: {ckpt}: its config.yaml names no tokenizer (data.tokenizer; a weights-only import has none): "
+        f"export it with `melama convert export-hf --ckpt {ckpt} --tokenizer TOKENIZER --out DIR` and use DIR")
     assert not (tmp_path / "out" / "results.json").exists()

@@ -122,7 +122,7 @@ def reference(hf_dir, peft_dir, inputs) -> dict:
 def runs(hf_dir, peft_dir, inputs, tmp_path_factory) -> dict[str, Path]:
     from trunk_fixtures import free_port  # here: the torchrun workers need none of its imports
 
-    from melama_mcore.models.llama.convert import import_hf
+    from melama_mcore.commands.convert import import_hf
 
     root = tmp_path_factory.mktemp("lora_runs")
     import_hf(hf_dir, root / "base", 1, 1, None, 128)
@@ -282,19 +282,20 @@ def test_merge_equals_peft_merge_and_unload(hf_dir, peft_dir, tmp_path):
     dist-checkpoint), then mapped to Hugging Face names: peft's merged weights."""
     from safetensors.torch import load_file
 
+    from melama_mcore.checkpoint.dcp_stream import DistCheckpointReader
+    from melama_mcore.commands.convert import import_hf
     from melama_mcore.models.llama import state_dict_adapter as sda
-    from melama_mcore.models.llama.convert import DistCheckpointReader, import_hf
     from melama_mcore.models.llama.lora import merge_lora
     from melama_mcore.models.llama.peft_adapter import from_peft
 
     a = arch()
     import_hf(hf_dir, tmp_path / "base", 2, 1, None, 128)  # the base padded for TP 2 (768 rows),
-    reader = DistCheckpointReader(tmp_path / "base", a, 768, torch.float32)
+    reader = DistCheckpointReader(tmp_path / "base")
     peft_tensors = load_file(peft_dir / "adapter_model.safetensors")
     adapters = from_peft(peft_tensors, a, Peft(), padded_vocab=640)  # the adapters for TP 1
     ours = {}
     for layer in range(a.num_layers):
-        ours.update(sda.hf_layer(a, layer, merge_lora(reader.layer(layer), adapters, a, Peft(), layer)))
+        ours.update(sda.hf_layer(a, layer, merge_lora(reader.layer(layer, sda.LAYER_KEYS), adapters, a, Peft(), layer)))
     ours["lm_head.weight"] = merge_lora(reader.tensors([sda.OUTPUT]), adapters, a, Peft())[sda.OUTPUT][: a.vocab_size]
     merged = peft_model(hf_dir, peft_dir).merge_and_unload().state_dict()
     base = load_file(hf_dir / "model.safetensors")

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Hugging Face <-> megatron checkpoint conversion (same as `melama convert`); see --help."""
+"""Hugging Face <-> megatron checkpoint conversion, LoRA adapters to PEFT (same as `melama convert`); see --help."""
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
 from melama_mcore.cli import run_main  # noqa: E402
-from melama_mcore.models.llama.convert import main  # noqa: E402
+from melama_mcore.commands.convert import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_main(main, sys.argv[1:]))

@@ -2,10 +2,9 @@
 
 PATH is a Hugging Face folder (config.json, weights, tokenizer) used as it is, or one of this
 project's megatron checkpoints at any TP/PP layout (a run folder, its checkpoints/ folder, one
-iter_* folder, a weights-only import), which is exported to a temporary Hugging Face folder with the
-project's streaming exporter and removed afterwards. The export carries the tokenizer the run named
-(`data.tokenizer` in the checkpoint's config.yaml). This module is the one place that reaches into
-the checkpoint code.
+iter_* folder, a weights-only import), which is exported to a temporary Hugging Face folder by the
+converter (`melama convert export-hf`, which carries the run's tokenizer) and removed afterwards.
+This module is the one place that reaches into the checkpoint code.
 """
 
 from __future__ import annotations
@@ -19,14 +18,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from melama_mcore.components.checkpointer import find_checkpoint
-from melama_mcore.errors import CheckpointError, UserError
-from melama_mcore.models.llama.convert import export_hf
+from melama_mcore.checkpoint.layout import find_checkpoint
+from melama_mcore.commands.convert import export_hf
+from melama_mcore.errors import UserError
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-EXPORT_SHARD_BYTES = 5 * 10**9
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -44,20 +42,6 @@ def locate(path: Path) -> Path | None:
     return find_checkpoint(path)
 
 
-def checkpoint_tokenizer(ckpt: Path) -> str:
-    """The tokenizer the run trained with, as its config.yaml names it."""
-    from melama_mcore.config.job_config import load_config
-
-    tokenizer = load_config(ckpt / "config.yaml").data.tokenizer if (ckpt / "config.yaml").is_file() else ""
-    hint = (f"export it with `melama convert export-hf --ckpt {ckpt} --tokenizer TOKENIZER --out DIR` "
-            "and evaluate DIR")
-    if not tokenizer:
-        raise CheckpointError(f"{ckpt}: its config.yaml names no tokenizer (data.tokenizer); {hint}")
-    if not Path(tokenizer).exists():
-        raise CheckpointError(f"{ckpt}: its tokenizer {tokenizer} (data.tokenizer) does not exist here; {hint}")
-    return tokenizer
-
-
 @contextlib.contextmanager
 def hf_folder(path: Path, scratch: Path) -> Iterator[Path]:
     """The Hugging Face folder to evaluate: PATH itself, or a megatron checkpoint's export into a
@@ -66,12 +50,11 @@ def hf_folder(path: Path, scratch: Path) -> Iterator[Path]:
     if ckpt is None:
         yield path
         return
-    tokenizer = checkpoint_tokenizer(ckpt)
     scratch.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".hf-export-", dir=scratch))
     try:
         log.info("exporting megatron checkpoint %s to a temporary Hugging Face folder", ckpt)
-        export_hf(ckpt, tmp / "model", "auto", tokenizer, EXPORT_SHARD_BYTES)
+        export_hf(ckpt, tmp / "model", require_tokenizer=True)
         yield tmp / "model"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

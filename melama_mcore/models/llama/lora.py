@@ -365,7 +365,7 @@ def merge_lora(tensors: dict[str, torch.Tensor], adapters: dict[str, torch.Tenso
                layer: int | None = None) -> dict[str, torch.Tensor]:
     """Base tensors with the adapters folded in: W + alpha / rank * B @ A, computed in fp32 and
     returned in W's dtype. `tensors` maps state_dict_adapter keys to global megatron tensors: one
-    decoder layer's slices (QKV, PROJ, FC1, FC2; `layer` its index), as convert's
+    decoder layer's slices (QKV, PROJ, FC1, FC2; `layer` its index), as checkpoint.dcp_stream's
     DistCheckpointReader.layer gives them, or the output layer (OUTPUT, `layer` None). `adapters` are
     global adapter tensors by adapter_key. Keys without adapters pass through. The output layer's
     rows beyond the vocabulary are padding: the adapter's, stored at another TP, may be longer or

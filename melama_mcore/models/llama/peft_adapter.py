@@ -61,7 +61,7 @@ def _layers(target: str, arch: LlamaArch) -> list[int | None]:
     return list(range(arch.num_layers)) if TARGETS[target].startswith(LAYER_PREFIX) else [None]
 
 
-def _check(adapters: dict[str, torch.Tensor], arch: LlamaArch, peft) -> int:
+def check_adapters(adapters: dict[str, torch.Tensor], arch: LlamaArch, peft) -> int:
     """Every adapter tensor of the configuration is there with its global shape, nothing else;
     returns the lm_head B's (padded) rows."""
     lm_head_B = adapter_key("output_layer", "lm_head", "lora_B")
@@ -83,7 +83,7 @@ def _check(adapters: dict[str, torch.Tensor], arch: LlamaArch, peft) -> int:
 
 def to_peft(adapters: dict[str, torch.Tensor], arch: LlamaArch, peft) -> dict[str, torch.Tensor]:
     """Global adapter tensors -> PEFT's adapter_model.safetensors tensors (views, in their dtype)."""
-    _check(adapters, arch, peft)
+    check_adapters(adapters, arch, peft)
     out = {}
     for target in target_order(peft):
         for piece in PIECES[target]:
@@ -113,7 +113,7 @@ def from_peft(tensors: dict[str, torch.Tensor], arch: LlamaArch, peft, padded_vo
                 if piece == "lm_head" and matrix == "lora_B":
                     value = torch.cat([value, value.new_zeros(padded_vocab - value.shape[0], value.shape[1])])
                 out[adapter_key(target, piece, matrix)] = value
-    _check(out, arch, peft)
+    check_adapters(out, arch, peft)
     return out
 
 
@@ -123,7 +123,7 @@ def write_peft_adapter(out: Path, adapters: dict[str, torch.Tensor], arch: Llama
     `out` is refused). `dtype`: of the written tensors (default: as given)."""
     from safetensors.torch import save_file
 
-    from melama_mcore.models.llama.convert import atomic_dir
+    from melama_mcore.checkpoint.layout import atomic_dir
 
     tensors = {k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in to_peft(adapters, arch, peft).items()}
     with atomic_dir(out) as tmp:

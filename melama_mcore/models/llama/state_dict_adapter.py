@@ -14,7 +14,8 @@ per layer (and per tensor-parallel rank). The layout facts the mapping rests on:
 * Each linear also has an `_extra_state` object per layer (None for our layers; TE's FP8 state
   otherwise), stored as `<key>/shard_<layer>_<num_layers>`.
 
-Everything here is pure layout: reading and writing files is convert.py's business.
+Everything here is pure layout: reading and writing files is the checkpoint room's business
+(melama_mcore/checkpoint/), chaining the two the converter's (melama_mcore/commands/convert.py).
 """
 
 from __future__ import annotations
@@ -139,12 +140,20 @@ def hf_config(arch: LlamaArch, dtype: torch.dtype) -> dict:
 
 
 def matching_preset(arch: LlamaArch) -> str:
-    """The preset whose layer shapes this architecture has (a name for config.yaml), else llama2-7b;
-    every architecture field is written explicitly beside it, so the choice only labels."""
+    """The preset a converted checkpoint's config.yaml names. Every other architecture field is
+    written explicitly beside it, so the preset contributes only what the model section has no key
+    for, the context length: a preset with the architecture's max_position_embeddings (the one of the
+    same shape if there is one), so that the config resolves to the source's architecture; else the
+    preset of the same shape, else llama2-7b. model_identity.json records the positions either way."""
     def shape(a: LlamaArch) -> tuple:
         return a.num_layers, a.hidden_size, a.num_attention_heads, a.num_query_groups, a.ffn_hidden_size
 
-    return next((name for name, p in PRESETS.items() if shape(p) == shape(arch)), "llama2-7b")
+    same_positions = [n for n, p in PRESETS.items() if p.max_position_embeddings == arch.max_position_embeddings]
+    same_shape = [n for n, p in PRESETS.items() if shape(p) == shape(arch)]
+    for candidates in ([n for n in same_positions if n in same_shape], same_positions, same_shape):
+        if candidates:
+            return candidates[0]
+    return "llama2-7b"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,5 +284,20 @@ def hf_layer(arch: LlamaArch, layer: int, tensors: dict[str, torch.Tensor]) -> d
 # ---------------------------------------------------------------------------------------------
 ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                "vocab_size", "norm_eps", "rope_base")
+
+
+def arch_config(arch: LlamaArch, tp: int = 1, pp: int = 1, vp: int | None = None, divisible_by: int = 128):
+    """A JobConfig for this architecture (every field of ARCH_FIELDS explicit, the preset that
+    resolves to it) at a TP/PP/VP layout: what a converted checkpoint's config.yaml states, and
+    what the converter validates and runs the model with."""
+    from melama_mcore.config.job_config import JobConfig
+
+    cfg = JobConfig()
+    cfg.model.preset = matching_preset(arch)
+    for field in ARCH_FIELDS:
+        setattr(cfg.model, field, getattr(arch, field))
+    cfg.model.make_vocab_size_divisible_by = divisible_by
+    cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.virtual_pipeline = tp, pp, vp
+    return cfg
 
 

@@ -1,12 +1,9 @@
 """Crash-safe, resharding checkpoints on megatron's dist-checkpointing.
 
-Layout under <output_dir>/checkpoints/:
-    iter_0000100/          a complete checkpoint (megatron dist-checkpoint + config.yaml)
-    iter_0000200.partial/  a save in progress, or one a crash interrupted: never loaded
-    latest                 the step of the newest complete checkpoint, replaced atomically
-
-A save writes into `.partial`, every rank finishes, then rank 0 renames the folder and only then
-rewrites `latest`. A crash at any point leaves `latest` naming the previous complete checkpoint.
+The folder layout (iter_XXXXXXX, .partial, `latest`) and the integrity checks are the checkpoint
+room's (layout.py, integrity.py). A save writes into `.partial`, every rank finishes, then rank 0
+renames the folder and only then rewrites `latest`. A crash at any point leaves `latest` naming the
+previous complete checkpoint.
 
 Tensors are stored by their global (unsharded) identity, so a checkpoint saved at one TP/PP/VP
 layout loads at another. Model chunks all use the same key prefix for that reason. Per-rank RNG
@@ -15,16 +12,10 @@ state is restored only when the layout is unchanged (it has no meaning across la
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import io
-import json
 import logging
 import os
-import pickle
 import random
 import shutil
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,16 +24,14 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from melama_mcore.checkpoint.integrity import check_identity, check_no_code, file_checksums, verify_checksums
+from melama_mcore.checkpoint.layout import (LATEST, PARTIAL, find_checkpoint, latest_step, partial_dir, publish, seal,
+                                            step_dir, write_atomically)
 from melama_mcore.components.optimizer import load_optimizer_state, prepare_optimizer_for_load
 from melama_mcore.config.job_config import JobConfig, dump_config
 from melama_mcore.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-
-LATEST = "latest"
-PARTIAL = ".partial"
-CHECKSUMS = "checksums.json"  # crc32 of every file megatron wrote, checked before loading (checkpoint.verify_checksums)
-IDENTITY = "model_identity.json"  # resolved architecture and tokenizer vocabulary of the run that saved
 
 
 @dataclass
@@ -53,44 +42,6 @@ class TrainState:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"iter_{step:07d}"
-
-
-def latest_step(root: Path) -> int | None:
-    """The step named by `latest`, if it names a complete checkpoint folder."""
-    marker = root / LATEST
-    if not marker.is_file():
-        return None
-    text = marker.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{marker} is corrupt (expected a step number): delete it or restore it")
-    step = int(text)
-    if not step_dir(root, step).is_dir():
-        raise CheckpointError(f"{marker} names step {step}, but {step_dir(root, step)} is missing")
-    return step
-
-
-def find_checkpoint(path: Path) -> Path:
-    """A run's checkpoints/ folder (its latest), a run's output folder, one iter_* folder, or a
-    weights-only folder -> the folder holding metadata.json."""
-    for root in (path, path / "checkpoints"):
-        if (root / LATEST).is_file():
-            return step_dir(root, latest_step(root))
-    if (path / "metadata.json").is_file():
-        return path
-    raise CheckpointError(f"{path} is not a checkpoint: expected a metadata.json, or a 'latest' marker of a run")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _writer_helper_init() -> None:
@@ -132,21 +83,7 @@ def _start_writer_helper() -> None:
     filesystem_async._melama_manager = manager  # keep it referenced for the life of the process
 
 
-# -- integrity: checksums, identity, no code in pickles -----------------------------------------------
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def file_checksums(folder: Path, names=None) -> dict[str, int]:
-    """crc32 of the named files of a folder (default: all of them), in checksums.json's format."""
-    names = sorted(p.name for p in folder.iterdir() if p.is_file()) if names is None else names
-    return {n: _crc32(folder / n) for n in names}
-
-
+# -- integrity: checksums over all ranks (integrity.py has the checks) -----------------------------------
 def _my_share(names) -> list[str]:
     """Files are checksummed by all ranks together (each reads 1/world of the checkpoint)."""
     return sorted(names)[dist.get_rank()::dist.get_world_size()]
@@ -158,137 +95,16 @@ def _gather(local):
     return out
 
 
+def _all_ranks(problems: list[str]) -> list[str]:
+    return [p for part in _gather(problems) for p in part]
+
+
 def _compute_checksums(folder: Path) -> dict[str, int]:
     names = [p.name for p in folder.iterdir() if p.is_file()]
     merged: dict[str, int] = {}
     for part in _gather(file_checksums(folder, _my_share(names))):
         merged.update(part)
     return merged
-
-
-def _verify_checksums(folder: Path) -> None:
-    """CheckpointError naming every file whose bytes changed since the save (all ranks agree)."""
-    path = folder / CHECKSUMS
-    if not path.is_file():
-        log.warning("%s has no %s (saved with checkpoint.verify_checksums=false, an older checkpoint, or a "
-                    "conversion): its files cannot be verified", folder, CHECKSUMS)
-        return
-    saved = json.loads(path.read_text())
-    problems = []
-    for name in _my_share(saved):
-        file = folder / name
-        if not file.is_file():
-            problems.append(f"{file}: missing")
-        elif (crc := _crc32(file)) != saved[name]:
-            problems.append(f"{file}: checksum {crc:08x}, saved {saved[name]:08x} (corrupt or truncated)")
-    problems = sorted(p for part in _gather(problems) for p in part)
-    if problems:
-        raise CheckpointError(f"checkpoint {folder} is damaged: {'; '.join(problems)}. Restore the file, or "
-                              f"delete {folder} and write an earlier step into {folder.parent / LATEST}")
-
-
-def model_identity(arch, tokenizer) -> dict:
-    """What a checkpoint's weights mean: the resolved architecture and the tokenizer's vocabulary."""
-    identity = {"arch": dataclasses.asdict(arch) if arch is not None else None, "tokenizer": None}
-    if tokenizer is not None:
-        backend = getattr(tokenizer, "_backend", None)
-        n = tokenizer.vocab_size
-        pieces = None
-        if hasattr(backend, "id_to_piece"):
-            pieces = [backend.id_to_piece(i) for i in range(n)]
-        elif hasattr(backend, "convert_ids_to_tokens"):
-            pieces = backend.convert_ids_to_tokens(list(range(n)))
-        digest = hashlib.sha256("\0".join(map(str, pieces)).encode()).hexdigest() if pieces is not None else None
-        identity["tokenizer"] = {"path": str(tokenizer.path), "vocab_size": n, "vocab_sha256": digest}
-    return identity
-
-
-def _check_identity(folder: Path, identity: dict | None) -> None:
-    """Refuse a checkpoint saved for another model size or another tokenizer, naming the differences."""
-    path = folder / IDENTITY
-    if identity is None or not path.is_file():
-        return
-    saved = json.loads(path.read_text())
-    diffs = []
-    mine, theirs = identity.get("arch") or {}, saved.get("arch") or {}
-    # Every field that gives the weights their meaning; positions are computed, not stored.
-    for key in sorted((set(mine) & set(theirs)) - {"max_position_embeddings"}):
-        if mine[key] != theirs[key]:
-            diffs.append(f"model.{key}: checkpoint {theirs[key]}, this run {mine[key]}")
-    tok, saved_tok = identity.get("tokenizer"), saved.get("tokenizer")
-    if tok and saved_tok:
-        if tok["vocab_size"] != saved_tok["vocab_size"]:
-            diffs.append(f"tokenizer {tok['path']} has {tok['vocab_size']} tokens, the checkpoint was trained "
-                         f"with {saved_tok['path']} ({saved_tok['vocab_size']} tokens)")
-        elif tok["vocab_sha256"] and saved_tok["vocab_sha256"] and tok["vocab_sha256"] != saved_tok["vocab_sha256"]:
-            diffs.append(f"tokenizer {tok['path']} has another vocabulary than {saved_tok['path']}, which the "
-                         "checkpoint was trained with (same size, different pieces)")
-    if diffs:
-        raise CheckpointError(f"checkpoint {folder} does not fit this run: {'; '.join(diffs)}. Use the "
-                              "checkpoint's model settings and tokenizer, or another output_dir")
-
-
-# DCP's .metadata is a plain pickle; these are the only globals a genuine one refers to.
-_METADATA_GLOBALS = {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    *(("torch.distributed.checkpoint.metadata", n) for n in (
-        "BytesStorageMetadata", "ChunkStorageMetadata", "Metadata", "MetadataIndex", "StorageMeta",
-        "TensorProperties", "TensorStorageMetadata", "_MEM_FORMAT_ENCODING")),
-    *(("torch.distributed.checkpoint.planner", n) for n in (
-        "SavePlan", "TensorWriteData", "WriteItem", "WriteItemType", "BytesIOWriteData")),
-    ("collections", "OrderedDict"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _METADATA_GLOBALS or (
-                module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout))):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-
-
-def check_no_code(folder: Path) -> None:
-    """Before megatron unpickles anything: common.pt with torch's weights_only loader, DCP's .metadata
-    with an allowlist of its own classes, and every pickled object inside the .distcp files with
-    weights_only. A pickle that would import or call anything else is refused, never run."""
-    common = folder / "common.pt"
-    if common.is_file():
-        try:
-            torch.load(common, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any refusal means "not a plain-data pickle"
-            raise CheckpointError(f"{common}: refused to unpickle ({_first_line(err)}): a checkpoint holds "
-                                  "tensors and plain data only; this file may be malicious") from None
-    meta_path = folder / ".metadata"
-    if not meta_path.is_file():
-        return
-    try:
-        with open(meta_path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-        items = {index.fqn: info for index, info in metadata.storage_data.items()}
-        byte_keys = [k for k, v in metadata.state_dict_metadata.items() if type(v).__name__ == "BytesStorageMetadata"]
-    except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"{meta_path}: refused to unpickle ({_first_line(err)}): this file may be "
-                              "malicious or corrupt") from None
-    for key in byte_keys:
-        info = items.get(key)
-        if info is None:
-            continue
-        source = folder / info.relative_path
-        if source.parent != folder:
-            raise CheckpointError(f"{meta_path}: {key} points outside the checkpoint ({info.relative_path})")
-        try:
-            with open(source, "rb") as f:
-                f.seek(info.offset)
-                torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001
-            raise CheckpointError(f"{source}: object {key} refused to unpickle ({_first_line(err)}): this "
-                                  "file may be malicious or corrupt") from None
 
 
 def _layout() -> tuple[int, int, int]:
@@ -370,7 +186,7 @@ class Checkpointer:
     def save(self, train_state: TrainState) -> Path:
         """Save and publish atomically. Raises OSError/RuntimeError on failure (the caller decides)."""
         final = step_dir(self.root, train_state.step)
-        partial = final.with_name(final.name + PARTIAL)
+        partial = partial_dir(final)
         rank0 = dist.get_rank() == 0
         if rank0:
             shutil.rmtree(partial, ignore_errors=True)
@@ -382,7 +198,7 @@ class Checkpointer:
         dist.barrier()
         self._publish(partial, final)
         if rank0:
-            _write_atomically(self.root / LATEST, str(train_state.step))
+            write_atomically(self.root / LATEST, str(train_state.step))
             self._prune()
         dist.barrier()
         log.info("saved checkpoint %s", final)
@@ -392,7 +208,7 @@ class Checkpointer:
         """Model weights only, atomically (a seed checkpoint, or a Hugging Face import): the input of
         `checkpoint.init_from`. Layout-independent like every checkpoint here."""
         final = Path(path)
-        partial = final.with_name(final.name + PARTIAL)
+        partial = partial_dir(final)
         if dist.get_rank() == 0:
             if final.exists():
                 raise CheckpointError(f"{final} already exists: choose a new folder or delete it")
@@ -411,14 +227,8 @@ class Checkpointer:
         identity and config beside them, then the rename that makes the checkpoint exist (rank 0)."""
         checksums = _compute_checksums(partial) if self.cfg.checkpoint.verify_checksums else None
         if dist.get_rank() == 0:
-            if checksums is not None:
-                _write_atomically(partial / CHECKSUMS, json.dumps(checksums, indent=0))
-            if self.identity is not None:
-                _write_atomically(partial / IDENTITY, json.dumps(self.identity))
-            _write_atomically(partial / "config.yaml", dump_config(self.cfg))
-            if final.exists():  # a re-save of the same step (e.g. preempted right after a save)
-                shutil.rmtree(final)
-            os.replace(partial, final)
+            seal(partial, checksums, self.identity, dump_config(self.cfg))
+            publish(partial, final)
 
     def _prune(self) -> None:
         keep = self.cfg.checkpoint.keep_last
@@ -506,9 +316,9 @@ class Checkpointer:
         anything is loaded."""
         if not (path / "metadata.json").is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint (no metadata.json)")
-        _check_identity(path, self.identity)
+        check_identity(path, self.identity)
         if self.cfg.checkpoint.verify_checksums:
-            _verify_checksums(path)
+            verify_checksums(path, share=_my_share, combine=_all_ranks)
         else:
             log.info("%s: file checksums not verified (checkpoint.verify_checksums=false)", path)
         check_no_code(path)

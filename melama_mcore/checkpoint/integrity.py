@@ -1,0 +1,192 @@
+"""What is checked before a checkpoint is loaded: its files are the bytes that were saved (crc32 in
+checksums.json), its weights belong to the model that loads them (model_identity.json), and no
+pickle inside it can run code. The trainer's checkpointer and the converter use the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import pickle
+import re
+import zlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from melama_mcore.checkpoint.layout import CHECKSUMS, IDENTITY, LATEST
+from melama_mcore.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+# -- checksums ---------------------------------------------------------------------------------------
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def file_checksums(folder: Path, names=None) -> dict[str, int]:
+    """crc32 of the named files of a folder (default: all of them), in checksums.json's format."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file()) if names is None else names
+    return {n: _crc32(folder / n) for n in names}
+
+
+def verify_checksums(folder: Path, share: Callable[[Iterable[str]], list[str]] = sorted,
+                     combine: Callable[[list[str]], list[str]] = list) -> None:
+    """CheckpointError naming every file whose bytes changed since the save. `share` picks the files
+    this process reads, `combine` merges every process's findings (the trainer splits the reads
+    over its ranks and all ranks agree); the defaults read everything here."""
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        log.warning("%s has no %s (saved with checkpoint.verify_checksums=false, an older checkpoint, or a "
+                    "conversion): its files cannot be verified", folder, CHECKSUMS)
+        return
+    saved = json.loads(path.read_text())
+    problems = []
+    for name in share(saved):
+        file = folder / name
+        if not file.is_file():
+            problems.append(f"{file}: missing")
+        elif (crc := _crc32(file)) != saved[name]:
+            problems.append(f"{file}: checksum {crc:08x}, saved {saved[name]:08x} (corrupt or truncated)")
+    problems = sorted(combine(problems))
+    if problems:
+        remedy = (f"delete {folder} and write an earlier step into {folder.parent / LATEST}"
+                  if (folder.parent / LATEST).is_file() else "write the checkpoint again")
+        raise CheckpointError(f"checkpoint {folder} is damaged: {'; '.join(problems)}. Restore the file, or {remedy}")
+
+
+# -- identity ----------------------------------------------------------------------------------------
+def model_identity(arch, tokenizer) -> dict:
+    """What a checkpoint's weights mean: the resolved architecture and the tokenizer's vocabulary."""
+    identity = {"arch": dataclasses.asdict(arch) if arch is not None else None, "tokenizer": None}
+    if tokenizer is not None:
+        backend = getattr(tokenizer, "_backend", None)
+        n = tokenizer.vocab_size
+        pieces = None
+        if hasattr(backend, "id_to_piece"):
+            pieces = [backend.id_to_piece(i) for i in range(n)]
+        elif hasattr(backend, "convert_ids_to_tokens"):
+            pieces = backend.convert_ids_to_tokens(list(range(n)))
+        digest = hashlib.sha256("\0".join(map(str, pieces)).encode()).hexdigest() if pieces is not None else None
+        identity["tokenizer"] = {"path": str(tokenizer.path), "vocab_size": n, "vocab_sha256": digest}
+    return identity
+
+
+def read_identity(folder: Path) -> dict | None:
+    path = folder / IDENTITY
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def identity_differences(saved: dict, identity: dict) -> list[str]:
+    """Every difference that gives weights another meaning: architecture fields (positions are
+    computed, not stored) and the tokenizer's vocabulary."""
+    diffs = []
+    mine, theirs = identity.get("arch") or {}, saved.get("arch") or {}
+    for key in sorted((set(mine) & set(theirs)) - {"max_position_embeddings"}):
+        if mine[key] != theirs[key]:
+            diffs.append(f"model.{key}: checkpoint {theirs[key]}, this run {mine[key]}")
+    tok, saved_tok = identity.get("tokenizer"), saved.get("tokenizer")
+    if tok and saved_tok:
+        if tok["vocab_size"] != saved_tok["vocab_size"]:
+            diffs.append(f"tokenizer {tok['path']} has {tok['vocab_size']} tokens, the checkpoint was trained "
+                         f"with {saved_tok['path']} ({saved_tok['vocab_size']} tokens)")
+        elif tok["vocab_sha256"] and saved_tok["vocab_sha256"] and tok["vocab_sha256"] != saved_tok["vocab_sha256"]:
+            diffs.append(f"tokenizer {tok['path']} has another vocabulary than {saved_tok['path']}, which the "
+                         "checkpoint was trained with (same size, different pieces)")
+    return diffs
+
+
+def check_identity(folder: Path, identity: dict | None) -> None:
+    """Refuse a checkpoint saved for another model size or another tokenizer, naming the differences."""
+    saved = read_identity(folder)
+    if identity is None or saved is None:
+        return
+    diffs = identity_differences(saved, identity)
+    if diffs:
+        raise CheckpointError(f"checkpoint {folder} does not fit this run: {'; '.join(diffs)}. Use the "
+                              "checkpoint's model settings and tokenizer, or another output_dir")
+
+
+# -- no code in pickles ------------------------------------------------------------------------------
+# DCP's .metadata is a plain pickle; these are the only globals a genuine one refers to.
+_METADATA_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(("torch.distributed.checkpoint.metadata", n) for n in (
+        "BytesStorageMetadata", "ChunkStorageMetadata", "Metadata", "MetadataIndex", "StorageMeta",
+        "TensorProperties", "TensorStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    *(("torch.distributed.checkpoint.planner", n) for n in (
+        "SavePlan", "TensorWriteData", "WriteItem", "WriteItemType", "BytesIOWriteData")),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _METADATA_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def refusal_reason(err: BaseException) -> str:
+    """Why a pickle did not load, in a few words of our own. torch's text for a weights_only refusal
+    advises loading the file without that protection; it is never passed on."""
+    text = str(err)
+    if match := re.search(r"GLOBAL ([\w.]+) was not an allowed global", text):
+        return f"it refers to {match[1]}, which is not plain data"
+    if "Weights only load failed" in text:
+        match = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. Please|\n|$)", text)
+        return match[1] if match and match[1] else "it holds objects other than tensors and plain data"
+    return _first_line(err)
+
+
+def check_no_code(folder: Path) -> None:
+    """Before megatron unpickles anything: common.pt with torch's weights_only loader, DCP's .metadata
+    with an allowlist of its own classes, and every pickled object inside the .distcp files with
+    weights_only. A pickle that would import or call anything else is refused, never run."""
+    common = folder / "common.pt"
+    if common.is_file():
+        try:
+            torch.load(common, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any refusal means "not a plain-data pickle"
+            raise CheckpointError(f"{common}: refused to unpickle ({refusal_reason(err)}): a checkpoint holds "
+                                  "tensors and plain data only; this file may be malicious") from None
+    meta_path = folder / ".metadata"
+    if not meta_path.is_file():
+        return
+    try:
+        with open(meta_path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        items = {index.fqn: info for index, info in metadata.storage_data.items()}
+        byte_keys = [k for k, v in metadata.state_dict_metadata.items() if type(v).__name__ == "BytesStorageMetadata"]
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{meta_path}: refused to unpickle ({_first_line(err)}): this file may be "
+                              "malicious or corrupt") from None
+    for key in byte_keys:
+        info = items.get(key)
+        if info is None:
+            continue
+        source = folder / info.relative_path
+        if source.parent != folder:
+            raise CheckpointError(f"{meta_path}: {key} points outside the checkpoint ({info.relative_path})")
+        try:
+            with open(source, "rb") as f:
+                f.seek(info.offset)
+                torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"{source}: object {key} refused to unpickle ({refusal_reason(err)}): this "
+                                  "file may be malicious or corrupt") from None

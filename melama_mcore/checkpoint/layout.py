@@ -1,0 +1,163 @@
+"""Where a checkpoint's files are, how a folder of them appears whole, and how one is found.
+
+A run's checkpoints, under <output_dir>/checkpoints/:
+    iter_0000100/          a complete checkpoint
+    iter_0000200.partial/  a save in progress, or one a crash interrupted: never loaded
+    latest                 the step of the newest complete checkpoint, replaced atomically
+
+One checkpoint folder (a run's iter_*, or a weights-only folder written by `melama convert
+import-hf` or `melama train --create-seed-checkpoint`):
+    metadata.json, common.pt, .metadata, *.distcp   megatron's torch_dist dist-checkpoint
+    checksums.json         crc32 of each of those files (integrity.py)
+    model_identity.json    what the weights mean: architecture, tokenizer vocabulary (integrity.py)
+    config.yaml            the configuration of the run (or the import) that wrote it
+
+A folder appears only when complete, one of two ways: the ranks of a run write `<name>.partial/`
+and rank 0 `publish`es it once all have finished (the trainer); a single process writes into a
+hidden temporary folder beside the destination, renamed at the end and removed on any failure
+(`atomic_dir`: the converter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import yaml
+
+from melama_mcore.config.job_config import JobConfig
+from melama_mcore.errors import CheckpointError, ConfigError, UserError
+
+LATEST = "latest"
+PARTIAL = ".partial"
+METADATA = "metadata.json"  # megatron's: written last by a dist-checkpoint save
+CHECKSUMS = "checksums.json"  # crc32 of every file megatron wrote, checked before loading (checkpoint.verify_checksums)
+IDENTITY = "model_identity.json"  # resolved architecture and tokenizer vocabulary of the run that saved
+CONFIG = "config.yaml"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"iter_{step:07d}"
+
+
+def partial_dir(final: Path) -> Path:
+    return final.with_name(final.name + PARTIAL)
+
+
+def latest_step(root: Path) -> int | None:
+    """The step named by `latest`, if it names a complete checkpoint folder."""
+    marker = root / LATEST
+    if not marker.is_file():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{marker} is corrupt (expected a step number): delete it or restore it")
+    step = int(text)
+    if not step_dir(root, step).is_dir():
+        raise CheckpointError(f"{marker} names step {step}, but {step_dir(root, step)} is missing")
+    return step
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A run's checkpoints/ folder (its latest), a run's output folder, one iter_* folder, or a
+    weights-only folder -> the folder holding metadata.json."""
+    for root in (path, path / "checkpoints"):
+        if (root / LATEST).is_file():
+            return step_dir(root, latest_step(root))
+    if (path / METADATA).is_file():
+        return path
+    raise CheckpointError(f"{path} is not a checkpoint: expected a metadata.json, or a 'latest' marker of a run")
+
+
+# -- writing ------------------------------------------------------------------------------------------
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def seal(folder: Path, checksums: dict[str, int] | None, identity: dict | None, config_yaml: str) -> None:
+    """What makes a folder of dist-checkpoint files one of this project's checkpoints, written after
+    the tensor files and before the folder is published: their checksums (None: not computed),
+    the model identity (None: unknown) and the config."""
+    if checksums is not None:
+        write_atomically(folder / CHECKSUMS, json.dumps(checksums, indent=0))
+    if identity is not None:
+        write_atomically(folder / IDENTITY, json.dumps(identity))
+    write_atomically(folder / CONFIG, config_yaml)
+
+
+def publish(partial: Path, final: Path) -> None:
+    """The rename that makes a checkpoint exist. A folder already at `final` is replaced (a re-save
+    of the same step, e.g. preempted right after a save)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path):
+    """Yield a hidden temporary folder beside `final`; rename it to `final` only if the block
+    succeeds, remove it otherwise. An existing `final`, or one that cannot be created there, is
+    a UserError; a write that fails (a full disk) a CheckpointError naming the file."""
+    if final.exists():
+        raise UserError(f"{final} already exists: choose a new folder or delete it")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=PARTIAL, dir=final.parent))
+    except OSError as err:
+        raise UserError(f"cannot create {final}: {err.strerror or err}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder
+        yield tmp
+        for path in tmp.iterdir():  # some writers (safetensors) create private files
+            path.chmod(0o666 & ~umask)
+        os.replace(tmp, final)
+    except OSError as err:
+        raise CheckpointError(f"{final} not written: {err}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- config.yaml --------------------------------------------------------------------------------------
+PEFT_KEYS = ("method", "rank", "alpha", "dropout", "target_modules")
+
+
+def read_config(folder: Path) -> tuple[JobConfig, SimpleNamespace | None]:
+    """The checkpoint's config.yaml: the configuration of the run that wrote it, and the LoRA
+    settings of an adapter checkpoint (its `peft:` section with `method: lora`), else None.
+
+    The `peft:` section is read here, beside the JobConfig, so that adapter checkpoints are read the
+    same whether or not this version's JobConfig knows the section."""
+    from melama_mcore.config.job_config import _apply
+    from melama_mcore.models.llama.lora import check_peft_config
+
+    path = folder / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {CONFIG}: not a checkpoint written by this project")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError("expected a mapping")
+        section = values.pop("peft", None)
+        cfg = JobConfig()
+        _apply(cfg, values, "root")
+        peft = None
+        if section is not None and (not isinstance(section, dict) or section.get("method") != "none"):
+            if not isinstance(section, dict) or set(section) != set(PEFT_KEYS):
+                raise ConfigError(f"peft: expected the keys {', '.join(PEFT_KEYS)}, got {section!r}")
+            peft = SimpleNamespace(**section)
+            check_peft_config(peft)
+    except (yaml.YAMLError, ConfigError) as err:
+        raise CheckpointError(f"{path}: {str(err).splitlines()[0]}") from None
+    return cfg, peft
