@@ -400,6 +400,11 @@ def test_conversions_carry_the_source_architecture(tmp_path):
                 "tie_word_embeddings"):
         assert exported[key] == original[key], key
     assert exported["rope_theta"] == (original.get("rope_parameters") or original)["rope_theta"]
+    config = (ckpt / "config.yaml").read_text()
+    (ckpt / "config.yaml").write_text(config.replace("tokenizer: ''", f"tokenizer: {tmp_path / 'gone.model'}"))
+    assert_refused(convert("export-hf", "--ckpt", ckpt, "--out", tmp_path / "again"), tmp_path / "again",
+                   f"the tokenizer its config.yaml names (data.tokenizer), {tmp_path / 'gone.model'}, does not exist "
+                   "here: pass --tokenizer PATH")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,6 +66,8 @@ def latest_step(root: Path) -> int | None:
 def find_checkpoint(path: Path) -> Path:
     """A run's checkpoints/ folder (its latest), a run's output folder, one iter_* folder, or a
     weights-only folder -> the folder holding metadata.json."""
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
     for root in (path, path / "checkpoints"):
         if (root / LATEST).is_file():
             return step_dir(root, latest_step(root))

@@ -178,13 +178,15 @@ def export_tokenizer(ckpt: Checkpoint, override: Path | None) -> Path | None:
     """The tokenizer an export carries: --tokenizer, else the one the run trained with (data.tokenizer
     in its config.yaml); None when there is none (a weights-only import records no tokenizer)."""
     if override is not None:
-        path, origin = override, "--tokenizer"
-    elif ckpt.cfg.data.tokenizer:
-        path, origin = Path(ckpt.cfg.data.tokenizer), f"the tokenizer named in {ckpt.folder / CONFIG} (data.tokenizer)"
-    else:
+        if not override.exists():
+            raise UserError(f"--tokenizer {override} does not exist")
+        return override
+    if not ckpt.cfg.data.tokenizer:
         return None
+    path = Path(ckpt.cfg.data.tokenizer)
     if not path.exists():
-        raise CheckpointError(f"{origin}, {path}, does not exist here: pass --tokenizer PATH to `melama convert export-hf`")
+        raise CheckpointError(f"{ckpt.folder}: the tokenizer its config.yaml names (data.tokenizer), {path}, does "
+                              "not exist here: pass --tokenizer PATH to `melama convert export-hf`")
     return path
 
 
