@@ -250,6 +250,12 @@ def test_missing_shard_mixed_dtypes_and_bad_layout(hf_dir, tmp_path):
                    "4 layers cannot be split into --pp x --vp = 6 equal stages")
     assert_refused(convert("import-hf", "--hf-dir", hf_dir, "--out", out, "--vp", "2"), out,
                    "--vp needs --pp > 1")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = convert("import-hf", "--hf-dir", hf_dir, "--out", blocker / "ckpt")
+    assert result.returncode == 2 and "Traceback" not in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == (f"error: cannot create {blocker / 'ckpt'}: {blocker} is a file, "
+                                                      "not a folder")
 
 
 def test_export_refuses_mismatched_or_corrupt_checkpoint(hf_dir, tmp_path):
@@ -392,7 +398,7 @@ def test_conversions_carry_the_source_architecture(tmp_path):
     assert resolve_arch(cfg, None) == sda.arch_from_hf_config(json.loads((hf / "config.json").read_text()))
     result = convert("export-hf", "--ckpt", ckpt, "--out", out)
     assert result.returncode == 0, result.stdout
-    assert "tokenizer: none" in result.stdout and "records none (a weights-only import)" in result.stdout
+    assert f"tokenizer: none: {ckpt} names no tokenizer (weights-only imports have none)" in result.stdout
     exported = json.loads((out / "config.json").read_text())
     original = json.loads((hf / "config.json").read_text())
     for key in ("architectures", "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",

@@ -116,7 +116,9 @@ def atomic_dir(final: Path):
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=PARTIAL, dir=final.parent))
     except OSError as err:
-        raise UserError(f"cannot create {final}: {err.strerror or err}") from None
+        blocker = next((p for p in final.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else err.strerror or str(err)
+        raise UserError(f"cannot create {final}: {reason}") from None
     umask = os.umask(0)
     os.umask(umask)
     try:

@@ -63,8 +63,11 @@ def require_transformers() -> None:
 # ---------------------------------------------------------------------------------------------
 # import-hf
 # ---------------------------------------------------------------------------------------------
-_FLAGS = ((re.compile(r"(?:parallel\.)?tensor_parallel"), "--tp"), (re.compile(r"(?:parallel\.)?pipeline_parallel"), "--pp"),
-          (re.compile(r"(?:parallel\.)?virtual_pipeline"), "--vp"), (re.compile(r"set it to null|null"), "leave it out"))
+# config/validate.py's words for the layout -> the converter's flags
+_FLAGS = ((re.compile(r"(?:parallel\.)?tensor_parallel"), "--tp"),
+          (re.compile(r"(?:parallel\.)?pipeline_parallel"), "--pp"),
+          (re.compile(r"(?:parallel\.)?virtual_pipeline"), "--vp"),
+          (re.compile(r"set it to null|null"), "leave it out"))
 
 
 def check_layout(arch: LlamaArch, tp: int, pp: int, vp: int | None) -> None:
@@ -108,7 +111,7 @@ def import_hf(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, vp: int | None 
              arch.num_query_groups, arch.vocab_size, padded, tp, arch.max_position_embeddings, dtype)
     with atomic_dir(out) as tmp:
         write_dist_checkpoint(tmp, sda.import_chunks(arch, padded, tp), sda.extra_state_objects(arch), hf.read, dtype)
-        # Weights only: no tokenizer is recorded (an HF folder's tokenizer is not the checkpoint's business).
+        # Weights only: an import records no tokenizer (a run from it names one in data.tokenizer).
         seal(tmp, file_checksums(tmp), model_identity(arch, None), import_config_yaml(arch, tp, pp, vp, divisible_by))
         if verify:
             verify_logits(hf_dir, tmp, arch, padded)
@@ -292,8 +295,8 @@ def export_hf(ckpt: Path, out: Path, dtype_name: str = "auto", tokenizer: Path |
         log.info("tokenizer: %s (%s), copied into the export", carried,
                  "--tokenizer" if tokenizer is not None else "the run's, data.tokenizer")
     else:
-        log.warning("tokenizer: none: %s records none (a weights-only import); the export holds the model only, "
-                    "pass --tokenizer to add one", source.folder)
+        log.warning("tokenizer: none: %s names no tokenizer (weights-only imports have none); the export holds the "
+                    "model only, pass --tokenizer to add one", source.folder)
     with atomic_dir(out) as tmp:
         write_hf_model(tmp, sda.hf_shapes(arch), dtype, hf_tensors(reader, arch, adjust), max_shard_bytes,
                        sda.hf_config(arch, dtype))
