@@ -429,6 +429,10 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     # -- load ------------------------------------------------------------------------------------
+    def latest(self) -> int | None:
+        """The step of this run's newest complete checkpoint, if any."""
+        return latest_step(self.root) if self.root.is_dir() else None
+
     def clean_partial(self) -> None:
         """Report and remove saves that a crash interrupted (rank 0, before anything loads)."""
         if dist.get_rank() == 0 and self.root.is_dir():
@@ -498,6 +502,11 @@ class Checkpointer:
         loaded = self._load(self._model_state(), ckpt)
         for i, chunk in enumerate(self.model_chunks):
             chunk.load_state_dict(loaded[f"model{i}"])
+        if self.optimizer is not None:
+            # The mixed-precision and distributed optimizers keep fp32 main copies of the weights,
+            # made when they were built: refresh them, or the first update writes the initial random
+            # weights back (Megatron-LM's reload_model_params after a weights-only load).
+            self.optimizer.reload_model_params()
         log.info("initialised weights from %s", ckpt)
 
     def _check_before_load(self, path: Path) -> None:
