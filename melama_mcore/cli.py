@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib
 import sys
 
-from melama_mcore.errors import UserError
+from melama_mcore.distributed.launch import launch_env
+from melama_mcore.errors import ConfigError, UserError
+from melama_mcore.logs import setup_logging
 
 SUBCOMMANDS = {
     "train": ("melama_mcore.train", "pretrain / continue pre-training a LLaMA model (torchrun-aware)"),
@@ -27,11 +29,19 @@ SUBCOMMANDS = {
 
 
 def run_main(main, argv) -> int:
-    """Run a subcommand's main, turning a UserError into a message and an exit code."""
+    """Run a subcommand's main, turning a UserError into a message and an exit code. A config error
+    is the same on every rank of a job: only rank 0 prints it."""
+    try:
+        launch = launch_env()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    setup_logging(launch.rank, launch.world_size)
     try:
         return int(main(argv) or 0)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if launch.rank == 0 or not isinstance(err, ConfigError):
+            print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -53,12 +53,12 @@ import json
 import sys
 from dataclasses import dataclass
 
-from melama_mcore.components.metrics import PEAK_TFLOPS, flops_per_token
+from melama_mcore.components.metrics import PEAK_TFLOPS
 from melama_mcore.config.job_config import JobConfig, load_config
-from melama_mcore.config.validate import Environment, resolve_arch, validate
+from melama_mcore.config.validate import Environment, validate
 from melama_mcore.errors import ConfigError, UserError
-from melama_mcore.models.llama.config_registry import PRESETS, LlamaArch, parameter_count
-from melama_mcore.models.llama.config_registry import padded_vocab_size
+from melama_mcore.models.llama.config_registry import (PRESETS, LlamaArch, flops_per_token, padded_vocab_size,
+                                                     parameter_count, resolve_arch)
 
 GIB = 2**30
 
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                                t.micro_batch_size, t.recompute, p.use_distributed_optimizer is not False)
     args.seq, args.gbs = args.seq or 4096, args.gbs or 1024
     overrides = [f"model.preset={args.preset}"] + ([f"model.vocab_size={args.vocab_size}"] if args.vocab_size else [])
-    arch = resolve_arch(load_config(None, overrides), None)
+    arch = resolve_arch(load_config(None, overrides).model, None)
     spec = GPUS[args.gpu]
     memory_gib = args.gpu_memory_gib or spec.memory_gib
     common = dict(gpu=spec, gpus=args.gpus, seq=args.seq, gbs=args.gbs, gpu_memory_gib=memory_gib,

@@ -120,6 +120,8 @@ def _train_step(self):
     self._fault_microbatch = 0
     _consumed.clear()
     stats = _original_train_step(self)
+    if stats is None:  # abandoned (preemption deadline)
+        return stats
     if RECORD_DIR:
         out = Path(RECORD_DIR)
         out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,6 @@ bad recipe fails in seconds with one message listing every problem and what to c
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ import torch
 
 from melama_mcore.config.job_config import JobConfig
 from melama_mcore.errors import ConfigError
-from melama_mcore.models.llama.config_registry import PRESETS, LlamaArch
+from melama_mcore.models.llama.config_registry import LlamaArch
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +48,6 @@ def transformer_engine_available(cuda: bool) -> bool:
     return True
 
 
-def resolve_arch(cfg: JobConfig, tokenizer_vocab_size: int | None) -> LlamaArch:
-    """The preset with the recipe's overrides applied; vocab from the tokenizer when the preset has none."""
-    if cfg.model.preset not in PRESETS:
-        raise ConfigError(f"model.preset {cfg.model.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
-    arch = PRESETS[cfg.model.preset]
-    fields = {f.name for f in dataclasses.fields(LlamaArch)}
-    changes = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k in fields and v is not None}
-    arch = dataclasses.replace(arch, **changes)
-    if arch.vocab_size is None:
-        arch = dataclasses.replace(arch, vocab_size=tokenizer_vocab_size)
-    if arch.vocab_size is None:
-        raise ConfigError("model.vocab_size is not set and no tokenizer is configured (data.tokenizer)")
-    if tokenizer_vocab_size is not None and tokenizer_vocab_size > arch.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {tokenizer_vocab_size} tokens but the model's vocabulary is "
-            f"{arch.vocab_size}: use the model's tokenizer, or set model.vocab_size"
-        )
-    return arch
-
-
 def resolve(cfg: JobConfig, env: Environment) -> JobConfig:
     """Replace `auto`/None fields by what this machine supports. Returns the same object."""
     t, p = cfg.training, cfg.parallel
@@ -90,10 +69,11 @@ def data_parallel_size(cfg: JobConfig, world_size: int) -> int:
     return world_size // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
 
 
-def validate(cfg: JobConfig, arch: LlamaArch, env: Environment) -> None:
-    """Raise one ConfigError listing every problem, each with what to change."""
+def validate(cfg: JobConfig, arch: LlamaArch, env: Environment, problems: list[str] = ()) -> None:
+    """Raise one ConfigError listing every problem (the caller's `problems` first), each with what
+    to change."""
     t, p, o = cfg.training, cfg.parallel, cfg.optimizer
-    problems: list[str] = []
+    problems = list(problems)
 
     def need(ok: bool, message: str) -> None:
         if not ok:
