@@ -25,7 +25,7 @@ output layer over the padded vocabulary (a multiple of model.make_vocab_size_div
 built and as Megatron-LM counts it), never the full preset. TFLOP/s/GPU = tokens/s x FLOPs/token / GPUs;
 MFU = TFLOP/s/GPU / dense peak (components/metrics.py). Peak memory is
 `torch.cuda.max_memory_allocated` (None on CPU), shown beside the planner's prediction for the same
-layout (melama_mcore/planner.py; it assumes a flash-style attention, so `local`, which stores
+layout (melama_mcore/commands/plan.py; it assumes a flash-style attention, so `local`, which stores
 s x s scores, exceeds it).
 """
 
@@ -44,7 +44,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from melama_mcore import planner, step
+from melama_mcore import step
+from melama_mcore.commands import plan as planner
 from melama_mcore.components.metrics import peak_tflops
 from melama_mcore.components.optimizer import build_optimizer
 from melama_mcore.config.job_config import JobConfig, load_config

@@ -19,12 +19,13 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from melama_mcore import step
-from melama_mcore.components.checkpointer import Checkpointer, TrainState, model_identity
+from melama_mcore.components.checkpointer import Checkpointer, TrainState, ensure_writable_dir, model_identity
 from melama_mcore.components.metrics import MetricsLogger, StepStats, peak_tflops
 from melama_mcore.components.optimizer import build_optimizer, build_scheduler
 from melama_mcore.config.job_config import JobConfig, dump_config, load_config
@@ -54,6 +55,8 @@ class Trainer:
                    for key, value in (("tokenizer", cfg.data.tokenizer), ("blend", cfg.data.blend)) if not value]
         self.tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
         configure(cfg, self.tokenizer and self.tokenizer.vocab_size, missing)  # fails here, before any group
+        ensure_writable_dir(Path(cfg.output_dir), "output_dir")
+        ensure_writable_dir(Path(cfg.output_dir) / "checkpoints", "the checkpoint folder")
         self.blend = load_blend(cfg.data.blend)
         runtime = start(cfg, self.tokenizer.vocab_size)
         self.cfg, self.arch, self.device = cfg, runtime.arch, runtime.device

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from melama_mcore.data.synthetic_corpus import write_demo_corpus
+from melama_mcore.commands.demo_corpus import write_demo_corpus
 from melama_mcore.data.train_tokenizer import train_sentencepiece
 
 VOCAB_SIZE = 400

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from melama_mcore import planner
+from melama_mcore.commands import plan as planner
 from melama_mcore.cli import run_main
 from melama_mcore.config.job_config import load_config
 from melama_mcore.config.validate import Environment, resolve, validate

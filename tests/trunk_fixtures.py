@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from melama_mcore.data.preprocess import preprocess
-from melama_mcore.data.synthetic_corpus import write_demo_corpus
+from melama_mcore.commands.demo_corpus import write_demo_corpus
 from melama_mcore.data.train_tokenizer import train_sentencepiece
 
 # A 4-layer GQA model small enough for 4 CPU processes on 2 cores, yet splittable 4 ways
@@ -82,6 +82,13 @@ def run_train(output_dir: Path, overrides: list[str], nproc: int = 1, *, check: 
 def step_records(output_dir: Path) -> list[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def eval_losses(output_dir: Path) -> dict[str, float]:
+    """Validation loss per blend source of the last evaluation logged."""
+    path = Path(output_dir) / "metrics.jsonl"
+    evals = [r for r in map(json.loads, path.read_text().splitlines()) if "eval" in r]
+    return {name: value["loss"] for name, value in evals[-1]["eval"].items()}
 
 
 def losses(output_dir: Path) -> dict[int, float]:

@@ -24,6 +24,7 @@ import os
 import pickle
 import random
 import shutil
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +33,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 from melama_mcore.components.optimizer import load_optimizer_state, prepare_optimizer_for_load
 from melama_mcore.config.job_config import JobConfig, dump_config
-from melama_mcore.errors import CheckpointError
+from melama_mcore.errors import CheckpointError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +301,53 @@ def _layout() -> tuple[int, int, int]:
     )
 
 
+def ensure_writable_dir(path: Path, what: str) -> None:
+    """Create `path` if needed and prove a file can be written in it, at start-up: an unwritable or
+    file-occupied folder is found before any step, not at the first save."""
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"{path} is a file")
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise UserError(f"{what} {path} cannot be written ({reason}): choose another folder or fix its "
+                        "permissions") from None
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint save failed on at least one rank; every rank raises it with the same message."""
+
+
+def _agreed(what: str, action) -> None:
+    """Run `action` on this rank (None: nothing to do here), then agree with every rank: a failure
+    anywhere raises SaveFailed everywhere, so no rank waits in a collective for one that gave up."""
+    error = None
+    if action is not None:
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001 - reported on every rank, with the rank that failed
+            error = f"{what} failed on rank {dist.get_rank()}: {_first_line(err)}"
+    errors = [e for e in _gather(error) if e]
+    if errors:
+        raise SaveFailed("; ".join(errors))
+
+
+def _megatron_save(state: dict, folder: Path, optimizer_metadata: dict) -> None:
+    """megatron's save. A rank whose files fail to write (a full disk) reports it to the coordinator,
+    and megatron raises on every rank (details on rank 0 only): turn that into one SaveFailed, with
+    the same message on every rank."""
+    try:
+        dist_checkpointing.save(state, str(folder), content_metadata=optimizer_metadata)
+    except CheckpointException as err:
+        failures = [f"rank {rank}: {_first_line(exc[0] if isinstance(exc, tuple) else exc)}"
+                    for rank, exc in sorted(err.failures.items())]
+        message = [f"writing the checkpoint files failed on {'; '.join(failures)}" if failures else None]
+        dist.broadcast_object_list(message, src=0)
+        raise SaveFailed(message[0] or "writing the checkpoint files failed") from None
+
+
 def _model_parallel_layout(cfg: JobConfig) -> tuple[int, int, int | None]:
     """What a dp_reshardable optimizer state is tied to: how the model is split (TP, PP, VP)."""
     p = cfg.parallel
@@ -368,23 +417,27 @@ class Checkpointer:
 
     # -- save ------------------------------------------------------------------------------------
     def save(self, train_state: TrainState) -> Path:
-        """Save and publish atomically. Raises OSError/RuntimeError on failure (the caller decides)."""
+        """Save and publish atomically. A failure on any rank raises SaveFailed on every rank, with
+        one message naming the ranks and their errors, and leaves `latest` as it was."""
         final = step_dir(self.root, train_state.step)
         partial = final.with_name(final.name + PARTIAL)
         rank0 = dist.get_rank() == 0
-        if rank0:
+
+        def prepare():
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-        dist.barrier()
+
+        _agreed("preparing the checkpoint folder", prepare if rank0 else None)
         state = self._full_state(train_state, loading=False, with_rng=True)
         _start_writer_helper()
-        dist_checkpointing.save(state, str(partial), content_metadata=self._optimizer_metadata())
-        dist.barrier()
+        _megatron_save(state, partial, self._optimizer_metadata())
         self._publish(partial, final)
-        if rank0:
+
+        def make_latest():
             _write_atomically(self.root / LATEST, str(train_state.step))
             self._prune()
-        dist.barrier()
+
+        _agreed("publishing the checkpoint", make_latest if rank0 else None)
         log.info("saved checkpoint %s", final)
         return final
 
@@ -393,16 +446,16 @@ class Checkpointer:
         `checkpoint.init_from`. Layout-independent like every checkpoint here."""
         final = Path(path)
         partial = final.with_name(final.name + PARTIAL)
-        if dist.get_rank() == 0:
-            if final.exists():
-                raise CheckpointError(f"{final} already exists: choose a new folder or delete it")
+        if final.exists():  # every rank sees the same path
+            raise CheckpointError(f"{final} already exists: choose a new folder or delete it")
+
+        def prepare():
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-        dist.barrier()
-        dist_checkpointing.save(self._model_state(), str(partial))
-        dist.barrier()
+
+        _agreed("preparing the folder", prepare if dist.get_rank() == 0 else None)
+        _megatron_save(self._model_state(), partial, None)
         self._publish(partial, final)
-        dist.barrier()
         log.info("saved weights to %s", final)
         return final
 
@@ -410,7 +463,8 @@ class Checkpointer:
         """After every rank wrote its files: checksums (unless checkpoint.verify_checksums is off),
         identity and config beside them, then the rename that makes the checkpoint exist (rank 0)."""
         checksums = _compute_checksums(partial) if self.cfg.checkpoint.verify_checksums else None
-        if dist.get_rank() == 0:
+
+        def publish():
             if checksums is not None:
                 _write_atomically(partial / CHECKSUMS, json.dumps(checksums, indent=0))
             if self.identity is not None:
@@ -419,6 +473,8 @@ class Checkpointer:
             if final.exists():  # a re-save of the same step (e.g. preempted right after a save)
                 shutil.rmtree(final)
             os.replace(partial, final)
+
+        _agreed("writing the checkpoint's metadata", publish if dist.get_rank() == 0 else None)
 
     def _prune(self) -> None:
         keep = self.cfg.checkpoint.keep_last

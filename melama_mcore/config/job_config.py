@@ -47,9 +47,10 @@ class ParallelConfig:
     virtual_pipeline: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
     sequence_parallel: bool = False
     # Data parallelism is what is left: world_size / (tensor_parallel * pipeline_parallel).
-    use_distributed_optimizer: bool | None = None  # None: on for GPU, off on CPU
-    overlap_grad_reduce: bool | None = None  # None: on for GPU, off on CPU
-    overlap_param_gather: bool | None = None  # None: follows the distributed optimizer on GPU
+    # The production path (Megatron-LM's recipes), on GPU and CPU alike. None: the default below.
+    use_distributed_optimizer: bool | None = None  # None: on (optimizer state sharded over DP)
+    overlap_grad_reduce: bool | None = None  # None: follows the distributed optimizer
+    overlap_param_gather: bool | None = None  # None: follows the distributed optimizer and grad reduce
 
 
 @dataclass

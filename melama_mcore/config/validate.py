@@ -55,13 +55,14 @@ def resolve(cfg: JobConfig, env: Environment) -> JobConfig:
         t.device = "cuda" if env.cuda else "cpu"
     if t.precision == "auto":
         t.precision = "bf16" if t.device == "cuda" else "fp32"
-    gpu = t.device == "cuda"
+    # The production path everywhere, CPU included (CI runs what GPU users run): the distributed
+    # optimizer with overlapped grad reduce and param gather, as Megatron-LM recipes set them.
     if p.use_distributed_optimizer is None:
-        p.use_distributed_optimizer = gpu
+        p.use_distributed_optimizer = True
     if p.overlap_grad_reduce is None:
-        p.overlap_grad_reduce = gpu
+        p.overlap_grad_reduce = p.use_distributed_optimizer
     if p.overlap_param_gather is None:
-        p.overlap_param_gather = gpu and p.use_distributed_optimizer
+        p.overlap_param_gather = p.use_distributed_optimizer and p.overlap_grad_reduce
     return cfg
 
 

@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "optimizer) of a LLaMA-2 run that fit in GPU memory, with predicted memory per GPU, step time "
                     "and MFU, best first, and the config overrides to use. Every listed layout passes the same "
                     "checks as `melama train`. The memory and time models and their assumptions are described "
-                    "in melama_mcore/planner.py.",
+                    "in melama_mcore/commands/plan.py.",
         epilog="Example: melama plan --preset llama2-70b --gpu a100-80gb --gpus 160 --seq 4096 --gbs 1000",
     )
     parser.add_argument("--preset", choices=list(PRESETS), help="model architecture (or take it from --config)")
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nassumptions: {args.compute_efficiency:.0%} of peak, NVLink {spec.nvlink_busbw_gbs:.0f} GB/s, "
           f"inter-node {spec.internode_gbs:.0f} GB/s per GPU, {DP_COMM_OVERLAP:.0%} of DP comm hidden, "
           f"+{FRAGMENTATION:.0%} fragmentation and {RUNTIME_RESERVED_GIB} GiB runtime per GPU; "
-          "flash-style attention (TE or native backend); see melama_mcore/planner.py")
+          "flash-style attention (TE or native backend); see melama_mcore/commands/plan.py")
     _write_json(args.json, report)
     return 0
 
