@@ -17,6 +17,7 @@ own folder plays no part.
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import os
 from dataclasses import dataclass
@@ -99,8 +100,7 @@ def load_blend(spec) -> Blend:
         valid = item.get("valid")
         sources.append(BlendSource(name, float(weight), _prefixes(item["train"], at, "train"),
                                    None if valid is None else _prefixes(valid, at, "valid")))
-    names = [s.name for s in sources]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted(name for name, count in collections.Counter(s.name for s in sources).items() if count > 1)
     if duplicates:
         raise ConfigError(f"{where}: source names must be unique ({', '.join(duplicates)} repeated)")
     if not math.isfinite(sum(s.weight for s in sources)):
