@@ -148,11 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="melama blend-report",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="For a blend file and a training length, print per source its share of the "
-                    "training tokens, its share of the tokens on disk, and how many epochs of it the "
-                    "run implies (above 1 the source repeats). Token counts come from the .idx files. "
-                    "Data that training would refuse (a missing or empty dataset, a split part that "
-                    "cannot hold one sample) is refused here too, with what to change.",
+        description="For a blend file and a training length, print per source its share of the training\n"
+                    "tokens, its share of the tokens on disk, and how many epochs of it the run implies\n"
+                    "(above 1 the source repeats). Token counts come from the .idx files. Data that\n"
+                    "training would refuse (a missing or empty dataset, a split part that cannot hold\n"
+                    "one sample) is refused here too, with what to change.",
         epilog="""\
 paths:
   A relative prefix in a blend file is relative to the working directory you run melama in, not to
