@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import zstandard
+
 from melama_mcore.errors import DataError
 
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -83,19 +85,18 @@ class _Decompressed(io.RawIOBase):
         return n
 
     def _next_chunk(self) -> bytes:
-        import zstandard
-
-        after = f"after {self._delivered + len(self._pending):,} decompressed bytes"
         try:
             return next(self._chunks, b"")
         except EOFError:
             raise DataError(f"{self._path}: truncated compressed stream ({self._kind} data ends before its "
-                            f"end marker, {after}): the file is incomplete; copy or download it again "
-                            "(--on-error skip does not apply: the records after the cut are lost)") from None
+                            f"end marker, after {self._delivered:,} decompressed bytes): the file is incomplete; "
+                            "copy or download it again (--on-error skip does not apply: the records after the "
+                            "cut are lost)") from None
         except (gzip.BadGzipFile, zlib.error, zstandard.ZstdError):
             # The library's text is not repeated: gzip's quotes the file's first bytes.
-            raise DataError(f"{self._path}: corrupt compressed stream ({self._kind} data does not decode, "
-                            f"{after}): copy or download it again (--on-error skip does not apply)") from None
+            raise DataError(f"{self._path}: corrupt compressed stream ({self._kind} data does not decode, after "
+                            f"{self._delivered:,} decompressed bytes): copy or download it again "
+                            "(--on-error skip does not apply)") from None
 
     def close(self) -> None:
         if not self.closed:
@@ -113,8 +114,6 @@ def _gzip_chunks(file) -> Iterator[bytes]:
 def _zstd_chunks(file) -> Iterator[bytes]:
     """Decompressed chunks of every frame; EOFError when the file ends inside a frame (python-zstandard's
     stream_reader returns a silent end of file there)."""
-    import zstandard
-
     decompressor, frame = zstandard.ZstdDecompressor(), None
     while data := file.read(_COMPRESSED_CHUNK):
         while data:

@@ -3,7 +3,7 @@
 Pipeline: the main process streams raw records (bytes + line numbers) from the inputs in batches;
 worker processes decode, parse and batch-tokenise them; the main process writes the results in
 input order. At most a few batches per worker are in flight, so memory does not grow with the
-input; a long document is encoded in pieces (Tokenizer.encode_array), so memory follows the piece,
+input; a long document is encoded in pieces (Tokenizer.iter_encode), so memory follows the piece,
 not the document. Outputs are written under `*.incomplete` names and renamed only after the whole
 run succeeded (see indexed_writer). Workers die with the main process, even when it is killed with
 SIGKILL (no orphan keeps a core busy).
@@ -121,7 +121,7 @@ def _exit_with_parent(parent_pid: int) -> None:
     would wait for work forever after a SIGKILL of the main process. (With spawn, on other systems,
     workers hold no such end: they read end-of-file and exit by themselves.)
     """
-    if sys.platform == "linux":
+    if sys.platform == "linux":  # the signal comes when the forking thread ends: preprocess's caller
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
@@ -392,11 +392,11 @@ bad records (malformed JSON, missing key, non-UTF-8 bytes, a document over --max
   ("truncated compressed stream" / "corrupt compressed stream"), with or without --on-error skip.
 
 memory:
-  About 50 bytes per character of the document being encoded, for sentencepiece .model tokenizers
-  (LLaMA's) at most that of 1 Mi characters: longer documents are encoded in pieces cut at spaces,
-  with the same ids as whole (a run of over 1 Mi characters without a space is encoded whole).
-  A Hugging Face tokenizer folder encodes each document whole: --max-document-bytes then bounds
-  memory at about 50 x its value per worker.""")
+  A tokenizer needs ~50 bytes per character of the text it encodes. With a sentencepiece .model
+  (LLaMA's), a document over 1 Mi characters is encoded in pieces cut at spaces, with the ids of the
+  whole: memory is then ~50 MiB for the piece plus ~8x the document (its text and tokens), not ~50x
+  (a run of over 1 Mi characters without a space is still encoded whole). A Hugging Face tokenizer
+  folder encodes each document whole: --max-document-bytes bounds memory at ~50x its value.""")
     parser.add_argument("--input", nargs="+", required=True,
                         help="input files or glob patterns: .jsonl/.json/.ndjson or text, optionally .gz/.zst")
     parser.add_argument("--output-prefix", required=True, help="path prefix of the outputs (see below)")
