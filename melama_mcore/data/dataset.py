@@ -143,6 +143,10 @@ def _check_cache_dir(cache_dir: str) -> None:
                         "data.cache_dir") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise DataError(f"data.cache_dir {cache_dir}: not writable; choose a writable data.cache_dir")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Another rank may be writing its indices right now: the files are checked at start-up,
+        # before process groups exist (the trainer's call), when no rank can be building.
+        return
     for cached in sorted(path.glob("*.npy")):
         if not _complete_npy(cached):
             raise DataError(f"{cached}: an incomplete cached dataset index (a run stopped while writing it); "
@@ -168,7 +172,9 @@ def check_pretraining_data(blend, *, vocab_size: int | None, seq_length: int, tr
     deep inside (see the module docstring); ConfigError / DataError say what to change.
 
     Verifies every prefix's .bin/.idx (against `vocab_size` when given). Takes the arguments of
-    build_pretraining_datasets, which calls it; the trainer calls it at start-up, before process groups.
+    build_pretraining_datasets, which calls it again; the trainer calls it at start-up, before process
+    groups exist: only that call can check megatron's cached index files (afterwards a rank may be
+    writing them).
     """
     blend = load_blend(blend)
     for name, value, least in (("training.seq_length", seq_length, 1), ("train samples", train_samples, 1),
