@@ -30,7 +30,7 @@ from melama_mcore.components.metrics import MetricsLogger, StepStats, peak_tflop
 from melama_mcore.components.optimizer import build_optimizer, build_scheduler
 from melama_mcore.config.job_config import JobConfig, dump_config, load_config
 from melama_mcore.data.blend import load_blend
-from melama_mcore.data.dataset import build_pretraining_datasets
+from melama_mcore.data.dataset import build_pretraining_datasets, check_pretraining_data
 from melama_mcore.data.loader import build_loader
 from melama_mcore.data.tokenizer import load_tokenizer
 from melama_mcore.distributed import parallel
@@ -58,13 +58,20 @@ class Trainer:
         ensure_writable_dir(Path(cfg.output_dir), "output_dir")
         ensure_writable_dir(Path(cfg.output_dir) / "checkpoints", "the checkpoint folder")
         self.blend = load_blend(cfg.data.blend)
+        t = cfg.training
+        data_args = dict(seq_length=t.seq_length, train_samples=t.train_iters * t.global_batch_size,
+                         valid_samples=cfg.logging.eval_iters * t.global_batch_size, split=cfg.data.split,
+                         cache_dir=cfg.data.cache_dir or f"{cfg.output_dir}/data_cache")
+        # Every input megatron's dataset builder would hang on or fail deep inside, refused now; only
+        # before the process groups can the cached indices be checked (then a rank may be writing them).
+        check_pretraining_data(self.blend, vocab_size=self.tokenizer.vocab_size, **data_args)
         runtime = start(cfg, self.tokenizer.vocab_size)
         self.cfg, self.arch, self.device = cfg, runtime.arch, runtime.device
         self.rank, world = dist.get_rank(), dist.get_world_size()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.is_logging_rank = self.rank == world - 1  # the last pipeline stage holds the loss
-        p, t = cfg.parallel, cfg.training
+        p = cfg.parallel
         log.info("world %d = TP %d x PP %d x DP %d%s | %s, %s%s", world, p.tensor_parallel, p.pipeline_parallel,
                  self.dp_size, f" x VP {p.virtual_pipeline}" if p.virtual_pipeline else "", t.device, t.precision,
                  ", distributed optimizer" if p.use_distributed_optimizer else "")
@@ -89,12 +96,7 @@ class Trainer:
         # 4. Data: each rank reads its data-parallel share; every model chunk gets its own iterator
         # because the interleaved schedule pulls micro-batches per chunk.
         self.train_ds, self.valid_ds = build_pretraining_datasets(
-            self.blend, tokenizer=self.tokenizer, seq_length=t.seq_length, seed=t.seed,
-            train_samples=t.train_iters * t.global_batch_size,
-            valid_samples=cfg.logging.eval_iters * t.global_batch_size,
-            split=cfg.data.split, cache_dir=cfg.data.cache_dir or f"{cfg.output_dir}/data_cache",
-            data_parallel_size=self.dp_size,
-        )
+            self.blend, tokenizer=self.tokenizer, seed=t.seed, data_parallel_size=self.dp_size, **data_args)
         self.train_iters = [self._loader(self.train_ds, self.state.consumed_samples) for _ in self.model]
 
         # 5. Metrics. FLOPs over the padded vocabulary the output layer is built with (as Megatron-LM).

@@ -12,6 +12,7 @@ SIGKILL (no orphan keeps a core busy).
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import glob
 import itertools
