@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trunk_fixtures import data_overrides, free_port, run_train, tiny_data  # noqa: F401
+from trunk_fixtures import data_overrides, free_port, run_train
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import corpus, spm_model  # noqa: F401
 from melama_mcore.cli import main as melama
 from melama_mcore.data.blend import load_blend
 from melama_mcore.data.dataset import build_pretraining_datasets

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_fixtures import read_documents, sp, spm_model, corpus  # noqa: F401
+from data_fixtures import read_documents
 from melama_mcore.cli import main as melama
 from melama_mcore.data import preprocess as preprocess_module
 from melama_mcore.data.tokenizer import load_tokenizer

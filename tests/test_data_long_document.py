@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from data_fixtures import corpus, read_documents, read_texts, sp, spm_model  # noqa: F401
+from data_fixtures import read_documents, read_texts
 from melama_mcore.cli import main as melama
 from melama_mcore.data import tokenizer as tokenizer_module
 from melama_mcore.data.tokenizer import load_tokenizer

@@ -13,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 
-from data_fixtures import corpus, spm_model  # noqa: F401
 from melama_mcore.cli import main as melama
 from melama_mcore.data.dataset import check_pretraining_data
 from melama_mcore.data.preprocess import preprocess

@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from data_fixtures import corpus, spm_model  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 # step -> (commands to run: a regex over each command, or None for all; skipped commands: regex, why)

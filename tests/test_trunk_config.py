@@ -78,7 +78,9 @@ def test_recipes_parse_and_pass_their_layout_checks():
     cfg = load_config("examples/configs/tiny_cpu.yaml")
     env = Environment(world_size=2, cuda=False, transformer_engine=False, fp8_capable=False)
     validate(resolve(cfg, env), resolve_arch(cfg.model, 2000), env)
-    assert cfg.training.precision == "fp32" and cfg.parallel.use_distributed_optimizer is False
+    # On CPU: fp32 (faster there), and the production path's distributed optimizer and overlap.
+    assert cfg.training.precision == "fp32"
+    assert cfg.parallel.use_distributed_optimizer and cfg.parallel.overlap_grad_reduce and cfg.parallel.overlap_param_gather
 
 
 def test_me_llama_defaults():
