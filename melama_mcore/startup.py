@@ -53,5 +53,5 @@ def start(cfg: JobConfig, tokenizer_vocab_size: int | None = None, problems: lis
     parallel.initialize(cfg, launch)
     gpu = cfg.training.device == "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
-    backend = choose_backend(cfg.model.backend, cfg.training.device, env.transformer_engine)
+    backend = choose_backend(cfg.model.backend, cfg.training.device, env.transformer_engine, cfg.peft.method == "lora")
     return Runtime(cfg=cfg, arch=arch, env=env, launch=launch, backend=backend, device=device)

@@ -29,6 +29,10 @@ from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from melama_mcore.config.job_config import JobConfig
+from melama_mcore.data.sft.batch import loss_weights
+from melama_mcore.models.llama.model import BACKENDS
+
+TOTALS = 4  # what masked_token_loss reduces per micro-batch
 
 
 def unwrap(model):
@@ -38,29 +42,39 @@ def unwrap(model):
     return model
 
 
-def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """megatron's loss function contract: (loss to backpropagate, token count, values to reduce).
-    The sum over unmasked tokens is returned with its count so that steps and evaluations average
-    exactly over micro-batches and ranks."""
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = (per_token_loss.reshape(-1).float() * mask).sum()
-    count = mask.sum()
-    return loss_sum, count.to(torch.int), {"loss": torch.stack([loss_sum.detach(), count])}
+def masked_token_loss(weights: torch.Tensor, real_tokens: torch.Tensor, per_token_loss: torch.Tensor):
+    """megatron's loss function contract: (weighted loss sum to backpropagate, total weight, values
+    to reduce). `weights` are the loss mask (per-token normalisation) or per-sample weights
+    (data/sft/batch.py). megatron (calculate_per_token_loss) divides the gradients once by the total
+    weight of the global batch, and the step divides the reduced sums the same way, so the loss is
+    the weighted mean over the whole global batch however it is split. Reduced per micro-batch:
+    [loss sum, weight, real (non-padding) tokens, positions]."""
+    weights = weights.reshape(-1).float()
+    loss_sum = (per_token_loss.reshape(-1).float() * weights).sum()
+    weight = weights.sum()
+    reduced = torch.stack([loss_sum.detach(), weight, real_tokens.float().sum(), torch.tensor(float(weights.numel()))])
+    return loss_sum, weight.round().to(torch.int), {"loss": reduced}
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, *, packed: bool = False, loss_normalization: str = "token"):
     """Called by megatron's schedule once per micro-batch and model chunk. The first and last
     pipeline stages read the micro-batch (tokens in, labels and mask out); a middle stage gets its
-    input from the previous stage."""
+    input from the previous stage, but with `packed` samples (instruction data) every stage reads
+    the micro-batch for its sample boundaries, which its layer backend turns into attention confined
+    to each sample (BACKENDS[...].pack)."""
     chunk = unwrap(model)
-    if chunk.pre_process or chunk.post_process:
-        batch = next(data_iterator)
-        tokens, labels = batch["tokens"], batch["labels"]
-        position_ids, loss_mask = batch["position_ids"], batch["loss_mask"]
+    if not (packed or chunk.pre_process or chunk.post_process):
+        return model(None, None, None), partial(masked_token_loss, None, None)
+    batch, extra = next(data_iterator), {}
+    if packed:
+        batch, extra = BACKENDS[chunk.backend].pack(batch)
+        weights, real = loss_weights(batch, loss_normalization), batch["real_tokens"]
     else:
-        tokens = labels = position_ids = loss_mask = None
-    output = model(tokens, position_ids, None, labels=labels)
-    return output, partial(masked_token_loss, loss_mask)
+        weights = batch["loss_mask"]
+        real = torch.tensor(float(weights.numel()))
+    output = model(batch["tokens"], batch["position_ids"], extra.pop("attention_mask", None),
+                   labels=batch["labels"], **extra)
+    return output, partial(masked_token_loss, weights, real)
 
 
 class Schedule:
@@ -84,11 +98,12 @@ class Schedule:
         `go_on(groups done)` is asked, on every rank alike; False abandons the step: returns None,
         weights untouched."""
         groups = groups or [self.num_microbatches]
-        totals = torch.zeros(2, device=self.device)
+        totals = torch.zeros(TOTALS, device=self.device)
         for i, size in enumerate(groups):
             if i > 0 and go_on is not None and not go_on(i):
                 return None
-            with self._hold_grad_sync(forward_only or i == len(groups) - 1):
+            last = forward_only or i == len(groups) - 1
+            with self._hold_grad_sync(last, earlier_weight=totals[1]):
                 totals += self._call(data_iterators, step_fn, size, forward_only)
         return totals
 
@@ -104,17 +119,30 @@ class Schedule:
             forward_only=forward_only,
         )
         if not reduced:
-            return torch.zeros(2, device=self.device)
+            return torch.zeros(TOTALS, device=self.device)
         return torch.stack([r["loss"].float() for r in reduced]).sum(0).to(self.device)
 
     @contextlib.contextmanager
-    def _hold_grad_sync(self, release: bool):
+    def _hold_grad_sync(self, release: bool, earlier_weight: torch.Tensor):
         """Unless `release`: the schedule call accumulates gradients only (DDP's no_sync over the
-        whole call; no overlapped reduce, no finalize), as for all but the last micro-batch."""
-        if release:
-            yield
-            return
+        whole call; no overlapped reduce, no finalize), as for all but the last micro-batch. With
+        `release` after held calls, the finalize divides the gradients by the loss weight of the
+        whole step (`earlier_weight`: that of the held calls), not of the last call alone."""
         config = unwrap(self.model[0]).config
+        if release:
+            finalize = config.finalize_model_grads_func
+            if earlier_weight.item() and finalize is not None:
+                def finalize_whole_step(model, num_tokens, *args, **kwargs):
+                    if num_tokens is not None:
+                        num_tokens = num_tokens + earlier_weight.round().to(num_tokens.dtype).to(num_tokens.device)
+                    return finalize(model, num_tokens, *args, **kwargs)
+
+                config.finalize_model_grads_func = finalize_whole_step
+            try:
+                yield
+            finally:
+                config.finalize_model_grads_func = finalize
+            return
         saved = config.no_sync_func, config.grad_sync_func, config.finalize_model_grads_func
         config.no_sync_func, config.grad_sync_func, config.finalize_model_grads_func = contextlib.nullcontext, None, None
         try:
@@ -134,10 +162,16 @@ def zero_grads(model: list, optimizer) -> None:
     optimizer.zero_grad()
 
 
-def data_parallel_mean(totals: torch.Tensor) -> float:
-    """Token-weighted mean loss over the data-parallel ranks (meaningful on the last stage)."""
+def data_parallel_totals(totals: torch.Tensor) -> torch.Tensor:
+    """A schedule's totals summed over the data-parallel ranks (meaningful on the last stage)."""
     totals = totals.clone()
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return totals
+
+
+def data_parallel_mean(totals: torch.Tensor) -> float:
+    """The weighted mean loss of the global batch (meaningful on the last stage)."""
+    totals = data_parallel_totals(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 

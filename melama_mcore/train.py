@@ -19,6 +19,7 @@ import logging
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch.distributed as dist
@@ -31,11 +32,14 @@ from melama_mcore.components.optimizer import build_optimizer, build_scheduler
 from melama_mcore.config.job_config import JobConfig, dump_config, load_config
 from melama_mcore.data.blend import load_blend
 from melama_mcore.data.dataset import build_pretraining_datasets, check_pretraining_data
+from melama_mcore.data.sft.dataset import build_sft_datasets
+from melama_mcore.data.sft.indexed import is_sft_blend
 from melama_mcore.data.loader import build_loader
 from melama_mcore.data.tokenizer import load_tokenizer
 from melama_mcore.distributed import parallel
 from melama_mcore.errors import UserError
 from melama_mcore.models.llama.config_registry import flops_per_token
+from melama_mcore.models.llama.lora import apply_lora
 from melama_mcore.models.llama.model import build_model_chunks, output_vocab_size
 from melama_mcore.startup import configure, start
 
@@ -58,13 +62,15 @@ class Trainer:
         ensure_writable_dir(Path(cfg.output_dir), "output_dir")
         ensure_writable_dir(Path(cfg.output_dir) / "checkpoints", "the checkpoint folder")
         self.blend = load_blend(cfg.data.blend)
+        self.instruction_data = is_sft_blend(self.blend)  # prefixes written by preprocess-sft: packed samples
         t = cfg.training
         data_args = dict(seq_length=t.seq_length, train_samples=t.train_iters * t.global_batch_size,
                          valid_samples=cfg.logging.eval_iters * t.global_batch_size, split=cfg.data.split,
                          cache_dir=cfg.data.cache_dir or f"{cfg.output_dir}/data_cache")
-        # Every input megatron's dataset builder would hang on or fail deep inside, refused now; only
-        # before the process groups can the cached indices be checked (then a rank may be writing them).
-        check_pretraining_data(self.blend, vocab_size=self.tokenizer.vocab_size, **data_args)
+        if not self.instruction_data:
+            # Every input megatron's dataset builder would hang on or fail deep inside, refused now; only
+            # before the process groups can the cached indices be checked (then a rank may be writing them).
+            check_pretraining_data(self.blend, vocab_size=self.tokenizer.vocab_size, **data_args)
         runtime = start(cfg, self.tokenizer.vocab_size)
         self.cfg, self.arch, self.device = cfg, runtime.arch, runtime.device
         self.rank, world = dist.get_rank(), dist.get_world_size()
@@ -78,25 +84,37 @@ class Trainer:
 
         # 2. Model chunks (one per virtual pipeline stage), wrapped for training; optimizer, schedule.
         self.chunks = build_model_chunks(cfg, self.arch, runtime.backend)
+        self.lora = cfg.peft.method == "lora"
+        if self.lora:  # before DDP: only the adapters get gradient buffers and optimizer state
+            apply_lora(self.chunks, cfg.peft, seed=t.seed)
         self.model = parallel.wrap_for_training(cfg, self.chunks)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.schedule = step.Schedule(cfg, self.model, self.device)
 
         # 3. Resume this run, or start from a checkpoint's weights, or from scratch.
+        # With LoRA a checkpoint holds the adapters only: the frozen base always comes from init_from.
         self.checkpointer = Checkpointer(cfg, self.chunks, self.optimizer, self.scheduler,
-                                         identity=model_identity(self.arch, self.tokenizer))
+                                         identity=model_identity(self.arch, self.tokenizer, cfg))
+        if self.lora:
+            self.checkpointer.load_weights(cfg.checkpoint.init_from)
         self.state = self.checkpointer.resume() if cfg.checkpoint.resume else None
         if self.state is None:
             self.checkpointer.clean_partial()
             self.state = TrainState()
-            if cfg.checkpoint.init_from:
+            if cfg.checkpoint.init_from and not self.lora:
                 self.checkpointer.load_weights(cfg.checkpoint.init_from)
 
         # 4. Data: each rank reads its data-parallel share; every model chunk gets its own iterator
         # because the interleaved schedule pulls micro-batches per chunk.
-        self.train_ds, self.valid_ds = build_pretraining_datasets(
-            self.blend, tokenizer=self.tokenizer, seed=t.seed, data_parallel_size=self.dp_size, **data_args)
+        if self.instruction_data:
+            self.train_ds, self.valid_ds = build_sft_datasets(self.blend, tokenizer=self.tokenizer, seed=t.seed,
+                                                              **data_args)
+        else:
+            self.train_ds, self.valid_ds = build_pretraining_datasets(
+                self.blend, tokenizer=self.tokenizer, seed=t.seed, data_parallel_size=self.dp_size, **data_args)
+        self._step_fn = partial(step.forward_step, packed=self.instruction_data,
+                                loss_normalization=t.loss_normalization)
         self.train_iters = [self._loader(self.train_ds, self.state.consumed_samples) for _ in self.model]
 
         # 5. Metrics. FLOPs over the padded vocabulary the output layer is built with (as Megatron-LM).
@@ -134,7 +152,7 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model):
         """The forward step megatron's schedule calls (one micro-batch, one model chunk)."""
-        return step.forward_step(data_iterator, model)
+        return self._step_fn(data_iterator, model)
 
     # -- one step ----------------------------------------------------------------------------------
     def _groups(self) -> list[int]:
@@ -173,7 +191,8 @@ class Trainer:
         if totals is None:
             return None
         last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-        loss = step.data_parallel_mean(totals) if last_stage else float("nan")
+        totals = step.data_parallel_totals(totals)
+        loss = (totals[0] / totals[1].clamp(min=1)).item() if last_stage else float("nan")
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         updated, grad_norm = step.optimizer_step(self.optimizer, o.clip_grad, loss, self.device)
         self.state.consecutive_skips = 0 if updated else self.state.consecutive_skips + 1
@@ -183,7 +202,8 @@ class Trainer:
         self.state.consumed_samples += t.global_batch_size
         return StepStats(step=self.state.step, loss=loss, lr=lr, grad_norm=grad_norm,
                          step_time_s=step.synchronized_time(self.device) - started,
-                         tokens=t.global_batch_size * t.seq_length, skipped=not updated)
+                         tokens=t.global_batch_size * t.seq_length, skipped=not updated,
+                         packing_efficiency=(totals[2] / totals[3]).item() if self.instruction_data else None)
 
     # -- validation --------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:

@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from melama_mcore.components.optimizer import load_optimizer_state, prepare_optimizer_for_load
 from melama_mcore.config.job_config import JobConfig, dump_config
 from melama_mcore.errors import CheckpointError, UserError
+from melama_mcore.models.llama import lora
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +190,12 @@ def _verify_checksums(folder: Path) -> None:
                               f"delete {folder} and write an earlier step into {folder.parent / LATEST}")
 
 
-def model_identity(arch, tokenizer) -> dict:
-    """What a checkpoint's weights mean: the resolved architecture and the tokenizer's vocabulary."""
+def model_identity(arch, tokenizer, cfg: JobConfig | None = None) -> dict:
+    """What a checkpoint's weights mean: the resolved architecture and the tokenizer's vocabulary;
+    for an adapter checkpoint (peft.method=lora) also the adapters' settings and their base."""
     identity = {"arch": dataclasses.asdict(arch) if arch is not None else None, "tokenizer": None}
+    if cfg is not None and cfg.peft.method != "none":
+        identity["peft"] = {**dataclasses.asdict(cfg.peft), "base": cfg.checkpoint.init_from}
     if tokenizer is not None:
         backend = getattr(tokenizer, "_backend", None)
         n = tokenizer.vocab_size
@@ -205,13 +209,19 @@ def model_identity(arch, tokenizer) -> dict:
     return identity
 
 
-def _check_identity(folder: Path, identity: dict | None) -> None:
-    """Refuse a checkpoint saved for another model size or another tokenizer, naming the differences."""
+def _check_identity(folder: Path, identity: dict | None, with_adapters: bool = False) -> None:
+    """Refuse a checkpoint saved for another model size or another tokenizer, naming the differences;
+    `with_adapters` (resuming this run's own checkpoints): also for other adapter settings."""
     path = folder / IDENTITY
     if identity is None or not path.is_file():
         return
     saved = json.loads(path.read_text())
     diffs = []
+    if with_adapters:
+        mine, theirs = identity.get("peft") or {}, saved.get("peft") or {}
+        for key in ("method", "rank", "alpha", "target_modules"):
+            if mine.get(key, "none" if key == "method" else None) != theirs.get(key, "none" if key == "method" else None):
+                diffs.append(f"peft.{key}: checkpoint {theirs.get(key)}, this run {mine.get(key)}")
     mine, theirs = identity.get("arch") or {}, saved.get("arch") or {}
     # Every field that gives the weights their meaning; positions are computed, not stored.
     for key in sorted((set(mine) & set(theirs)) - {"max_position_embeddings"}):
@@ -376,6 +386,7 @@ def _rng_sharded_object(with_data: bool) -> ShardedObject:
 class Checkpointer:
     def __init__(self, cfg: JobConfig, model_chunks, optimizer, scheduler, identity: dict | None = None):
         self.cfg = cfg
+        self.lora = cfg.peft.method == "lora"  # checkpoints hold the adapters only; the base is init_from
         self.identity = identity  # model_identity(arch, tokenizer): checked on load, saved with each save
         self.root = Path(cfg.output_dir) / "checkpoints"
         self.model_chunks = model_chunks  # unwrapped GPTModels
@@ -383,8 +394,27 @@ class Checkpointer:
         self.scheduler = scheduler
 
     # -- state dicts -----------------------------------------------------------------------------
-    def _model_state(self) -> dict:
-        return {f"model{i}": chunk.sharded_state_dict(prefix="") for i, chunk in enumerate(self.model_chunks)}
+    def _model_state(self, part: str | None = None) -> dict:
+        """The model's sharded state: every weight, or with LoRA the trainable part (`adapters`, what
+        this run's checkpoints hold) or the frozen `base` (what checkpoint.init_from holds)."""
+        part = part or ("adapters" if self.lora else "all")
+        state_of = {"all": lambda c: c.sharded_state_dict(prefix=""), "adapters": lora.adapter_sharded_state_dict,
+                    "base": lora.base_sharded_state_dict}[part]
+        return {f"model{i}": state_of(chunk) for i, chunk in enumerate(self.model_chunks)}
+
+    def _load_into_chunks(self, loaded: dict, part: str) -> None:
+        """Copy loaded weights into the chunks; a LoRA model loads its base and its adapters apart,
+        each load leaving exactly the other part untouched."""
+        for i, chunk in enumerate(self.model_chunks):
+            if part == "all":
+                chunk.load_state_dict(loaded[f"model{i}"])
+                continue
+            result = chunk.load_state_dict(loaded[f"model{i}"], strict=False)
+            wrong = list(result.unexpected_keys) + [k for k in result.missing_keys
+                                                    if (".lora." in k) == (part == "adapters")]
+            if wrong:
+                raise CheckpointError(f"loading the {part} of the model left {len(wrong)} weights unset or "
+                                      f"unexpected, e.g. {wrong[0]}")
 
     def _optimizer_metadata(self, sharding_type: str | None = None) -> dict:
         """How the distributed optimizer lays out its state (megatron's content metadata, stored with
@@ -504,7 +534,7 @@ class Checkpointer:
         if step is None:
             return None
         path = step_dir(self.root, step)
-        self._check_before_load(path)
+        self._check_before_load(path, resuming=True)
         common = dist_checkpointing.load_common_state_dict(str(path))
         same_layout = list(common.get("layout") or []) == list(_layout())
         saved_metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
@@ -513,8 +543,7 @@ class Checkpointer:
                                  optimizer_metadata=self._optimizer_metadata(
                                      saved_metadata.get("distrib_optim_sharding_type")))
         loaded = self._load(state, path, checked=True)
-        for chunk, key in zip(self.model_chunks, (f"model{i}" for i in range(len(self.model_chunks)))):
-            chunk.load_state_dict(loaded[key])
+        self._load_into_chunks(loaded, "adapters" if self.lora else "all")
         load_optimizer_state(self.optimizer, loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["scheduler"])
         if same_layout:
@@ -555,9 +584,8 @@ class Checkpointer:
         """Weights only (a Hugging Face import, or another run's checkpoint): fresh optimizer and schedule.
         A checkpoint of another architecture or tokenizer is refused, naming the fields."""
         ckpt = find_checkpoint(Path(path))
-        loaded = self._load(self._model_state(), ckpt)
-        for i, chunk in enumerate(self.model_chunks):
-            chunk.load_state_dict(loaded[f"model{i}"])
+        part = "base" if self.lora else "all"
+        self._load_into_chunks(self._load(self._model_state(part), ckpt), part)
         if self.optimizer is not None:
             # The mixed-precision and distributed optimizers keep fp32 main copies of the weights,
             # made when they were built: refresh them, or the first update writes the initial random
@@ -565,13 +593,13 @@ class Checkpointer:
             self.optimizer.reload_model_params()
         log.info("initialised weights from %s", ckpt)
 
-    def _check_before_load(self, path: Path) -> None:
-        """Model and tokenizer match, every file intact (unless checkpoint.verify_checksums is off),
-        no pickle that could run code: or a CheckpointError naming the file and the mismatch, before
-        anything is loaded."""
+    def _check_before_load(self, path: Path, resuming: bool = False) -> None:
+        """Model and tokenizer match (and adapters, when resuming), every file intact (unless
+        checkpoint.verify_checksums is off), no pickle that could run code: or a CheckpointError
+        naming the file and the mismatch, before anything is loaded."""
         if not (path / "metadata.json").is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint (no metadata.json)")
-        _check_identity(path, self.identity)
+        _check_identity(path, self.identity, with_adapters=resuming)
         if self.cfg.checkpoint.verify_checksums:
             _verify_checksums(path)
         else:

@@ -58,6 +58,7 @@ class StepStats:
     step_time_s: float
     tokens: int  # tokens processed this step, all data-parallel ranks together
     skipped: bool = False
+    packing_efficiency: float | None = None  # packed instruction data: real tokens / sequence positions
 
 
 class MetricsLogger:
@@ -107,6 +108,8 @@ class MetricsLogger:
             **self.throughput(stats),
             "memory_gib": memory_gib(),
         }
+        if stats.packing_efficiency is not None:
+            record["packing_efficiency"] = stats.packing_efficiency
         if not self.enabled:
             return record
         self.jsonl.write(json.dumps(record) + "\n")
@@ -117,6 +120,8 @@ class MetricsLogger:
         elapsed = time.time() - self._start
         eta = elapsed / max(1, stats.step - self.first_step) * (self.train_iters - stats.step)
         mfu = f" | MFU {record['mfu'] * 100:.1f}%" if "mfu" in record else ""
+        if stats.packing_efficiency is not None:
+            mfu += f" | packing {stats.packing_efficiency:.1%}"
         gnorm = f"{stats.grad_norm:.3f}" if stats.grad_norm is not None and math.isfinite(stats.grad_norm) else str(stats.grad_norm)
         log.info(
             "step %d/%d | loss %.4f | lr %.3e | grad norm %s | %.0f tok/s (%.0f tok/s/%s) | "

@@ -63,6 +63,8 @@ def resolve(cfg: JobConfig, env: Environment) -> JobConfig:
         p.overlap_grad_reduce = p.use_distributed_optimizer
     if p.overlap_param_gather is None:
         p.overlap_param_gather = p.use_distributed_optimizer and p.overlap_grad_reduce
+    if cfg.checkpoint.optimizer_format == "auto":
+        cfg.checkpoint.optimizer_format = "fully_reshardable" if cfg.peft.method == "lora" else "dp_reshardable"
     return cfg
 
 
@@ -163,6 +165,21 @@ def validate(cfg: JobConfig, arch: LlamaArch, env: Environment, problems: list[s
              "train in bf16 without a word: use model.backend=transformer_engine (or auto)")
     if cfg.model.backend == "transformer_engine":
         need(env.transformer_engine, "model.backend=transformer_engine but Transformer Engine is not importable")
+
+    need(t.loss_normalization in ("token", "sample"), "training.loss_normalization must be token or sample")
+    try:
+        from melama_mcore.models.llama.lora import check_peft_config
+
+        check_peft_config(cfg.peft)
+    except ConfigError as err:
+        problems.append(str(err))
+    if cfg.peft.method == "lora":
+        need(bool(cfg.checkpoint.init_from),
+             "peft.method=lora trains adapters on a base model: set checkpoint.init_from to it (a "
+             "`melama convert import-hf` output or a run)")
+        need(cfg.model.backend in ("auto", "native", "local"),
+             "peft.method=lora adapts megatron's own linears: use model.backend=native or local "
+             "(Transformer Engine's fused modules are not supported)")
 
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -32,7 +32,8 @@ from melama_mcore import kernels
 from melama_mcore.config.job_config import JobConfig
 from melama_mcore.distributed import cpu_compat
 from melama_mcore.models.llama.config_registry import LlamaArch, padded_vocab_size
-from melama_mcore.models.llama.native import native_block_spec
+from melama_mcore.models.llama import packed_attention
+from melama_mcore.models.llama.native import PackedRows, native_block_spec
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ class Backend:
     position_embedding: str
     # TransformerConfig fields this backend sets
     config: dict = field(default_factory=dict)
+    # A packed micro-batch (several samples per row, data/sft) -> (the batch as this backend takes
+    # it, the extra GPTModel.forward arguments that confine attention to each sample)
+    pack: Callable[[dict], tuple[dict, dict]] | None = None
 
 
 def _megatron_block_spec(use_transformer_engine: bool):
@@ -75,23 +79,37 @@ def _megatron_block_spec(use_transformer_engine: bool):
     return spec
 
 
+def _pack_thd(batch: dict) -> tuple[dict, dict]:
+    flat, params = packed_attention.to_thd(batch)  # TE's fused attention and RoPE take THD boundaries
+    return {**batch, **flat}, {"packed_seq_params": params}
+
+
+def _pack_rows(batch: dict) -> tuple[dict, dict]:
+    return batch, {"packed_seq_params": PackedRows.of(batch["cu_seqlens"], batch["position_ids"])}
+
+
+def _pack_mask(batch: dict) -> tuple[dict, dict]:
+    return batch, {"attention_mask": packed_attention.local_attention_mask(batch["cu_seqlens"], batch["tokens"].size(1))}
+
+
 BACKENDS = {
-    "transformer_engine": Backend(_megatron_block_spec(True), "rope", {"apply_rope_fusion": True}),
+    "transformer_engine": Backend(_megatron_block_spec(True), "rope", {"apply_rope_fusion": True}, _pack_thd),
     # use_te_activation_func routes the MLP activation through the spec's SwiGLU module: the flag's
     # name is TE's, the mechanism is megatron's generic "activation as a submodule".
-    "native": Backend(native_block_spec, "none", {"use_te_activation_func": True}),
-    "local": Backend(_megatron_block_spec(False), "rope"),
+    "native": Backend(native_block_spec, "none", {"use_te_activation_func": True}, _pack_rows),
+    "local": Backend(_megatron_block_spec(False), "rope", {}, _pack_mask),
 }
 
 
-def choose_backend(requested: str, device: str, te_available: bool) -> str:
+def choose_backend(requested: str, device: str, te_available: bool, lora: bool = False) -> str:
     if requested != "auto":
         log.info("layer backend: %s (requested)", requested)
         return requested
-    if device == "cuda" and te_available:
+    if device == "cuda" and te_available and not lora:
         log.info("layer backend: transformer_engine (auto: Transformer Engine imports and CUDA is present)")
         return "transformer_engine"
-    reason = "no CUDA" if device != "cuda" else "Transformer Engine is not installed"
+    reason = ("no CUDA" if device != "cuda" else "LoRA adapts megatron's own linears" if lora
+              else "Transformer Engine is not installed")
     log.info("layer backend: native (auto: %s; kernels backend: %s)", reason, kernels.backend())
     return "native"
 
@@ -144,6 +162,10 @@ def transformer_config(cfg: JobConfig, arch: LlamaArch, backend: str) -> Transfo
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=gpu,
         deallocate_pipeline_outputs=True,
+        # The loss (and its gradient) is the mean over the loss-weighted tokens of the whole global
+        # batch, not a mean of per-micro-batch means: megatron divides once, by the batch's total
+        # weight, in finalize_model_grads. Equal for pre-training; exact for masked instruction data.
+        calculate_per_token_loss=True,
         # Pipeline p2p as Megatron-LM sets it: the interleaved schedule overlaps its sends and
         # receives (separate ops, ordered per rank parity); 1F1B batches them. Batched p2p under
         # interleaving pairs the wrong messages when both neighbours are one rank (PP=2: an
@@ -186,6 +208,7 @@ def build_model_chunks(cfg: JobConfig, arch: LlamaArch, backend: str) -> list[Ll
             vp_stage=stage,
             melama_cross_entropy=cfg.model.cross_entropy == "melama",
         )
+        model.backend = backend  # how a packed micro-batch enters it (BACKENDS[backend].pack)
         if cfg.training.device == "cuda":
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

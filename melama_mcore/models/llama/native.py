@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -30,6 +32,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from melama_mcore import kernels
+from melama_mcore.models.llama.packed_attention import (apply_rotary_at, block_causal_mask, packed_causal_attention,
+                                                        rope_angles_at)
 
 
 class RMSNorm(torch.nn.Module):
@@ -68,6 +72,20 @@ def rope_angles(head_dim: int, base: float, seq_len: int, device: torch.device) 
     return rope.get_emb(seq_len).to(device)
 
 
+@dataclass
+class PackedRows(PackedSeqParams):
+    """Several samples packed in each row of a micro-batch, in megatron's [s, b] layout: what
+    SDPAttention needs, made once per micro-batch and shared by every layer."""
+
+    attention_mask: torch.Tensor | None = None  # [b, 1, s, s], True where a query may attend
+    position_ids: torch.Tensor | None = None  # [b, s], restarting in every sample
+
+    @classmethod
+    def of(cls, cu_seqlens: torch.Tensor, position_ids: torch.Tensor) -> "PackedRows":
+        return cls(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                   attention_mask=block_causal_mask(cu_seqlens, position_ids.size(1)), position_ids=position_ids)
+
+
 class SDPAttention(MegatronModule):
     """RoPE, then causal core attention on torch's scaled_dot_product_attention, in megatron's
     [s, b, h, d] layout.
@@ -78,7 +96,8 @@ class SDPAttention(MegatronModule):
     kernel, because megatron's SelfAttention hard-codes its own unfused (or TE) RoPE: the native
     GPTModel is built without position embeddings and q/k arrive here unrotated. The sequence is
     whole here (SP gathers it in linear_qkv; context parallelism is not supported), so positions
-    are 0..s-1.
+    are 0..s-1 — or, for packed samples (`PackedRows`), restart in every sample, whose attention is
+    confined to itself (packed_attention.py).
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
@@ -94,15 +113,21 @@ class SDPAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention does not support packed sequences or attention bias")
+        if attention_bias is not None:
+            raise ValueError("SDPAttention does not support an attention bias")
+        dropout = self.dropout if self.training else 0.0
+        if packed_seq_params is not None:
+            angles = rope_angles_at(packed_seq_params.position_ids, query.size(-1), self.rotary_base)
+            query, key = apply_rotary_at(query, angles), apply_rotary_at(key, angles)
+            return packed_causal_attention(query, key, value, scale=self.softmax_scale, dropout_p=dropout,
+                                           mask=packed_seq_params.attention_mask)
         freqs = rope_angles(query.size(-1), self.rotary_base, query.size(0), query.device)
         query, key = kernels.apply_rotary(query, freqs), kernels.apply_rotary(key, freqs)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=dropout,
             enable_gqa=q.size(1) != k.size(1),
         )
         s, b = query.size(0), query.size(1)
