@@ -7,15 +7,17 @@
     # (b) any preset and layout on the GPUs of a node:
     torchrun --nproc-per-node 8 benchmarks/throughput.py --preset llama2-70b --layers 8 --tp 8 --pp 1 \
         --mbs 1 --gbs 16 --recompute selective --backends transformer_engine native
-    # CPU (tiny shapes, fp32; what the tests run):
+    # CPU (tiny shapes; what the tests run), fp32, or the production path (bf16, distributed optimizer):
     python benchmarks/throughput.py --preset nano --seq 64 --mbs 2 --gbs 4 --warmup 1 --steps 2 --vocab-size 256
+    python benchmarks/throughput.py --preset nano --seq 64 --precision bf16 --distributed-optimizer ...
 
 Each backend: the model is built with the trunk's `build_model_chunks` (a JobConfig whose
-`model.num_layers` is --layers), wrapped in megatron's DDP with the trainer's schedule hooks, given
-the trunk's megatron optimizer, and trained on random tokens with megatron's forward-backward
-schedule + optimizer step: --warmup steps, then --steps timed ones (CUDA events, synchronised;
-the slowest rank's time). A step is a whole global batch (--gbs / (--mbs x DP) micro-batches),
-so the optimizer step is amortised as in training.
+`model.num_layers` is --layers), started, wrapped and optimised exactly as `melama train` does it
+(startup.py, distributed/parallel.py, components/optimizer.py), and trained on random tokens with
+the trainer's own step (step.py: megatron's schedule over the global batch, the masked token loss,
+the optimizer update with its non-finite skip and clipping): --warmup steps, then --steps timed
+ones (synchronised; the slowest rank's time). A step is a whole global batch
+(--gbs / (--mbs x DP) micro-batches), so the optimizer step is amortised as in training.
 
 FLOPs: the trunk's `flops_per_token` (Megatron convention: 3 x 2 x every GEMM, causal attention
 halved, recompute not counted) of the model actually built, i.e. --layers decoder layers plus the
@@ -23,7 +25,7 @@ output layer over the padded vocabulary (a multiple of model.make_vocab_size_div
 built and as Megatron-LM counts it), never the full preset. TFLOP/s/GPU = tokens/s x FLOPs/token / GPUs;
 MFU = TFLOP/s/GPU / dense peak (components/metrics.py). Peak memory is
 `torch.cuda.max_memory_allocated` (None on CPU), shown beside the planner's prediction for the same
-layout (melama_mcore/planner.py; it assumes a flash-style attention, so `local`, which stores
+layout (melama_mcore/commands/plan.py; it assumes a flash-style attention, so `local`, which stores
 s x s scores, exceeds it).
 """
 
@@ -41,17 +43,18 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from melama_mcore import planner
-from melama_mcore.components.metrics import flops_per_token, peak_tflops
+from melama_mcore import step
+from melama_mcore.commands import plan as planner
+from melama_mcore.components.metrics import peak_tflops
 from melama_mcore.components.optimizer import build_optimizer
 from melama_mcore.config.job_config import JobConfig, load_config
-from melama_mcore.config.validate import detect_environment, resolve, resolve_arch, validate
 from melama_mcore.distributed import parallel
+from melama_mcore.distributed.launch import launch_env
 from melama_mcore.errors import UserError
-from melama_mcore.models.llama.config_registry import PRESETS
+from melama_mcore.models.llama.config_registry import PRESETS, flops_per_token
 from melama_mcore.models.llama.model import build_model_chunks, output_vocab_size
+from melama_mcore.startup import start
 
 SLICE_LAYERS = 2  # 70B width: ~14 GB of weights + grads + Adam state per layer in bf16
 
@@ -75,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cross-entropy", nargs="+", choices=["megatron", "melama"], default=["megatron"],
                    help="loss kernels to time with each backend (model.cross_entropy); melama rows are "
                         "labelled <backend>+melama-xent")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="training.precision (default auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="parallel.use_distributed_optimizer, with overlapped grad reduce and param gather "
+                        "(default: the trainer's)")
     p.add_argument("--vocab-size", type=int, help="default: the preset's, else 32000")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
@@ -92,8 +100,12 @@ def job_config(args, world_size: int) -> JobConfig:
         f"parallel.pipeline_parallel={args.pp}", f"parallel.virtual_pipeline={args.vp or 'null'}",
         f"parallel.sequence_parallel={str(sp).lower()}", f"training.seq_length={args.seq}",
         f"training.micro_batch_size={args.mbs}", f"training.global_batch_size={gbs}",
-        f"training.recompute={args.recompute}", "logging.tensorboard=false",
+        f"training.recompute={args.recompute}", f"training.precision={args.precision}", "logging.tensorboard=false",
     ]
+    if args.distributed_optimizer is not None:
+        on = str(args.distributed_optimizer).lower()
+        overrides += [f"parallel.use_distributed_optimizer={on}", f"parallel.overlap_grad_reduce={on}",
+                      f"parallel.overlap_param_gather={on}"]
     if layers:
         overrides.append(f"model.num_layers={layers}")
     preset = PRESETS.get(args.preset)
@@ -130,85 +142,54 @@ def state_bytes(chunks, optimizer) -> dict:
     }
 
 
-def random_batch(cfg: JobConfig, vocab_size: int, device: str) -> dict:
+def random_batch(cfg: JobConfig, vocab_size: int, device: torch.device) -> dict:
     t = cfg.training
     g = torch.Generator().manual_seed(t.seed)
     tokens = torch.randint(0, vocab_size, (t.micro_batch_size, t.seq_length + 1), generator=g)
-    return {
-        "tokens": tokens[:, :-1].contiguous().to(device),
-        "labels": tokens[:, 1:].contiguous().to(device),
-        "position_ids": torch.arange(t.seq_length).expand(t.micro_batch_size, -1).contiguous().to(device),
+    batch = {
+        "tokens": tokens[:, :-1].contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "position_ids": torch.arange(t.seq_length).expand(t.micro_batch_size, -1).contiguous(),
+        "loss_mask": torch.ones(t.micro_batch_size, t.seq_length),
     }
+    return {k: v.to(device) for k, v in batch.items()}
 
 
-def forward_step(data_iterator, model):
-    """megatron's schedule calls this per micro-batch and chunk; the mean token loss is the objective."""
-    chunk = model.module if hasattr(model, "module") else model
-    # A middle pipeline stage gets its input from the previous stage, not from the data.
-    batch = next(data_iterator) if chunk.pre_process or chunk.post_process else dict.fromkeys(
-        ("tokens", "position_ids", "labels"))
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-
-    def loss(per_token_loss):
-        mean = per_token_loss.float().mean()
-        return mean, {"loss": mean.detach()}
-
-    return output, loss
-
-
-def measure(cfg: JobConfig, arch, backend: str, warmup: int, steps: int, label: str) -> dict:
-    """One backend: build, warm up, time. Returns this rank's measurements."""
-    gpu = cfg.training.device == "cuda"
+def measure(cfg: JobConfig, arch, backend: str, device: torch.device, warmup: int, steps: int, label: str) -> dict:
+    """One backend: build, warm up, time the trainer's own step (step.py). Returns this rank's measurements."""
+    gpu = device.type == "cuda"
     if gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    t = cfg.training
     chunks = build_model_chunks(cfg, arch, backend)
     model = parallel.wrap_for_training(cfg, chunks)
     optimizer = build_optimizer(cfg, model)
-    dp = parallel_state.get_data_parallel_world_size()
-    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
-    batch = random_batch(cfg, arch.vocab_size, "cuda" if gpu else "cpu")
-    iterators = [itertools.repeat(batch) for _ in model]
-    forward_backward = get_forward_backward_func()
+    schedule = step.Schedule(cfg, model, device)
+    iterators = [itertools.repeat(random_batch(cfg, arch.vocab_size, device)) for _ in model]
 
     def train_step():
-        for m in model:
-            m.zero_grad_buffer()
-        optimizer.zero_grad()
-        forward_backward(forward_step_func=forward_step, data_iterator=iterators if len(model) > 1 else iterators[0],
-                         model=model, num_microbatches=num_micro, seq_length=t.seq_length,
-                         micro_batch_size=t.micro_batch_size, decoder_seq_length=t.seq_length, forward_only=False)
-        ok, grad_norm, _ = optimizer.step()
-        return ok, grad_norm
+        step.zero_grads(model, optimizer)
+        loss = step.data_parallel_mean(schedule.run(iterators))
+        return step.optimizer_step(optimizer, cfg.optimizer.clip_grad, loss, device)
 
     for _ in range(warmup):
         train_step()
-    if gpu:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-    began = time.perf_counter()
+    began = step.synchronized_time(device)
     for _ in range(steps):
-        ok, grad_norm = train_step()
-    if gpu:
-        end.record()
-        torch.cuda.synchronize()
-        elapsed = start.elapsed_time(end) / 1e3
-    else:
-        elapsed = time.perf_counter() - began
+        updated, grad_norm = train_step()
+    elapsed = step.synchronized_time(device) - began
     result = {
         "backend": label,
         "rank": dist.get_rank(),
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
         "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
         "step_time_s": elapsed / steps,
-        "last_step_ok": bool(ok),
+        "last_step_ok": bool(updated),
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if gpu else None,
         **state_bytes(chunks, optimizer),
     }
-    del model, chunks, optimizer, iterators, forward_backward
+    del model, chunks, optimizer, iterators, schedule
     gc.collect()
     return result
 
@@ -276,22 +257,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or (args.layers is not None and args.layers < 1):
         raise UserError("--steps and --layers must be >= 1 and --warmup >= 0")
-    world = parallel.world_size_from_env()
-    cfg = job_config(args, world)
-    env = detect_environment(world)
-    resolve(cfg, env)
-    arch = resolve_arch(cfg, None)
-    validate(cfg, arch, env)
-    backends = args.backends or available_backends(cfg.training.device, env.transformer_engine)
+    cfg = job_config(args, launch_env().world_size)
+    runtime = start(cfg)
+    arch, world = runtime.arch, runtime.launch.world_size
+    backends = args.backends or available_backends(cfg.training.device, runtime.env.transformer_engine)
 
-    parallel.initialize(cfg)
     try:
         results = []
         for backend, loss_kernel in itertools.product(backends, args.cross_entropy):
             label = backend if loss_kernel == "megatron" else f"{backend}+melama-xent"
             cfg.model.cross_entropy = loss_kernel
             try:
-                mine = measure(cfg, arch, backend, args.warmup, args.steps, label)
+                mine = measure(cfg, arch, backend, runtime.device, args.warmup, args.steps, label)
             # One backend failing (out of memory, a fused kernel missing outside NVIDIA's container)
             # must not hide the others' figures; the failure is reported in its row.
             except Exception as err:  # noqa: BLE001
@@ -301,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(summarise(cfg, arch, label, ranks, world))
     finally:
         parallel.shutdown()
-    if int(os.environ.get("RANK", 0)) != 0:
+    if runtime.launch.rank != 0:
         return 0
     t, p = cfg.training, cfg.parallel
     report = {

@@ -1,0 +1,3 @@
+from melama_mcore.logs import quiet_libraries
+
+quiet_libraries()

@@ -10,28 +10,38 @@ from __future__ import annotations
 import importlib
 import sys
 
-from melama_mcore.errors import UserError
+from melama_mcore.distributed.launch import launch_env
+from melama_mcore.errors import ConfigError, UserError
+from melama_mcore.logs import setup_logging
 
 SUBCOMMANDS = {
     "train": ("melama_mcore.train", "pretrain / continue pre-training a LLaMA model (torchrun-aware)"),
-    "demo": ("melama_mcore.demo", "the tiny CPU demo: corpus -> tokenizer -> datasets -> train -> resume"),
+    "demo": ("melama_mcore.commands.demo", "the tiny CPU demo: corpus -> tokenizer -> datasets -> train -> resume"),
     "preprocess": ("melama_mcore.data.preprocess", "tokenise JSONL/text into Megatron .bin/.idx"),
     "preprocess-sft": ("melama_mcore.data.sft.preprocess", "tokenise instruction JSONL into token ids + loss masks"),
     "train-tokenizer": ("melama_mcore.data.train_tokenizer", "train a LLaMA-style sentencepiece model"),
     "verify-data": ("melama_mcore.data.verify", "check a .bin/.idx pair (sizes, offsets, token range)"),
     "blend-report": ("melama_mcore.data.blend", "per-source token shares and epochs for a blend"),
     "convert": ("melama_mcore.commands.convert", "Hugging Face <-> megatron checkpoints, LoRA adapters to PEFT"),
-    "plan": ("melama_mcore.planner", "parallel layouts that fit, with predicted memory and MFU"),
+    "plan": ("melama_mcore.commands.plan", "parallel layouts that fit, with predicted memory and MFU"),
     "eval": ("melama_mcore.eval.command", "score a checkpoint or HF model on MIBE and lm-eval tasks"),
 }
 
 
 def run_main(main, argv) -> int:
-    """Run a subcommand's main, turning a UserError into a message and an exit code."""
+    """Run a subcommand's main, turning a UserError into a message and an exit code. A config error
+    is the same on every rank of a job: only rank 0 prints it."""
+    try:
+        launch = launch_env()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    setup_logging(launch.rank, launch.world_size)
     try:
         return int(main(argv) or 0)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if launch.rank == 0 or not isinstance(err, ConfigError):
+            print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,6 +11,8 @@ Faults come from the MELAMA_FAULTS environment variable, a JSON object (every ke
                       checkpoint of step N into its .partial folder, before it is published.
     save_error:       {"steps": [N...], "errno": "ENOSPC"}  the save of step N writes part of the
                       checkpoint, then raises OSError(errno), as a full disk does.
+    write_error:      {"steps": [N...], "rank": R, "errno": "ENOSPC"}  on rank R only, megatron's
+                      checkpoint writer fails writing its files of step N (a full local disk).
     nan_loss_steps:   [N...]  the loss of step N is multiplied by NaN (so are all its gradients).
     inf_grad_steps:   [N...]  one gradient of step N is set to +inf (the loss stays finite).
     slow_step:        {"step": N, "seconds": S}  every micro-batch of step N sleeps S seconds.
@@ -24,6 +26,7 @@ Recorded for the test (files under MELAMA_FAULT_DIR):
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import signal
@@ -120,6 +123,8 @@ def _train_step(self):
     self._fault_microbatch = 0
     _consumed.clear()
     stats = _original_train_step(self)
+    if stats is None:  # abandoned (preemption deadline)
+        return stats
     if RECORD_DIR:
         out = Path(RECORD_DIR)
         out.mkdir(parents=True, exist_ok=True)
@@ -168,6 +173,25 @@ class _PatchedDistCheckpointing:
 
 
 ckpt_module.dist_checkpointing = _PatchedDistCheckpointing(ckpt_module.dist_checkpointing)
+
+
+# -- one rank's writes fail inside megatron's checkpoint writer -----------------------------------------
+_WRITE_ERROR = FAULTS.get("write_error")
+if _WRITE_ERROR and _WRITE_ERROR.get("rank", 0) == RANK:
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    _original_write_item = filesystem_async._write_item
+
+    @functools.wraps(_original_write_item)  # megatron inspects its signature
+    def _failing_write_item(*args, **kwargs):
+        stream = next(a for a in args if hasattr(a, "write") and hasattr(a, "name"))
+        if any(f"iter_{step:07d}" in str(stream.name) for step in _WRITE_ERROR["steps"]):
+            name = _WRITE_ERROR.get("errno", "ENOSPC")
+            print(f"FAULT: rank {RANK} fails writing {Path(str(stream.name)).name} ({name})", flush=True)
+            raise OSError(getattr(errno, name), os.strerror(getattr(errno, name)), str(stream.name))
+        return _original_write_item(*args, **kwargs)
+
+    filesystem_async._write_item = _failing_write_item
 
 
 if __name__ == "__main__":  # megatron's checkpoint writer spawns into this module: keep the guard

@@ -1,13 +1,10 @@
-"""Shared fixtures for the instruction-data tests: records in the three formats, a Hugging Face
-tokenizer folder (the test sentencepiece model) with a LLaMA-2-style chat template written here, and
-readers of preprocess-sft output through megatron-core's IndexedDataset."""
+"""Helpers for the instruction-data tests: records in the three formats, a LLaMA-2-style chat
+template written here, and readers of preprocess-sft output through megatron-core's IndexedDataset.
+The Hugging Face tokenizer folder with that template (`hf_tokenizer_dir`) is a fixture in conftest.py."""
 
 from __future__ import annotations
 
 import json
-import shutil
-
-import pytest
 
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
@@ -50,17 +47,6 @@ LLAMA2_JINJA_PLAIN = LLAMA2_JINJA.replace("{% generation %}", "").replace("{% en
 def write_jsonl(path, records) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return str(path)
-
-
-@pytest.fixture(scope="session")
-def hf_tokenizer_dir(spm_model, tmp_path_factory):
-    """The test sentencepiece model as a Hugging Face LlamaTokenizer folder with a chat template."""
-    out = tmp_path_factory.mktemp("hf_tokenizer")
-    shutil.copyfile(spm_model, out / "tokenizer.model")
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    (out / "chat_template.jinja").write_text(LLAMA2_JINJA_PLAIN)
-    return str(out)
 
 
 def read_sft(prefix) -> list[tuple[list[int], list[int]]]:

@@ -9,10 +9,7 @@ torchrun worker.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
 import re
 import shutil
@@ -23,32 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from trunk_fixtures import data_overrides, free_port, run_train, tiny_data  # noqa: F401
+from convert_fixtures import (ENV, HF_CONFIG, assert_refused, cli, convert, hf_logits, random_llama,
+                              relative_error, safetensors_dict)
+from trunk_fixtures import data_overrides, free_port, run_train
 
 pytestmark = pytest.mark.slow
 
 # The trunk's `nano` preset shapes, so a run can train the import with explicit model fields. The
 # vocabulary holds the test tokenizer's and is padded (to 640 rows at TP 1, 768 at TP 2).
-HF_CONFIG = dict(vocab_size=520, hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=50000.0, max_position_embeddings=128,
-                 tie_word_embeddings=False)
 MODEL_OVERRIDES = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
                    "model.num_query_groups=2", "model.ffn_hidden_size=176", "model.vocab_size=520",
                    "model.norm_eps=1e-6", "model.rope_base=50000.0"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours - reference).abs().max() / reference.abs().max()).item()
-
-
-def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    with torch.no_grad():
-        return model(tokens).logits
 
 
 def framework_logits(ckpt: Path, tmp: Path, tokens: torch.Tensor, tp: int = 1, pp: int = 1) -> torch.Tensor:
@@ -65,53 +47,10 @@ def framework_logits(ckpt: Path, tmp: Path, tokens: torch.Tensor, tp: int = 1, p
     return outputs[0]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    """`melama convert ...` as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "melama_mcore.cli", "convert", *map(str, args)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, timeout=300)
-
-
-def convert(*args: str) -> subprocess.CompletedProcess:
-    """The same in this process (what the CLI prints on stderr and logs, as `stdout`), without the
-    start-up cost."""
-    from melama_mcore.cli import run_main
-    from melama_mcore.commands.convert import main
-
-    err = io.StringIO()
-    root, handler = logging.getLogger(), logging.StreamHandler(err)
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        with contextlib.redirect_stderr(err):
-            code = run_main(main, list(map(str, args)))
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-    return subprocess.CompletedProcess(args, code, stdout=err.getvalue())
-
-
-def safetensors_dict(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(path))
-    return tensors
-
-
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("hf") / "llama"
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**HF_CONFIG))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    model.save_pretrained(folder, max_shard_size="200KB")  # several shards, so the index path is used
-    assert len(list(folder.glob("*.safetensors"))) > 1
+    folder = random_llama(tmp_path_factory.mktemp("hf") / "llama", max_shard_size="200KB")
+    assert len(list(folder.glob("*.safetensors"))) > 1  # several shards, so the index path is used
     return folder
 
 
@@ -212,15 +151,6 @@ def copy_hf(hf_dir: Path, dst: Path, **config_changes) -> Path:
     return dst
 
 
-def assert_refused(result: subprocess.CompletedProcess, out: Path, *phrases: str) -> None:
-    assert result.returncode == 2, result.stdout
-    assert "Traceback" not in result.stdout
-    for phrase in phrases:
-        assert phrase in result.stdout, result.stdout
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no temp folder left
-
-
 @pytest.mark.parametrize("change,phrase", [
     ({"attention_bias": True}, "attention_bias"),
     ({"tie_word_embeddings": True}, "tie_word_embeddings"),
@@ -319,25 +249,33 @@ class Exploit:
         return (print, ("a weights file ran code",))
 
 
-VERIFY_WITHOUT_TRANSFORMERS = """
+VERIFY_WHERE_IT_CANNOT_RUN = """
 import sys
-sys.modules["transformers"] = None  # as if not installed: importing it fails
+import torch
+if sys.argv[1] == "no-transformers":
+    sys.modules["transformers"] = None  # as if not installed: importing it fails
+else:
+    torch.cuda.is_available = lambda: True  # as on a GPU node
 from melama_mcore.cli import main
-sys.exit(main(["convert", *sys.argv[1:]]))
+sys.exit(main(["convert", *sys.argv[2:]]))
 """
 
 
-def test_verify_without_transformers_is_refused_before_converting(hf_dir, tmp_path):
+@pytest.mark.parametrize("where,message", [
+    ("no-transformers", "error: --verify compares the logits with transformers', which is not installed: "
+                        "pip install melama-mcore[hf] (or drop --verify)"),
+    ("cuda-visible", "error: --verify runs the framework's model on CPU, which megatron allows only with CUDA "
+                     "hidden: prefix the command with CUDA_VISIBLE_DEVICES= (or drop --verify)"),
+])
+def test_verify_that_cannot_run_is_refused_before_converting(hf_dir, tmp_path, where, message):
     ckpt = tmp_path / "ckpt"
     import_hf(hf_dir, ckpt)
     for args in (["import-hf", "--hf-dir", hf_dir, "--out", tmp_path / "out"],
                  ["export-hf", "--ckpt", ckpt, "--out", tmp_path / "out"]):
-        result = subprocess.run([sys.executable, "-c", VERIFY_WITHOUT_TRANSFORMERS, *map(str, args), "--verify"],
+        result = subprocess.run([sys.executable, "-c", VERIFY_WHERE_IT_CANNOT_RUN, where, *map(str, args), "--verify"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, timeout=300)
-        assert_refused(result, tmp_path / "out", "pip install melama-mcore[hf]")
-        assert result.stdout.strip().splitlines() == [
-            "error: --verify compares the logits with transformers', which is not installed: "
-            "pip install melama-mcore[hf] (or drop --verify)"]  # before any conversion began: nothing logged
+        assert_refused(result, tmp_path / "out")
+        assert result.stdout.strip().splitlines() == [message]  # before any conversion began: nothing logged
 
 
 BROKEN_EXPORT = """
@@ -384,8 +322,8 @@ def test_conversions_carry_the_source_architecture(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from melama_mcore.config.job_config import load_config
-    from melama_mcore.config.validate import resolve_arch
     from melama_mcore.models.llama import state_dict_adapter as sda
+    from melama_mcore.models.llama.config_registry import resolve_arch
 
     source = dict(HF_CONFIG, num_hidden_layers=2, hidden_size=48, intermediate_size=96, max_position_embeddings=256,
                   rms_norm_eps=1e-6, rope_theta=50000.0)
@@ -395,7 +333,7 @@ def test_conversions_carry_the_source_architecture(tmp_path):
     assert convert("import-hf", "--hf-dir", hf, "--out", ckpt).returncode == 0
     cfg = load_config(ckpt / "config.yaml")
     assert cfg.training.seq_length == 256 and cfg.model.preset != "llama2-7b"
-    assert resolve_arch(cfg, None) == sda.arch_from_hf_config(json.loads((hf / "config.json").read_text()))
+    assert resolve_arch(cfg.model, None) == sda.arch_from_hf_config(json.loads((hf / "config.json").read_text()))
     result = convert("export-hf", "--ckpt", ckpt, "--out", out)
     assert result.returncode == 0, result.stdout
     assert f"tokenizer: none: {ckpt} names no tokenizer (weights-only imports have none)" in result.stdout

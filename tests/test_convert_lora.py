@@ -1,19 +1,18 @@
 """LoRA adapters out to Hugging Face: `melama convert export-peft` and `export-hf --merge-lora`,
 checked against peft and transformers.
 
-The `adapter_run` fixture builds an adapter checkpoint as the trainer writes one (the contract in
+The `adapter_run` fixture writes an adapter checkpoint with the trainer's own code (the format in
 docs/checkpoints.md): a torchrun of this file at TP2 x PP2 loads an imported base, adds LoRA on every
-target, gives the adapters random non-zero values, takes one optimizer step (megatron's optimizer
-over megatron's DDP), records the framework's fp32 logits, and saves a run checkpoint whose model
-entries hold the adapters only (the optimizer state beside them), with config.yaml's `peft:`
-section, `checkpoint.init_from` naming the base, and the base's identity plus a `peft` entry.
-The exports must give the framework's logits, read by peft and transformers, within 1e-5.
+target, gives the adapters random non-zero values, takes one training step (the distributed
+optimizer, as `melama train` runs by default), records the framework's fp32 logits, and saves with
+the Checkpointer: model entries holding the adapters only, the optimizer state beside them,
+config.yaml's `peft:` section, `checkpoint.init_from` naming the base. The exports must give the
+framework's logits, read by peft and transformers, within 1e-5.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,17 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_convert import assert_refused, cli, convert, hf_logits, relative_error
+from convert_fixtures import ENV, HF_CONFIG, assert_refused, cli, convert, hf_logits, random_llama, relative_error
 
 pytestmark = pytest.mark.slow
 
-HF_CONFIG = dict(vocab_size=520, hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=50000.0, max_position_embeddings=128,
-                 tie_word_embeddings=False)
 PEFT = {"method": "lora", "rank": 4, "alpha": 8.0, "dropout": 0.0,
         "target_modules": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "output_layer"]}
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 STEP = 1
 
 
@@ -43,19 +38,13 @@ def arch():
 
 @pytest.fixture(scope="module")
 def adapter_run(tmp_path_factory) -> dict[str, Path]:
-    """{"base": the imported base, "run": the adapter run's output folder, "logits": its logits file}."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """{"base": the imported base, "run": the adapter run's output folder, "logits": its logits file,
+    "tokens": the tokens they were computed on}."""
     from melama_mcore.commands.convert import import_hf
     from trunk_fixtures import free_port
 
     root = tmp_path_factory.mktemp("lora_export")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**HF_CONFIG))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    model.save_pretrained(root / "hf")
+    random_llama(root / "hf")
     import_hf(root / "hf", root / "base", 1, 1, None, 128)
     torch.save(torch.randint(0, HF_CONFIG["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1)),
                root / "tokens.pt")
@@ -124,91 +113,75 @@ def test_adapter_exports_refuse_what_does_not_fit(adapter_run, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The torchrun worker: an adapter checkpoint, as the trainer writes one
+# The torchrun worker: an adapter checkpoint, written by the trainer's own code
 # ---------------------------------------------------------------------------------------------
 def worker(root: Path) -> None:
-    import torch.distributed as dist
-    import yaml
-    from megatron.core import dist_checkpointing, parallel_state
+    """What `melama train` does for a LoRA run, with its defaults (the distributed optimizer, its
+    overlapped reduce and gather): the base from checkpoint.init_from, one step, the Checkpointer's
+    save. The adapters start random (non-zero A and B) instead of PEFT's zero B."""
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from melama_mcore.checkpoint.checkpointer import Checkpointer
-    from melama_mcore.checkpoint.integrity import file_checksums, model_identity
-    from melama_mcore.checkpoint.layout import LATEST, partial_dir, publish, seal, step_dir, write_atomically
-    from melama_mcore.components.optimizer import build_optimizer
-    from melama_mcore.config.validate import detect_environment, resolve
+    from melama_mcore import step
+    from melama_mcore.checkpoint.checkpointer import Checkpointer, TrainState
+    from melama_mcore.checkpoint.integrity import model_identity
+    from melama_mcore.components.optimizer import build_optimizer, build_scheduler
     from melama_mcore.distributed import parallel
     from melama_mcore.models.llama import state_dict_adapter as sda
     from melama_mcore.models.llama.lora import adapter_shapes, adapter_sharded_state_dict, apply_lora
     from melama_mcore.models.llama.model import build_model_chunks, output_vocab_size
+    from melama_mcore.startup import start
 
-    a, peft = arch(), type("Peft", (), PEFT)
-    tokens = torch.load(root / "tokens.pt")
+    a, tokens = arch(), torch.load(root / "tokens.pt")
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     cfg = sda.arch_config(a, tp=2, pp=2)
     cfg.output_dir, cfg.checkpoint.init_from = str(root / "run"), str(root / "base")
-    cfg.model.backend = "native"
+    for key, value in PEFT.items():
+        setattr(cfg.peft, key, value)
     cfg.training.device, cfg.training.precision, cfg.training.seq_length = "cpu", "fp32", tokens.shape[1]
-    cfg.optimizer.lr = 1e-2
-    resolve(cfg, detect_environment(parallel.world_size_from_env()))
-    parallel.initialize(cfg)
+    cfg.training.micro_batch_size = cfg.training.global_batch_size = tokens.shape[0]
+    cfg.optimizer.lr, cfg.optimizer.lr_warmup_iters = 1e-2, 0
+    runtime = start(cfg)
+    assert cfg.parallel.use_distributed_optimizer and cfg.checkpoint.optimizer_format == "fully_reshardable"
 
-    chunks = build_model_chunks(cfg, a, "native")
-    Checkpointer(cfg, chunks, None, None, identity=model_identity(a, None)).load_weights(str(root / "base"))
-    apply_lora(chunks, peft, seed=cfg.training.seed)
-    generator = torch.Generator().manual_seed(3)  # non-zero A and B, global tensors: each rank its slice
+    chunks = build_model_chunks(cfg, a, runtime.backend)
+    apply_lora(chunks, cfg.peft, seed=cfg.training.seed)
+    model = parallel.wrap_for_training(cfg, chunks)
+    optimizer = build_optimizer(cfg, model)
+    checkpointer = Checkpointer(cfg, chunks, optimizer, build_scheduler(cfg, optimizer),
+                                identity=model_identity(a, None, cfg))
+    checkpointer.load_weights(cfg.checkpoint.init_from)
+    generator = torch.Generator().manual_seed(3)  # global tensors: each rank copies its slice
     values = {k: torch.randn(s, generator=generator) * 0.1
-              for k, s in sorted(adapter_shapes(a, peft, output_vocab_size(cfg, a)).items())}
+              for k, s in sorted(adapter_shapes(a, cfg.peft, output_vocab_size(cfg, a)).items())}
     with torch.no_grad():
         for chunk in chunks:
             for sh in adapter_sharded_state_dict(chunk).values():
                 sh.data.copy_(values[sh.key][sh.global_slice()])
-    model = parallel.wrap_for_training(cfg, chunks)
-    optimizer = build_optimizer(cfg, model)
+    optimizer.reload_model_params()  # the optimizer's fp32 copies of the adapters
 
-    def run(forward_only: bool):
-        def loss_func(out, non_loss_data=False):  # forward only: the logits; training: any loss
-            return out if non_loss_data else ((out.float() ** 2).mean(), {})
+    batch = {"tokens": tokens, "position_ids": positions, "labels": tokens.roll(-1, dims=1),
+             "loss_mask": torch.ones(tokens.shape)}
+    step.zero_grads(model, optimizer)
+    totals = step.Schedule(cfg, model, runtime.device).run([iter([batch]) for _ in model])
+    updated, _ = step.optimizer_step(optimizer, cfg.optimizer.clip_grad, step.data_parallel_mean(totals),
+                                     runtime.device)
+    assert updated
+    step.sync_params(model, cfg)
 
-        def forward_step(data_iterator, chunk):
-            return chunk(next(data_iterator), positions, None), loss_func
+    def logits_step(data_iterator, chunk):
+        return chunk(next(data_iterator), positions, None), lambda out, non_loss_data=False: out
 
-        if forward_only:
-            for chunk in chunks:
-                chunk.eval()
-        return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([tokens]), model=model, num_microbatches=1,
-            seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=forward_only,
-            collect_non_loss_data=forward_only)
-
-    run(forward_only=False)
-    optimizer.step()  # the adapters train; the optimizer now has state to save
-    outputs = run(forward_only=True)
+    with step.evaluating(model, cfg):
+        outputs = get_forward_backward_func()(
+            forward_step_func=logits_step, data_iterator=iter([tokens]), model=model, num_microbatches=1,
+            seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=True, collect_non_loss_data=True)
     if parallel_state.is_pipeline_last_stage():
         logits = gather_from_tensor_model_parallel_region(outputs[0].contiguous())[..., : a.vocab_size]
         if parallel_state.get_tensor_model_parallel_rank() == 0:
             torch.save(logits, root / "logits.pt")
-
-    checkpoints = root / "run" / "checkpoints"
-    final = step_dir(checkpoints, STEP)
-    partial = partial_dir(final)
-    if dist.get_rank() == 0:
-        partial.mkdir(parents=True)
-    dist.barrier()
-    model_state = {f"model{i}": adapter_sharded_state_dict(c) for i, c in enumerate(chunks)}
-    metadata = {"chained_optim_avoid_prefix": True, "singleton_local_shards": False}
-    state = {**model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading=False,
-                                                                      metadata=metadata)}
-    dist_checkpointing.save(state, str(partial), content_metadata=metadata)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        identity = {**model_identity(a, None), "peft": dict(PEFT)}
-        config = {**cfg.to_dict(), "peft": dict(PEFT)}
-        seal(partial, file_checksums(partial), identity, yaml.safe_dump(config, sort_keys=False))
-        publish(partial, final)
-        write_atomically(checkpoints / LATEST, str(STEP))
-    dist.barrier()
+    checkpointer.save(TrainState(step=STEP, consumed_samples=tokens.shape[0]))
     parallel.shutdown()
 
 

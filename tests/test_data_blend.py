@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import corpus, spm_model  # noqa: F401
 from melama_mcore.cli import main as melama
 from melama_mcore.data.blend import load_blend
 from melama_mcore.data.dataset import build_pretraining_datasets
@@ -48,24 +47,37 @@ def _token_count(prefix) -> int:
     return int(dataset.sequence_lengths.sum())
 
 
+def _train_part_tokens(prefix, share) -> int:
+    """Tokens of the first `share` of the documents, per megatron-core's reader: the train part a split
+    such as 98,2,0 leaves training."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)
+    return int(dataset.sequence_lengths[:round(share * len(dataset))].sum())
+
+
 def _samples(loader, n):
     return list(itertools.islice(loader, n))
 
 
-def test_load_blend_yaml_resolves_relative_prefixes(tmp_path):
+def test_load_blend_keeps_relative_prefixes_relative_to_the_working_directory(tmp_path):
+    # The rule (blend.py, `melama blend-report --help`): relative to where melama runs, not to the file.
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "blend.yaml").write_text(
         "sources:\n  - {name: a, weight: 3, train: [data/x_text_document, /abs/y.bin]}\n"
         "  - {name: b, weight: 1, train: z}\n")
     blend = load_blend(str(tmp_path / "b" / "blend.yaml"))
-    assert blend.sources[0].train == [str(tmp_path / "b" / "data/x_text_document"), "/abs/y"]
+    assert blend.sources[0].train == ["data/x_text_document", "/abs/y"]
     assert blend.normalized_weights() == [0.75, 0.25]
 
 
 @pytest.mark.parametrize("spec, message", [
     ([], "non-empty list"),
     ({"source": []}, "sources"),
-    ([{"name": "a", "weight": 0, "train": "x"}], "positive number"),
+    ([{"name": "a", "weight": 0, "train": "x"}], "positive finite number"),
+    ([{"name": "a", "weight": float("inf"), "train": "x"}], "positive finite number"),
+    ([{"name": "a", "weight": 1e308, "train": "x"}, {"name": "b", "weight": 1e308, "train": "y"}],
+     "add up to more than a float holds"),
     ([{"name": "a", "weight": 1}], "missing keys"),
     ([{"name": "a", "weight": 1, "train": "x", "wieght": 2}], "unknown keys"),
     ([{"name": "a", "weight": 1, "train": []}], "non-empty list of prefixes"),
@@ -148,7 +160,7 @@ def test_blend_report(prefixes, tmp_path, capsys):
         for n, w in zip(("biomedical", "clinical", "general"), (15, 1, 4))))
     assert melama(["blend-report", str(blend), "--samples", "10000", "--seq-length", "100"]) == 0
     out = capsys.readouterr().out
-    clinical_tokens = _token_count(prefixes["clinical"])
+    clinical_tokens = _train_part_tokens(prefixes["clinical"], 0.98)
     row = next(line for line in out.splitlines() if line.startswith("clinical"))
     assert "5.0%" in row and f"{clinical_tokens:,}" in row
     assert f"{0.05 * 10000 * 100 / clinical_tokens:.2f}" in row

@@ -8,7 +8,6 @@ import itertools
 import pytest
 import torch
 
-from data_fixtures import corpus, spm_model  # noqa: F401
 from melama_mcore.data.dataset import build_pretraining_datasets
 from melama_mcore.data.loader import build_loader
 from melama_mcore.data.preprocess import preprocess

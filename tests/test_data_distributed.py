@@ -9,7 +9,6 @@ import subprocess
 
 import pytest
 
-from data_fixtures import corpus, spm_model  # noqa: F401
 from melama_mcore.data.preprocess import preprocess
 
 WORKER = r"""

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_fixtures import read_documents, sp, spm_model, corpus  # noqa: F401
+from data_fixtures import read_documents
 from melama_mcore.cli import main as melama
 from melama_mcore.data import preprocess as preprocess_module
 from melama_mcore.data.tokenizer import load_tokenizer
@@ -223,3 +223,198 @@ def test_verify_corrupt_index(pair):
     idx.write_bytes(b"garbage")
     with pytest.raises(DataError, match="bad header"):
         verify_indexed_dataset(pair)
+
+
+# ----- issue 14: damaged compressed inputs, output paths, misleading messages, small truths -----
+
+def _only_error(err: str, *fragments: str) -> str:
+    """The CLI's stderr is one `error:` line naming every fragment, with no traceback or document text."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err and SECRET not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def _noisy_jsonl(n: int = 3000) -> bytes:
+    """Poorly compressible records (random digits), so the compressed stream has many blocks and a
+    cut falls after records that already decoded."""
+    rng = np.random.default_rng(0)
+    return b"".join(json.dumps({"text": f"{SECRET} note {i} " + "".join(map(str, rng.integers(0, 10, 300)))})
+                    .encode() + b"\n" for i in range(n))
+
+
+def _compressed(kind: str, data: bytes) -> bytes:
+    import gzip
+
+    import zstandard
+
+    # write_checksum: as the zstd command line writes frames; without it, zstd cannot see flipped bytes.
+    return gzip.compress(data) if kind == "gz" else zstandard.ZstdCompressor(write_checksum=True).compress(data)
+
+
+@pytest.mark.parametrize("kind", ["gz", "zst"])
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+@pytest.mark.parametrize("on_error", ["stop", "skip"])
+def test_damaged_compressed_input_is_its_own_error(kind, damage, on_error, tmp_path, spm_model, capsys):
+    # Issue 14.1: a cut or corrupt stream used to exit 0 with part of the data (zst + skip), be reported
+    # as "malformed JSON" at its last line (zst), or end in an EOFError / BadGzipFile traceback (gz).
+    data = _compressed(kind, _noisy_jsonl())
+    if damage == "truncated":
+        data = data[:len(data) * 6 // 10]
+    else:  # flip bytes in the middle of the stream
+        middle = len(data) // 2
+        data = data[:middle] + bytes(b ^ 0x5A for b in data[middle:middle + 64]) + data[middle + 64:]
+    path = tmp_path / f"in.jsonl.{kind}"
+    path.write_bytes(data)
+    rc = _run(path, tmp_path, spm_model, "--workers", "2", "--on-error", on_error)
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    line = _only_error(err, str(path), f"{damage} compressed stream")
+    assert "malformed JSON" not in line
+    assert _leftovers(tmp_path) == []
+
+
+def test_empty_compressed_file_is_truncated(tmp_path, spm_model, capsys):
+    path = tmp_path / "in.jsonl.zst"
+    path.write_bytes(b"")
+    assert _run(path, tmp_path, spm_model, "--on-error", "skip") == 2
+    _only_error(capsys.readouterr().err, str(path), "truncated compressed stream")
+    assert _leftovers(tmp_path) == []
+
+
+def test_multi_frame_zstd_reads_every_frame(tmp_path, spm_model, sp):
+    # pzstd and `cat a.zst b.zst` write several frames: all of them are the file.
+    import zstandard
+
+    records = [_good(i) for i in range(6)]
+    compressor = zstandard.ZstdCompressor()
+    path = tmp_path / "in.jsonl.zst"
+    path.write_bytes(b"".join(compressor.compress(b"".join(records[i:i + 2])) for i in range(0, 6, 2)))
+    assert _run(path, tmp_path, spm_model) == 0
+    assert read_documents(tmp_path / "out_text_document") == [[1] + sp.encode(GOOD[i]) for i in range(6)]
+
+
+def test_directory_as_input_is_named_a_directory(tmp_path, spm_model, capsys):
+    (tmp_path / "pubmed").mkdir()
+    assert _run(tmp_path / "pubmed", tmp_path, spm_model) == 2
+    line = _only_error(capsys.readouterr().err, "pubmed: is a directory", "pubmed/*.jsonl.zst")
+    assert "not found" not in line
+
+
+@pytest.mark.parametrize("case", ["file_as_folder", "file_deeper", "bin_is_a_folder", "unwritable"])
+def test_output_prefix_that_cannot_be_written(case, tmp_path, spm_model, capsys):
+    # Issue 14.3: a one-line error before any work, exit 2, nothing left behind.
+    path = _write_input(tmp_path, _good(4))
+    (tmp_path / "afile").write_text("not a folder")
+    if case == "file_as_folder":
+        prefix, message = tmp_path / "afile" / "out", "afile is a file, not a folder"
+    elif case == "file_deeper":
+        prefix, message = tmp_path / "afile" / "sub" / "out", "afile is a file, not a folder"
+    elif case == "bin_is_a_folder":
+        (tmp_path / "o_text_document.bin").mkdir()
+        prefix, message = tmp_path / "o", "o_text_document.bin is a folder"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        if os.access(locked, os.W_OK):  # root ignores permissions: use a read-only kernel folder instead
+            locked = Path("/proc/self/fdinfo")
+        prefix, message = locked / "out", "cannot write there"
+    rc = melama(["preprocess", "--input", str(path), "--output-prefix", str(prefix), "--tokenizer-model",
+                 spm_model, "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    _only_error(err, f"--output-prefix {prefix}", message)
+    assert [p for p in tmp_path.rglob("*_document.*") if p.is_file()] == []
+
+
+def test_missing_output_folders_are_created(tmp_path, spm_model):
+    path = _write_input(tmp_path, _good(4))
+    assert _run(path, tmp_path / "new" / "deeper", spm_model) == 0
+    assert verify_indexed_dataset(tmp_path / "new" / "deeper" / "out_text_document").documents == 5
+
+
+def test_empty_tokenizer_folder_is_not_a_missing_package(tmp_path, capsys):
+    (tmp_path / "tok").mkdir()
+    path = _write_input(tmp_path, _good(4))
+    assert _run(path, tmp_path, str(tmp_path / "tok")) == 2
+    line = _only_error(capsys.readouterr().err, "tok: a folder without tokenizer files", "tokenizer.json")
+    assert "sentencepiece" not in line.replace("sentencepiece .model", "") and "installed" not in line
+
+
+@pytest.mark.parametrize("vocab, message, advice", [
+    ("300", "--vocab-size 300 is too small for this corpus", "use --vocab-size"),
+    ("100000", "--vocab-size 100000 is more than this corpus can fill", "or less"),
+])
+def test_train_tokenizer_vocabulary_messages_in_melama_terms(vocab, message, advice, tmp_path, corpus, capsys):
+    # sentencepiece's own text names --character_coverage and its source lines: not melama's options.
+    rc = melama(["train-tokenizer", "--input", str(corpus["clinical"]), "--model-prefix", str(tmp_path / "t"),
+                 "--vocab-size", vocab])
+    assert rc == 2
+    line = _only_error(capsys.readouterr().err, message, advice)
+    assert "character_coverage" not in line and "trainer_interface" not in line
+    assert not (tmp_path / "t.model").exists()
+    advised = line.split("use --vocab-size ")[1].split()[0]
+    # the advice is right: that size trains
+    assert melama(["train-tokenizer", "--input", str(corpus["clinical"]), "--model-prefix", str(tmp_path / "t"),
+                   "--vocab-size", advised]) == 0
+
+
+def test_empty_input_writes_an_empty_dataset_and_says_so(tmp_path, spm_model, capsys):
+    # Issue 14.10: exit 0 with an empty pair is right (one empty shard among many), but the summary
+    # says it, and verify-data refuses the pair as training data.
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    assert _run(empty, tmp_path, spm_model) == 0
+    out = capsys.readouterr().out
+    assert "documents: 0 written\n" in out and "0/s" not in out
+    assert "warning:   the dataset is empty" in out
+    assert melama(["verify-data", str(tmp_path / "out_text_document")]) == 2
+    _only_error(capsys.readouterr().err, "out_text_document: empty dataset (0 documents")
+
+
+@pytest.mark.parametrize("count, seconds, shown", [
+    (1, 60.0, " (0.0167/s)"), (3, 1.0, " (3/s)"), (12_345, 2.0, " (6,172/s)"), (0, 1.0, ""), (5, 0.001, "")])
+def test_summary_rates_are_true(count, seconds, shown):
+    summary = preprocess_module.Summary(outputs=["x"], documents=count, seconds=seconds)
+    assert summary.lines()[0] == f"documents: {count:,} written{shown}"
+
+
+def _tree(pid: int) -> list:
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _gone(processes, timeout: float) -> bool:
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    return all(p.status() == psutil.STATUS_ZOMBIE for p in alive if p.is_running())
+
+
+@pytest.mark.slow
+def test_workers_die_with_a_killed_main_process(tmp_path, corpus, spm_model):
+    # Issue 14.6: kill -9 of `melama preprocess` (the main process only, as `kill -9 PID` does) used to
+    # leave its workers running forever.
+    proc = _start(tmp_path, _big_corpus(tmp_path, corpus), spm_model)
+    workers = _tree(proc.pid)
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _gone(workers, timeout=5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_worker_ends_the_run_with_one_line(tmp_path, corpus, spm_model):
+    # A worker killed by SIGTERM (or by the kernel when out of memory) stops the run with a message,
+    # not a BrokenProcessPool traceback; the other worker goes too.
+    proc = _start(tmp_path, _big_corpus(tmp_path, corpus), spm_model)
+    workers = _tree(proc.pid)
+    workers[0].terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    _only_error(err.decode(), "a tokeniser worker process died", "nothing was written")
+    assert _gone(workers, timeout=5)
+    assert _leftovers(tmp_path) == []

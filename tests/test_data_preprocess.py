@@ -11,7 +11,7 @@ import pytest
 import torch
 import zstandard
 
-from data_fixtures import corpus, read_documents, read_texts, sp, spm_model  # noqa: F401
+from data_fixtures import read_documents, read_texts
 from melama_mcore.cli import main as melama
 from melama_mcore.data.preprocess import preprocess
 from melama_mcore.data.tokenizer import load_tokenizer

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from melama_mcore import planner
+from melama_mcore.commands import plan as planner
 from melama_mcore.cli import run_main
 from melama_mcore.config.job_config import load_config
 from melama_mcore.config.validate import Environment, resolve, validate
@@ -133,7 +133,7 @@ def test_me_llama_recipe_layout_is_judged_to_fit(plan_70b):
 def test_predicted_flops_count_the_padded_vocabulary_as_the_trainer_does(plan_70b):
     """TFLOP/s = tokens/s x the trunk's FLOPs per token over the vocabulary padded for that layout's TP
     (70B's 32000 tokens: 32000 rows at TP 1 and 2, 32256 at TP 4, 32768 at TP 8)."""
-    from melama_mcore.components.metrics import flops_per_token
+    from melama_mcore.models.llama.config_registry import flops_per_token
 
     arch = PRESETS["llama2-70b"]
     seen = set()

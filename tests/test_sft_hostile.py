@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from data_fixtures import corpus, spm_model  # noqa: F401
 from sft_fixtures import read_sft
 from melama_mcore.cli import main as melama
 from melama_mcore.data.sft import indexed

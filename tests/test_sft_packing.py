@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_fixtures import corpus, spm_model  # noqa: F401
 from melama_mcore.data.loader import build_loader
 from melama_mcore.data.sft import packing
 from melama_mcore.data.sft.batch import loss_weights, packing_efficiency

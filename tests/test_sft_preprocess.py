@@ -12,9 +12,8 @@ import re
 import numpy as np
 import pytest
 
-from data_fixtures import corpus, sp, spm_model  # noqa: F401
-from sft_fixtures import (B_SYS, E_SYS, LLAMA2_JINJA, LLAMA2_JINJA_PLAIN, RECORDS, hf_tokenizer_dir,  # noqa: F401
-                          read_sft, trained_runs, write_jsonl)
+from sft_fixtures import (B_SYS, E_SYS, LLAMA2_JINJA, LLAMA2_JINJA_PLAIN, RECORDS, read_sft, trained_runs,
+                          write_jsonl)
 from melama_mcore.cli import main as melama
 from melama_mcore.data.sft.indexed import is_sft_blend, is_sft_prefix, read_marker, sft_prefix, verify_sft_prefix
 from melama_mcore.data.sft.preprocess import preprocess_sft

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from melama_mcore.components.metrics import flops_per_token
+from melama_mcore.models.llama.config_registry import flops_per_token
 from melama_mcore.models.llama.config_registry import PRESETS, padded_vocab_size
 from trunk_fixtures import free_port
 

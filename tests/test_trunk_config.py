@@ -10,10 +10,10 @@ import pytest
 import torch.distributed as dist
 
 from melama_mcore.cli import main as melama
-from melama_mcore.components.metrics import MetricsLogger, StepStats, flops_per_token
+from melama_mcore.components.metrics import MetricsLogger, StepStats
 from melama_mcore.config.job_config import load_config
 from melama_mcore.errors import ConfigError
-from melama_mcore.models.llama.config_registry import PRESETS, padded_vocab_size, parameter_count
+from melama_mcore.models.llama.config_registry import PRESETS, flops_per_token, padded_vocab_size, parameter_count
 
 BASE = ["model.preset=nano", "model.vocab_size=512", "training.seq_length=32", "training.device=cpu"]
 
@@ -67,17 +67,20 @@ def test_missing_config_file_is_a_user_error(capsys):
 
 def test_recipes_parse_and_pass_their_layout_checks():
     """Every shipped recipe is valid for its intended world size (its own comment says which)."""
-    from melama_mcore.config.validate import Environment, resolve, resolve_arch, validate
+    from melama_mcore.config.validate import Environment, resolve, validate
+    from melama_mcore.models.llama.config_registry import resolve_arch
 
     gpus = {"llama2_70b_me_llama": 160, "llama2_13b": 32, "llama2_7b": 8}
     for name, world in gpus.items():
         cfg = load_config(f"examples/configs/{name}.yaml")
         env = Environment(world_size=world, cuda=True, transformer_engine=True, fp8_capable=True)
-        validate(resolve(cfg, env), resolve_arch(cfg, 32000), env)
+        validate(resolve(cfg, env), resolve_arch(cfg.model, 32000), env)
     cfg = load_config("examples/configs/tiny_cpu.yaml")
     env = Environment(world_size=2, cuda=False, transformer_engine=False, fp8_capable=False)
-    validate(resolve(cfg, env), resolve_arch(cfg, 2000), env)
-    assert cfg.training.precision == "fp32" and cfg.parallel.use_distributed_optimizer is False
+    validate(resolve(cfg, env), resolve_arch(cfg.model, 2000), env)
+    # On CPU: fp32 (faster there), and the production path's distributed optimizer and overlap.
+    assert cfg.training.precision == "fp32"
+    assert cfg.parallel.use_distributed_optimizer and cfg.parallel.overlap_grad_reduce and cfg.parallel.overlap_param_gather
 
 
 def test_me_llama_defaults():
@@ -102,13 +105,13 @@ def test_parameter_count_equals_the_built_megatron_model():
     """The analytic count against a real GPTModel (built in a subprocess: CPU mode patches torch.cuda)."""
     script = (
         "from melama_mcore.config.job_config import load_config\n"
-        "from melama_mcore.config.validate import resolve, resolve_arch, detect_environment\n"
         "from melama_mcore.distributed import parallel\n"
         "from melama_mcore.models.llama.model import build_model_chunks\n"
+        "from melama_mcore.startup import start\n"
         "cfg = load_config(None, ['model.preset=tiny', 'model.vocab_size=1024', 'training.seq_length=64',"
-        " 'model.make_vocab_size_divisible_by=1'])\n"
-        "resolve(cfg, detect_environment(1)); arch = resolve_arch(cfg, None); parallel.initialize(cfg)\n"
-        "model = build_model_chunks(cfg, arch, 'native')[0]\n"
+        " 'model.make_vocab_size_divisible_by=1', 'training.device=cpu'])\n"
+        "runtime = start(cfg)\n"
+        "model = build_model_chunks(cfg, runtime.arch, 'native')[0]\n"
         "print(sum(p.numel() for p in model.parameters())); parallel.shutdown()\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout

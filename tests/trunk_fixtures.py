@@ -1,6 +1,6 @@
-"""Shared fixtures for tests of the training path: tiny indexed datasets for three domains, built
-once per session with the project's own tools, and a runner that launches `melama_mcore.train`
-as a user would (torchrun for several processes) and reads back its metrics."""
+"""Helpers for tests of the training path: a runner that launches `melama_mcore.train` as a user
+would (torchrun for several processes) and reads back its metrics. The tiny three-domain datasets
+(`tiny_data`) are a fixture in conftest.py."""
 
 from __future__ import annotations
 
@@ -10,12 +10,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
-
-from melama_mcore.data.preprocess import preprocess
-from melama_mcore.data.synthetic_corpus import write_demo_corpus
-from melama_mcore.data.train_tokenizer import train_sentencepiece
 
 # A 4-layer GQA model small enough for 4 CPU processes on 2 cores, yet splittable 4 ways
 # (TP 2: 4 heads / 2 KV groups; PP 2 x VP 2: one layer per virtual stage).
@@ -34,20 +28,6 @@ TINY = [
     "logging.tensorboard=false",
     "checkpoint.save_interval=1000",
 ]
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> dict:
-    """{"tokenizer": path, "blend": [...]}: three domains weighted 15:1:4, as the demo builds them."""
-    root = tmp_path_factory.mktemp("trunk_data")
-    corpus = write_demo_corpus(root / "corpus", docs_per_source=150, seed=0)
-    tokenizer = train_sentencepiece([str(p) for p in corpus.values()], str(root / "tok" / "spm"), vocab_size=512)
-    weights = {"biomedical": 15, "clinical": 1, "general": 4}
-    blend = []
-    for name, path in corpus.items():
-        preprocess([str(path)], str(root / name), str(tokenizer), append_eod=True, workers=1, progress=False)
-        blend.append({"name": name, "weight": weights[name], "train": [str(root / f"{name}_text_document")]})
-    return {"tokenizer": str(tokenizer), "blend": blend}
 
 
 def data_overrides(tiny_data: dict) -> list[str]:
@@ -82,6 +62,13 @@ def run_train(output_dir: Path, overrides: list[str], nproc: int = 1, *, check: 
 def step_records(output_dir: Path) -> list[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def eval_losses(output_dir: Path) -> dict[str, float]:
+    """Validation loss per blend source of the last evaluation logged."""
+    path = Path(output_dir) / "metrics.jsonl"
+    evals = [r for r in map(json.loads, path.read_text().splitlines()) if "eval" in r]
+    return {name: value["loss"] for name, value in evals[-1]["eval"].items()}
 
 
 def losses(output_dir: Path) -> dict[int, float]:

@@ -23,13 +23,16 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
-from melama_mcore.checkpoint.integrity import check_identity, check_no_code, file_checksums, verify_checksums
+from melama_mcore.checkpoint.integrity import (check_identity, check_no_code, file_checksums, first_line,
+                                               verify_checksums)
 from melama_mcore.checkpoint.layout import (LATEST, PARTIAL, find_checkpoint, latest_step, partial_dir, publish, seal,
                                             step_dir, write_atomically)
 from melama_mcore.components.optimizer import load_optimizer_state, prepare_optimizer_for_load
 from melama_mcore.config.job_config import JobConfig, dump_config
 from melama_mcore.errors import CheckpointError
+from melama_mcore.models.llama import lora
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,38 @@ def _layout() -> tuple[int, int, int]:
     )
 
 
+class SaveFailed(RuntimeError):
+    """A checkpoint save failed on at least one rank; every rank raises it with the same message."""
+
+
+def _agreed(what: str, action) -> None:
+    """Run `action` on this rank (None: nothing to do here), then agree with every rank: a failure
+    anywhere raises SaveFailed everywhere, so no rank waits in a collective for one that gave up."""
+    error = None
+    if action is not None:
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001 - reported on every rank, with the rank that failed
+            error = f"{what} failed on rank {dist.get_rank()}: {first_line(err)}"
+    errors = [e for e in _gather(error) if e]
+    if errors:
+        raise SaveFailed("; ".join(errors))
+
+
+def _megatron_save(state: dict, folder: Path, optimizer_metadata: dict) -> None:
+    """megatron's save. A rank whose files fail to write (a full disk) reports it to the coordinator,
+    and megatron raises on every rank (details on rank 0 only): turn that into one SaveFailed, with
+    the same message on every rank."""
+    try:
+        dist_checkpointing.save(state, str(folder), content_metadata=optimizer_metadata)
+    except CheckpointException as err:
+        failures = [f"rank {rank}: {first_line(exc[0] if isinstance(exc, tuple) else exc)}"
+                    for rank, exc in sorted(err.failures.items())]
+        message = [f"writing the checkpoint files failed on {'; '.join(failures)}" if failures else None]
+        dist.broadcast_object_list(message, src=0)
+        raise SaveFailed(message[0] or "writing the checkpoint files failed") from None
+
+
 def _model_parallel_layout(cfg: JobConfig) -> tuple[int, int, int | None]:
     """What a dp_reshardable optimizer state is tied to: how the model is split (TP, PP, VP)."""
     p = cfg.parallel
@@ -143,6 +178,7 @@ def _rng_sharded_object(with_data: bool) -> ShardedObject:
 class Checkpointer:
     def __init__(self, cfg: JobConfig, model_chunks, optimizer, scheduler, identity: dict | None = None):
         self.cfg = cfg
+        self.lora = cfg.peft.method == "lora"  # checkpoints hold the adapters only; the base is init_from
         self.identity = identity  # model_identity(arch, tokenizer): checked on load, saved with each save
         self.root = Path(cfg.output_dir) / "checkpoints"
         self.model_chunks = model_chunks  # unwrapped GPTModels
@@ -150,8 +186,27 @@ class Checkpointer:
         self.scheduler = scheduler
 
     # -- state dicts -----------------------------------------------------------------------------
-    def _model_state(self) -> dict:
-        return {f"model{i}": chunk.sharded_state_dict(prefix="") for i, chunk in enumerate(self.model_chunks)}
+    def _model_state(self, part: str | None = None) -> dict:
+        """The model's sharded state: every weight, or with LoRA the trainable part (`adapters`, what
+        this run's checkpoints hold) or the frozen `base` (what checkpoint.init_from holds)."""
+        part = part or ("adapters" if self.lora else "all")
+        state_of = {"all": lambda c: c.sharded_state_dict(prefix=""), "adapters": lora.adapter_sharded_state_dict,
+                    "base": lora.base_sharded_state_dict}[part]
+        return {f"model{i}": state_of(chunk) for i, chunk in enumerate(self.model_chunks)}
+
+    def _load_into_chunks(self, loaded: dict, part: str) -> None:
+        """Copy loaded weights into the chunks; a LoRA model loads its base and its adapters apart,
+        each load leaving exactly the other part untouched."""
+        for i, chunk in enumerate(self.model_chunks):
+            if part == "all":
+                chunk.load_state_dict(loaded[f"model{i}"])
+                continue
+            result = chunk.load_state_dict(loaded[f"model{i}"], strict=False)
+            wrong = list(result.unexpected_keys) + [k for k in result.missing_keys
+                                                    if (".lora." in k) == (part == "adapters")]
+            if wrong:
+                raise CheckpointError(f"loading the {part} of the model left {len(wrong)} weights unset or "
+                                      f"unexpected, e.g. {wrong[0]}")
 
     def _optimizer_metadata(self, sharding_type: str | None = None) -> dict:
         """How the distributed optimizer lays out its state (megatron's content metadata, stored with
@@ -184,23 +239,27 @@ class Checkpointer:
 
     # -- save ------------------------------------------------------------------------------------
     def save(self, train_state: TrainState) -> Path:
-        """Save and publish atomically. Raises OSError/RuntimeError on failure (the caller decides)."""
+        """Save and publish atomically. A failure on any rank raises SaveFailed on every rank, with
+        one message naming the ranks and their errors, and leaves `latest` as it was."""
         final = step_dir(self.root, train_state.step)
         partial = partial_dir(final)
         rank0 = dist.get_rank() == 0
-        if rank0:
+
+        def prepare():
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-        dist.barrier()
+
+        _agreed("preparing the checkpoint folder", prepare if rank0 else None)
         state = self._full_state(train_state, loading=False, with_rng=True)
         _start_writer_helper()
-        dist_checkpointing.save(state, str(partial), content_metadata=self._optimizer_metadata())
-        dist.barrier()
+        _megatron_save(state, partial, self._optimizer_metadata())
         self._publish(partial, final)
-        if rank0:
+
+        def make_latest():
             write_atomically(self.root / LATEST, str(train_state.step))
             self._prune()
-        dist.barrier()
+
+        _agreed("publishing the checkpoint", make_latest if rank0 else None)
         log.info("saved checkpoint %s", final)
         return final
 
@@ -209,16 +268,16 @@ class Checkpointer:
         `checkpoint.init_from`. Layout-independent like every checkpoint here."""
         final = Path(path)
         partial = partial_dir(final)
-        if dist.get_rank() == 0:
-            if final.exists():
-                raise CheckpointError(f"{final} already exists: choose a new folder or delete it")
+        if final.exists():  # every rank sees the same path
+            raise CheckpointError(f"{final} already exists: choose a new folder or delete it")
+
+        def prepare():
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-        dist.barrier()
-        dist_checkpointing.save(self._model_state(), str(partial))
-        dist.barrier()
+
+        _agreed("preparing the folder", prepare if dist.get_rank() == 0 else None)
+        _megatron_save(self._model_state(), partial, None)
         self._publish(partial, final)
-        dist.barrier()
         log.info("saved weights to %s", final)
         return final
 
@@ -226,9 +285,12 @@ class Checkpointer:
         """After every rank wrote its files: checksums (unless checkpoint.verify_checksums is off),
         identity and config beside them, then the rename that makes the checkpoint exist (rank 0)."""
         checksums = _compute_checksums(partial) if self.cfg.checkpoint.verify_checksums else None
-        if dist.get_rank() == 0:
+
+        def seal_and_publish():
             seal(partial, checksums, self.identity, dump_config(self.cfg))
             publish(partial, final)
+
+        _agreed("writing the checkpoint's metadata", seal_and_publish if dist.get_rank() == 0 else None)
 
     def _prune(self) -> None:
         keep = self.cfg.checkpoint.keep_last
@@ -239,6 +301,10 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     # -- load ------------------------------------------------------------------------------------
+    def latest(self) -> int | None:
+        """The step of this run's newest complete checkpoint, if any."""
+        return latest_step(self.root) if self.root.is_dir() else None
+
     def clean_partial(self) -> None:
         """Report and remove saves that a crash interrupted (rank 0, before anything loads)."""
         if dist.get_rank() == 0 and self.root.is_dir():
@@ -254,7 +320,7 @@ class Checkpointer:
         if step is None:
             return None
         path = step_dir(self.root, step)
-        self._check_before_load(path)
+        self._check_before_load(path, resuming=True)
         common = dist_checkpointing.load_common_state_dict(str(path))
         same_layout = list(common.get("layout") or []) == list(_layout())
         saved_metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
@@ -263,8 +329,7 @@ class Checkpointer:
                                  optimizer_metadata=self._optimizer_metadata(
                                      saved_metadata.get("distrib_optim_sharding_type")))
         loaded = self._load(state, path, checked=True)
-        for chunk, key in zip(self.model_chunks, (f"model{i}" for i in range(len(self.model_chunks)))):
-            chunk.load_state_dict(loaded[key])
+        self._load_into_chunks(loaded, "adapters" if self.lora else "all")
         load_optimizer_state(self.optimizer, loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["scheduler"])
         if same_layout:
@@ -305,18 +370,22 @@ class Checkpointer:
         """Weights only (a Hugging Face import, or another run's checkpoint): fresh optimizer and schedule.
         A checkpoint of another architecture or tokenizer is refused, naming the fields."""
         ckpt = find_checkpoint(Path(path))
-        loaded = self._load(self._model_state(), ckpt)
-        for i, chunk in enumerate(self.model_chunks):
-            chunk.load_state_dict(loaded[f"model{i}"])
+        part = "base" if self.lora else "all"
+        self._load_into_chunks(self._load(self._model_state(part), ckpt), part)
+        if self.optimizer is not None:
+            # The mixed-precision and distributed optimizers keep fp32 main copies of the weights,
+            # made when they were built: refresh them, or the first update writes the initial random
+            # weights back (Megatron-LM's reload_model_params after a weights-only load).
+            self.optimizer.reload_model_params()
         log.info("initialised weights from %s", ckpt)
 
-    def _check_before_load(self, path: Path) -> None:
-        """Model and tokenizer match, every file intact (unless checkpoint.verify_checksums is off),
-        no pickle that could run code: or a CheckpointError naming the file and the mismatch, before
-        anything is loaded."""
+    def _check_before_load(self, path: Path, resuming: bool = False) -> None:
+        """Model and tokenizer match (and adapters, when resuming), every file intact (unless
+        checkpoint.verify_checksums is off), no pickle that could run code: or a CheckpointError
+        naming the file and the mismatch, before anything is loaded."""
         if not (path / "metadata.json").is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint (no metadata.json)")
-        check_identity(path, self.identity)
+        check_identity(path, self.identity, with_adapters=resuming)
         if self.cfg.checkpoint.verify_checksums:
             verify_checksums(path, share=_my_share, combine=_all_ranks)
         else:

@@ -15,11 +15,15 @@ import re
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from melama_mcore.checkpoint.layout import CHECKSUMS, IDENTITY, LATEST
 from melama_mcore.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from melama_mcore.config.job_config import JobConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +69,12 @@ def verify_checksums(folder: Path, share: Callable[[Iterable[str]], list[str]] =
 
 
 # -- identity ----------------------------------------------------------------------------------------
-def model_identity(arch, tokenizer) -> dict:
-    """What a checkpoint's weights mean: the resolved architecture and the tokenizer's vocabulary."""
+def model_identity(arch, tokenizer, cfg: JobConfig | None = None) -> dict:
+    """What a checkpoint's weights mean: the resolved architecture and the tokenizer's vocabulary;
+    for an adapter checkpoint (peft.method=lora) also the adapters' settings and their base."""
     identity = {"arch": dataclasses.asdict(arch) if arch is not None else None, "tokenizer": None}
+    if cfg is not None and cfg.peft.method != "none":
+        identity["peft"] = {**dataclasses.asdict(cfg.peft), "base": cfg.checkpoint.init_from}
     if tokenizer is not None:
         backend = getattr(tokenizer, "_backend", None)
         n = tokenizer.vocab_size
@@ -86,10 +93,16 @@ def read_identity(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def identity_differences(saved: dict, identity: dict) -> list[str]:
+def identity_differences(saved: dict, identity: dict, with_adapters: bool = False) -> list[str]:
     """Every difference that gives weights another meaning: architecture fields (positions are
-    computed, not stored) and the tokenizer's vocabulary."""
+    computed, not stored) and the tokenizer's vocabulary; `with_adapters`: also adapter settings."""
     diffs = []
+    if with_adapters:
+        mine, theirs = identity.get("peft") or {}, saved.get("peft") or {}
+        for key in ("method", "rank", "alpha", "target_modules"):
+            default = "none" if key == "method" else None
+            if mine.get(key, default) != theirs.get(key, default):
+                diffs.append(f"peft.{key}: checkpoint {theirs.get(key)}, this run {mine.get(key)}")
     mine, theirs = identity.get("arch") or {}, saved.get("arch") or {}
     for key in sorted((set(mine) & set(theirs)) - {"max_position_embeddings"}):
         if mine[key] != theirs[key]:
@@ -105,12 +118,13 @@ def identity_differences(saved: dict, identity: dict) -> list[str]:
     return diffs
 
 
-def check_identity(folder: Path, identity: dict | None) -> None:
-    """Refuse a checkpoint saved for another model size or another tokenizer, naming the differences."""
+def check_identity(folder: Path, identity: dict | None, with_adapters: bool = False) -> None:
+    """Refuse a checkpoint saved for another model size or another tokenizer, naming the differences;
+    `with_adapters` (resuming this run's own checkpoints): also for other adapter settings."""
     saved = read_identity(folder)
     if identity is None or saved is None:
         return
-    diffs = identity_differences(saved, identity)
+    diffs = identity_differences(saved, identity, with_adapters)
     if diffs:
         raise CheckpointError(f"checkpoint {folder} does not fit this run: {'; '.join(diffs)}. Use the "
                               "checkpoint's model settings and tokenizer, or another output_dir")
@@ -138,7 +152,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
@@ -151,7 +165,7 @@ def refusal_reason(err: BaseException) -> str:
     if "Weights only load failed" in text:
         match = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. Please|\n|$)", text)
         return match[1] if match and match[1] else "it holds objects other than tensors and plain data"
-    return _first_line(err)
+    return first_line(err)
 
 
 def check_no_code(folder: Path) -> None:
@@ -174,7 +188,7 @@ def check_no_code(folder: Path) -> None:
         items = {index.fqn: info for index, info in metadata.storage_data.items()}
         byte_keys = [k for k, v in metadata.state_dict_metadata.items() if type(v).__name__ == "BytesStorageMetadata"]
     except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"{meta_path}: refused to unpickle ({_first_line(err)}): this file may be "
+        raise CheckpointError(f"{meta_path}: refused to unpickle ({first_line(err)}): this file may be "
                               "malicious or corrupt") from None
     for key in byte_keys:
         info = items.get(key)

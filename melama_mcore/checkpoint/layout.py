@@ -26,11 +26,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
-import yaml
-
-from melama_mcore.config.job_config import JobConfig
+from melama_mcore.config.job_config import JobConfig, PeftConfig, load_config
 from melama_mcore.errors import CheckpointError, ConfigError, UserError
 
 LATEST = "latest"
@@ -77,6 +74,21 @@ def find_checkpoint(path: Path) -> Path:
 
 
 # -- writing ------------------------------------------------------------------------------------------
+def ensure_writable_dir(path: Path, what: str) -> None:
+    """Create `path` if needed and prove a file can be written in it, at start-up: an unwritable or
+    file-occupied folder is found before any step, not at the first save."""
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"{path} is a file")
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise UserError(f"{what} {path} cannot be written ({reason}): choose another folder or fix its "
+                        "permissions") from None
+
+
 def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -134,34 +146,19 @@ def atomic_dir(final: Path):
 
 
 # -- config.yaml --------------------------------------------------------------------------------------
-PEFT_KEYS = ("method", "rank", "alpha", "dropout", "target_modules")
-
-
-def read_config(folder: Path) -> tuple[JobConfig, SimpleNamespace | None]:
+def read_config(folder: Path) -> tuple[JobConfig, PeftConfig | None]:
     """The checkpoint's config.yaml: the configuration of the run that wrote it, and the LoRA
-    settings of an adapter checkpoint (its `peft:` section with `method: lora`), else None.
-
-    The `peft:` section is read here, beside the JobConfig, so that adapter checkpoints are read the
-    same whether or not this version's JobConfig knows the section."""
-    from melama_mcore.config.job_config import _apply
+    settings of an adapter checkpoint (`peft.method: lora`), else None."""
     from melama_mcore.models.llama.lora import check_peft_config
 
     path = folder / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {CONFIG}: not a checkpoint written by this project")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ConfigError("expected a mapping")
-        section = values.pop("peft", None)
-        cfg = JobConfig()
-        _apply(cfg, values, "root")
-        peft = None
-        if section is not None and (not isinstance(section, dict) or section.get("method") != "none"):
-            if not isinstance(section, dict) or set(section) != set(PEFT_KEYS):
-                raise ConfigError(f"peft: expected the keys {', '.join(PEFT_KEYS)}, got {section!r}")
-            peft = SimpleNamespace(**section)
+        cfg = load_config(path)
+        peft = cfg.peft if cfg.peft.method != "none" else None
+        if peft is not None:
             check_peft_config(peft)
-    except (yaml.YAMLError, ConfigError) as err:
+    except ConfigError as err:
         raise CheckpointError(f"{path}: {str(err).splitlines()[0]}") from None
     return cfg, peft

@@ -26,7 +26,6 @@ import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -35,10 +34,10 @@ from melama_mcore.checkpoint.hf_folder import HFCheckpoint, copy_tokenizer, writ
 from melama_mcore.checkpoint.integrity import (file_checksums, identity_differences, model_identity, read_identity,
                                                verify_checksums)
 from melama_mcore.checkpoint.layout import CONFIG, atomic_dir, find_checkpoint, read_config, seal
-from melama_mcore.config.job_config import JobConfig, dump_config
+from melama_mcore.config.job_config import JobConfig, PeftConfig, dump_config
 from melama_mcore.errors import CheckpointError, ConfigError, UserError
 from melama_mcore.models.llama import state_dict_adapter as sda
-from melama_mcore.models.llama.config_registry import LlamaArch, padded_vocab_size
+from melama_mcore.models.llama.config_registry import LlamaArch, padded_vocab_size, resolve_arch
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +52,15 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def require_transformers() -> None:
-    """--verify loads the result with transformers: refuse before converting when it is missing."""
+def check_verify_possible() -> None:
+    """--verify loads the result with transformers and runs the framework's model on CPU: refuse
+    before converting when either cannot happen here."""
     if importlib.util.find_spec("transformers") is None:
         raise UserError("--verify compares the logits with transformers', which is not installed: "
                         "pip install melama-mcore[hf] (or drop --verify)")
+    if torch.cuda.is_available():
+        raise UserError("--verify runs the framework's model on CPU, which megatron allows only with CUDA hidden: "
+                        "prefix the command with CUDA_VISIBLE_DEVICES= (or drop --verify)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +103,7 @@ def import_config_yaml(arch: LlamaArch, tp: int, pp: int, vp: int | None, divisi
 def import_hf(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, vp: int | None = None, divisible_by: int = 128,
               verify: bool = False) -> tuple[LlamaArch, int]:
     if verify:
-        require_transformers()
+        check_verify_possible()
     hf = HFCheckpoint(hf_dir)
     arch = sda.arch_from_hf_config(hf.config)
     check_layout(arch, tp, pp, vp)
@@ -127,7 +130,7 @@ class Checkpoint:
 
     folder: Path
     cfg: JobConfig  # its config.yaml
-    peft: SimpleNamespace | None  # the LoRA settings of an adapter checkpoint
+    peft: PeftConfig | None  # the LoRA settings of an adapter checkpoint
     arch: LlamaArch
     identity: dict | None  # its model_identity.json
 
@@ -140,7 +143,6 @@ def open_checkpoint(path: Path, tokenizer: Path | None = None) -> Checkpoint:
     The architecture is its config.yaml's; the vocabulary and the context length are those its
     model_identity.json records (the resolved ones: config.yaml has no key for the context length,
     and a run may take its vocabulary from its tokenizer), else the tokenizer's vocabulary."""
-    from melama_mcore.config.validate import resolve_arch
     from melama_mcore.data.tokenizer import load_tokenizer
 
     folder = find_checkpoint(path)
@@ -154,7 +156,7 @@ def open_checkpoint(path: Path, tokenizer: Path | None = None) -> Checkpoint:
         if not source:
             raise CheckpointError(f"{folder / CONFIG} states no vocab_size and names no tokenizer: pass --tokenizer")
         vocab = load_tokenizer(str(source)).vocab_size
-    arch = resolve_arch(cfg, vocab)
+    arch = resolve_arch(cfg.model, vocab)
     if "max_position_embeddings" in recorded:
         arch = dataclasses.replace(arch, max_position_embeddings=recorded["max_position_embeddings"])
     return Checkpoint(folder, cfg, peft, arch, identity)
@@ -264,7 +266,7 @@ def export_hf(ckpt: Path, out: Path, dtype_name: str = "auto", tokenizer: Path |
     adapter checkpoint's adapters merged into its base's; the run's tokenizer unless `tokenizer`
     names another (`require_tokenizer`: refuse a checkpoint that records none)."""
     if verify:
-        require_transformers()
+        check_verify_possible()
     source = open_checkpoint(ckpt, tokenizer)
     if source.peft is not None and not merge_lora:
         raise UserError(f"{source.folder} is an adapter checkpoint (LoRA rank {source.peft.rank}): export the "

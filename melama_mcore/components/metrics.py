@@ -1,15 +1,7 @@
-"""Model FLOPs, MFU and the per-step metrics stream (console, TensorBoard, JSONL).
+"""MFU and the per-step metrics stream (console, TensorBoard, JSONL).
 
-FLOP count (Megatron's convention, stated so numbers can be compared): every GEMM counted as
-2 x multiply-add FLOPs, x3 for forward + the two backward GEMMs, with causal core attention halved
-(Megatron-LM since 2025-03). Per token of a sequence of length s, per layer (h hidden, d_kv = KV
-groups x head_dim, f FFN):
-    QKV 2h(h + 2 d_kv) + scores and context 2 x 2hs / 2 + output 2h^2 + SwiGLU MLP 6hf
-plus the output layer 2hV, V the *padded* vocabulary the model is built with (a multiple of
-model.make_vocab_size_divisible_by x TP, as Megatron-LM's num_floating_point_operations uses
-args.padded_vocab_size: the padded logits are computed). Activation recompute is not counted (it is
-not model FLOPs).
-torchtitan's 6N + 12 L h s (no causal discount) gives a higher number for the same run.
+MFU = model FLOPs per token (the model registry's `flops_per_token`, Megatron's convention, over
+the padded vocabulary the output layer is built with) x tokens/s / GPUs / dense peak of the GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from melama_mcore.models.llama.config_registry import LlamaArch
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +25,6 @@ PEAK_TFLOPS = {
     "H200": {"bf16": 989.0, "fp8": 1979.0},
     "A100": {"bf16": 312.0, "fp8": None},
 }
-
-
-def flops_per_token(arch: LlamaArch, seq_length: int, vocab_size: int) -> float:
-    """Training model FLOPs per token (forward + backward), Megatron convention (see module doc).
-
-    `vocab_size` is the output layer's width as built: pass the padded vocabulary,
-    `output_vocab_size(cfg, arch)` (models/llama/model.py), as Megatron-LM does. It is required so that no caller
-    silently counts the unpadded `arch.vocab_size`."""
-    h, f, s, v = arch.hidden_size, arch.ffn_hidden_size, seq_length, vocab_size
-    d_kv = arch.num_query_groups * arch.head_dim
-    per_layer = 2 * h * (h + 2 * d_kv) + 2 * h * s + 2 * h * h + 6 * h * f
-    forward = arch.num_layers * per_layer + 2 * h * v
-    return 3.0 * forward
 
 
 def peak_tflops(precision: str, fp8: bool, override: float | None) -> float | None:
@@ -80,14 +58,17 @@ class StepStats:
     step_time_s: float
     tokens: int  # tokens processed this step, all data-parallel ranks together
     skipped: bool = False
+    packing_efficiency: float | None = None  # packed instruction data: real tokens / sequence positions
 
 
 class MetricsLogger:
     """Writes step metrics to the console, TensorBoard and <output_dir>/metrics.jsonl (one process)."""
 
     def __init__(self, output_dir: str, *, enabled: bool, tensorboard: bool, num_gpus: int,
-                 flops_per_token: float, peak_tflops: float | None, train_iters: int):
+                 flops_per_token: float, peak_tflops: float | None, train_iters: int, first_step: int = 0):
         self.enabled = enabled
+        self.first_step = first_step  # the step this process started after (a resumed run's ETA counts from it)
+        self.device = "gpu" if torch.cuda.is_available() else "process"
         self.num_gpus = num_gpus
         self.flops_per_token = flops_per_token
         self.peak = peak_tflops
@@ -127,6 +108,8 @@ class MetricsLogger:
             **self.throughput(stats),
             "memory_gib": memory_gib(),
         }
+        if stats.packing_efficiency is not None:
+            record["packing_efficiency"] = stats.packing_efficiency
         if not self.enabled:
             return record
         self.jsonl.write(json.dumps(record) + "\n")
@@ -135,14 +118,16 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and value is not None and key != "step":
                     self.writer.add_scalar(f"train/{key}", value, stats.step)
         elapsed = time.time() - self._start
-        eta = elapsed / max(1, stats.step) * (self.train_iters - stats.step)
+        eta = elapsed / max(1, stats.step - self.first_step) * (self.train_iters - stats.step)
         mfu = f" | MFU {record['mfu'] * 100:.1f}%" if "mfu" in record else ""
+        if stats.packing_efficiency is not None:
+            mfu += f" | packing {stats.packing_efficiency:.1%}"
         gnorm = f"{stats.grad_norm:.3f}" if stats.grad_norm is not None and math.isfinite(stats.grad_norm) else str(stats.grad_norm)
         log.info(
-            "step %d/%d | loss %.4f | lr %.3e | grad norm %s | %.0f tok/s (%.0f tok/s/gpu) | "
-            "%.3g TFLOP/s/gpu%s | mem %.2f GiB | %.2f s/step | eta %s%s",
+            "step %d/%d | loss %.4f | lr %.3e | grad norm %s | %.0f tok/s (%.0f tok/s/%s) | "
+            "%.3g TFLOP/s/%s%s | mem %.2f GiB | %.2f s/step | eta %s%s",
             stats.step, self.train_iters, stats.loss, stats.lr, gnorm, record["tokens_per_s"],
-            record["tokens_per_s_per_gpu"], record["tflops_per_gpu"], mfu, record["memory_gib"],
+            record["tokens_per_s_per_gpu"], self.device, record["tflops_per_gpu"], self.device, mfu, record["memory_gib"],
             stats.step_time_s, _hms(eta), " | SKIPPED (non-finite)" if stats.skipped else "",
         )
         return record

@@ -47,9 +47,10 @@ class ParallelConfig:
     virtual_pipeline: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
     sequence_parallel: bool = False
     # Data parallelism is what is left: world_size / (tensor_parallel * pipeline_parallel).
-    use_distributed_optimizer: bool | None = None  # None: on for GPU, off on CPU
-    overlap_grad_reduce: bool | None = None  # None: on for GPU, off on CPU
-    overlap_param_gather: bool | None = None  # None: follows the distributed optimizer on GPU
+    # The production path (Megatron-LM's recipes), on GPU and CPU alike. None: the default below.
+    use_distributed_optimizer: bool | None = None  # None: on (optimizer state sharded over DP)
+    overlap_grad_reduce: bool | None = None  # None: follows the distributed optimizer
+    overlap_param_gather: bool | None = None  # None: follows the distributed optimizer and grad reduce
 
 
 @dataclass
@@ -68,6 +69,10 @@ class TrainingConfig:
     recompute_num_layers: int = 1  # full recompute: layers per recompute block (uniform method)
     # Non-finite loss or grad norm: skip the update; stop after this many in a row.
     max_consecutive_skips: int = 5
+    # How instruction data's loss is averaged over the global batch (data/sft/batch.py): token (every
+    # trained token weighs the same, Megatron-LM's default) | sample (every conversation weighs the
+    # same, whatever its answer length). Pre-training counts every token either way.
+    loss_normalization: str = "token"
 
 
 @dataclass
@@ -118,8 +123,22 @@ class CheckpointConfig:
     # dp_reshardable (Megatron-LM's default: each rank writes its own shards, no communication;
     # resumes at any data-parallel size but the same TP/PP/VP) | fully_reshardable (gathered over DP
     # at each save and stored per parameter: resumes at any layout; costs the gather's time and
-    # memory). Weights always reshard; so does the plain optimizer's state.
-    optimizer_format: str = "dp_reshardable"
+    # memory) | auto: fully_reshardable for LoRA (its state is the adapters', small), else
+    # dp_reshardable. Weights always reshard; so does the plain optimizer's state.
+    optimizer_format: str = "auto"
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning (models/llama/lora.py). method none: every weight trains."""
+
+    method: str = "none"  # none | lora
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    # Among linear_qkv, linear_proj, linear_fc1, linear_fc2, output_layer (the fused q/k/v and
+    # gate/up modules get one adapter per Hugging Face module: q_proj, k_proj, v_proj, gate_proj, up_proj).
+    target_modules: list = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
 
 
 @dataclass
@@ -142,6 +161,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -6,7 +6,6 @@ bad recipe fails in seconds with one message listing every problem and what to c
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ import torch
 
 from melama_mcore.config.job_config import JobConfig
 from melama_mcore.errors import ConfigError
-from melama_mcore.models.llama.config_registry import PRESETS, LlamaArch
+from melama_mcore.models.llama.config_registry import LlamaArch
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +48,6 @@ def transformer_engine_available(cuda: bool) -> bool:
     return True
 
 
-def resolve_arch(cfg: JobConfig, tokenizer_vocab_size: int | None) -> LlamaArch:
-    """The preset with the recipe's overrides applied; vocab from the tokenizer when the preset has none."""
-    if cfg.model.preset not in PRESETS:
-        raise ConfigError(f"model.preset {cfg.model.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
-    arch = PRESETS[cfg.model.preset]
-    fields = {f.name for f in dataclasses.fields(LlamaArch)}
-    changes = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k in fields and v is not None}
-    arch = dataclasses.replace(arch, **changes)
-    if arch.vocab_size is None:
-        arch = dataclasses.replace(arch, vocab_size=tokenizer_vocab_size)
-    if arch.vocab_size is None:
-        raise ConfigError("model.vocab_size is not set and no tokenizer is configured (data.tokenizer)")
-    if tokenizer_vocab_size is not None and tokenizer_vocab_size > arch.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {tokenizer_vocab_size} tokens but the model's vocabulary is "
-            f"{arch.vocab_size}: use the model's tokenizer, or set model.vocab_size"
-        )
-    return arch
-
-
 def resolve(cfg: JobConfig, env: Environment) -> JobConfig:
     """Replace `auto`/None fields by what this machine supports. Returns the same object."""
     t, p = cfg.training, cfg.parallel
@@ -76,13 +55,16 @@ def resolve(cfg: JobConfig, env: Environment) -> JobConfig:
         t.device = "cuda" if env.cuda else "cpu"
     if t.precision == "auto":
         t.precision = "bf16" if t.device == "cuda" else "fp32"
-    gpu = t.device == "cuda"
+    # The production path everywhere, CPU included (CI runs what GPU users run): the distributed
+    # optimizer with overlapped grad reduce and param gather, as Megatron-LM recipes set them.
     if p.use_distributed_optimizer is None:
-        p.use_distributed_optimizer = gpu
+        p.use_distributed_optimizer = True
     if p.overlap_grad_reduce is None:
-        p.overlap_grad_reduce = gpu
+        p.overlap_grad_reduce = p.use_distributed_optimizer
     if p.overlap_param_gather is None:
-        p.overlap_param_gather = gpu and p.use_distributed_optimizer
+        p.overlap_param_gather = p.use_distributed_optimizer and p.overlap_grad_reduce
+    if cfg.checkpoint.optimizer_format == "auto":
+        cfg.checkpoint.optimizer_format = "fully_reshardable" if cfg.peft.method == "lora" else "dp_reshardable"
     return cfg
 
 
@@ -90,10 +72,11 @@ def data_parallel_size(cfg: JobConfig, world_size: int) -> int:
     return world_size // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
 
 
-def validate(cfg: JobConfig, arch: LlamaArch, env: Environment) -> None:
-    """Raise one ConfigError listing every problem, each with what to change."""
+def validate(cfg: JobConfig, arch: LlamaArch, env: Environment, problems: list[str] = ()) -> None:
+    """Raise one ConfigError listing every problem (the caller's `problems` first), each with what
+    to change."""
     t, p, o = cfg.training, cfg.parallel, cfg.optimizer
-    problems: list[str] = []
+    problems = list(problems)
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -182,6 +165,21 @@ def validate(cfg: JobConfig, arch: LlamaArch, env: Environment) -> None:
              "train in bf16 without a word: use model.backend=transformer_engine (or auto)")
     if cfg.model.backend == "transformer_engine":
         need(env.transformer_engine, "model.backend=transformer_engine but Transformer Engine is not importable")
+
+    need(t.loss_normalization in ("token", "sample"), "training.loss_normalization must be token or sample")
+    try:
+        from melama_mcore.models.llama.lora import check_peft_config
+
+        check_peft_config(cfg.peft)
+    except ConfigError as err:
+        problems.append(str(err))
+    if cfg.peft.method == "lora":
+        need(bool(cfg.checkpoint.init_from),
+             "peft.method=lora trains adapters on a base model: set checkpoint.init_from to it (a "
+             "`melama convert import-hf` output or a run)")
+        need(cfg.model.backend in ("auto", "native", "local"),
+             "peft.method=lora adapts megatron's own linears: use model.backend=native or local "
+             "(Transformer Engine's fused modules are not supported)")
 
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

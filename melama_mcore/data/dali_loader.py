@@ -9,19 +9,19 @@ Requires the optional extra: `pip install melama-mcore[dali]`.
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
-import numpy as np
 import torch
 
-from melama_mcore.data.loader import collate
 from melama_mcore.errors import ConfigError
 
 PREFETCH_DEPTH = 2
 
 
-def build_dali_loader(dataset, indices: Iterator[np.ndarray], *, micro_batch_size: int,
+def build_dali_loader(batches: Iterator[dict[str, torch.Tensor]], *, micro_batch_size: int,
                       device: str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+    """`batches`: the default loader's collated micro-batches (CPU tensors), in order."""
     try:
         from nvidia.dali import fn, pipeline_def
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -32,11 +32,11 @@ def build_dali_loader(dataset, indices: Iterator[np.ndarray], *, micro_batch_siz
     if on_gpu and not torch.cuda.is_available():
         raise ConfigError(f"loader 'dali' on device {device!r}, but CUDA is not available")
 
-    keys = list(dataset[0].keys())
+    first = next(batches)
+    keys = list(first)
 
-    def batches():
-        for batch_indices in indices:
-            batch = collate([dataset[int(i)] for i in batch_indices])
+    def arrays():
+        for batch in itertools.chain([first], batches):
             yield tuple(batch[key].numpy() for key in keys)
 
     device_id = torch.device(device).index if on_gpu else None
@@ -46,7 +46,7 @@ def build_dali_loader(dataset, indices: Iterator[np.ndarray], *, micro_batch_siz
     @pipeline_def(batch_size=micro_batch_size, num_threads=1, device_id=device_id,
                   prefetch_queue_depth=PREFETCH_DEPTH)
     def pipeline():
-        outputs = fn.external_source(source=batches(), num_outputs=len(keys), batch=True)
+        outputs = fn.external_source(source=arrays(), num_outputs=len(keys), batch=True)
         return tuple(out.gpu() for out in outputs) if on_gpu else tuple(outputs)
 
     pipe = pipeline()

@@ -5,6 +5,8 @@ Reading is split in two so the expensive half runs in worker processes:
   never holding more than one record (bounded by `max_bytes`) in memory;
 - `parse_record` (workers) decodes UTF-8 and JSON and extracts the text keys.
 Error reasons name the problem and position only, never the document text (it may be patient data).
+A compressed file that ends early or does not decode stops the reading with a DataError of its own
+(never a bad record to skip: every record after the damage would be lost silently).
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+import zstandard
 
 from melama_mcore.errors import DataError
 
@@ -22,6 +28,7 @@ JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 COMPRESSED_SUFFIXES = {".gz", ".zst", ".zstd"}
 DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 _CHUNK = 1 << 20
+_COMPRESSED_CHUNK = 1 << 16  # bounds the output of one decompress call
 
 
 @dataclass
@@ -40,20 +47,98 @@ class Document:
     texts: list[str]  # one text per requested key
 
 
-def open_binary(path: str):
-    """Open a file for streaming, decompressing .gz / .zst transparently."""
+def check_input_file(path: str) -> None:
+    """DataError unless `path` is a readable file (a directory is named as one, not as missing)."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{path}: is a directory; pass the files in it (e.g. {os.path.join(path, '*.jsonl.zst')})")
     if not p.is_file():
         raise DataError(f"{path}: input file not found")
-    suffix = p.suffix.lower()
-    if suffix == ".gz":
-        return gzip.open(p, "rb")
-    if suffix in (".zst", ".zstd"):
-        import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(p, "rb"), closefd=True),
-                                 buffer_size=_CHUNK)
-    return open(p, "rb", buffering=_CHUNK)
+
+class _Decompressed(io.RawIOBase):
+    """The decompressed bytes of a .gz/.zst file, as a raw stream.
+
+    A stream that ends before its end marker, or does not decode, raises DataError naming the file:
+    a damaged file loses every record after the damage, so it is never one bad record to skip.
+    """
+
+    def __init__(self, path: str, kind: str, chunks: Iterator[bytes], file):
+        super().__init__()
+        self._path, self._kind, self._chunks, self._file = path, kind, chunks, file
+        self._pending = memoryview(b"")
+        self._delivered = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            chunk = self._next_chunk()
+            if not chunk:
+                return 0
+            self._pending = memoryview(chunk)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        self._delivered += n
+        return n
+
+    def _next_chunk(self) -> bytes:
+        try:
+            return next(self._chunks, b"")
+        except EOFError:
+            raise DataError(f"{self._path}: truncated compressed stream ({self._kind} data ends before its "
+                            f"end marker, after {self._delivered:,} decompressed bytes): the file is incomplete; "
+                            "copy or download it again (--on-error skip does not apply: the records after the "
+                            "cut are lost)") from None
+        except (gzip.BadGzipFile, zlib.error, zstandard.ZstdError):
+            # The library's text is not repeated: gzip's quotes the file's first bytes.
+            raise DataError(f"{self._path}: corrupt compressed stream ({self._kind} data does not decode, after "
+                            f"{self._delivered:,} decompressed bytes): copy or download it again "
+                            "(--on-error skip does not apply)") from None
+
+    def close(self) -> None:
+        if not self.closed:
+            self._chunks.close()
+            self._file.close()
+        super().close()
+
+
+def _gzip_chunks(file) -> Iterator[bytes]:
+    with gzip.GzipFile(fileobj=file) as stream:  # raises EOFError when the last member is cut short
+        while chunk := stream.read1(_CHUNK):
+            yield chunk
+
+
+def _zstd_chunks(file) -> Iterator[bytes]:
+    """Decompressed chunks of every frame; EOFError when the file ends inside a frame (python-zstandard's
+    stream_reader returns a silent end of file there)."""
+    decompressor, frame = zstandard.ZstdDecompressor(), None
+    while data := file.read(_COMPRESSED_CHUNK):
+        while data:
+            if frame is None or frame.eof:
+                frame = decompressor.decompressobj()
+            if out := frame.decompress(data):
+                yield out
+            data = frame.unused_data if frame.eof else b""
+    if frame is not None and not frame.eof:
+        raise EOFError
+
+
+def open_binary(path: str):
+    """Open a file for streaming, decompressing .gz / .zst transparently (see _Decompressed)."""
+    check_input_file(path)
+    suffix = Path(path).suffix.lower()
+    if suffix not in COMPRESSED_SUFFIXES:
+        return open(path, "rb", buffering=_CHUNK)
+    kind = "gzip" if suffix == ".gz" else "zstd"
+    if os.path.getsize(path) == 0:  # compressing nothing still writes a header: 0 bytes is a cut copy
+        raise DataError(f"{path}: truncated compressed stream (an empty file, not even a {kind} header): "
+                        "copy or download it again")
+    file = open(path, "rb")
+    chunks = _gzip_chunks(file) if kind == "gzip" else _zstd_chunks(file)
+    return io.BufferedReader(_Decompressed(path, kind, chunks, file), buffer_size=_CHUNK)
 
 
 def detect_format(path: str, override: str = "auto") -> str:

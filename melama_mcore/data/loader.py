@@ -61,10 +61,11 @@ def build_loader(dataset, *, consumed_samples: int, micro_batch_size: int, dp_ra
     """
     indices = rank_sample_indices(len(dataset), consumed_samples=consumed_samples,
                                   micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
-    if kind == "dali":
-        from melama_mcore.data.dali_loader import build_dali_loader
-
-        return build_dali_loader(dataset, indices, micro_batch_size=micro_batch_size, device=device)
-    if kind != "default":
+    if kind not in LOADER_KINDS:
         raise ConfigError(f"unknown loader {kind!r} (choose from {', '.join(LOADER_KINDS)})")
-    return (_to_device(collate([dataset[int(i)] for i in batch]), device) for batch in indices)
+    batches = (collate([dataset[int(i)] for i in batch]) for batch in indices)
+    if kind == "dali":
+        from melama_mcore.data.dali_loader import build_dali_loader  # optional extra: imported on use
+
+        return build_dali_loader(batches, micro_batch_size=micro_batch_size, device=device)
+    return (_to_device(batch, device) for batch in batches)

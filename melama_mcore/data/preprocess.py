@@ -3,14 +3,17 @@
 Pipeline: the main process streams raw records (bytes + line numbers) from the inputs in batches;
 worker processes decode, parse and batch-tokenise them; the main process writes the results in
 input order. At most a few batches per worker are in flight, so memory does not grow with the
-input. Outputs are written under `*.incomplete` names and renamed only after the whole run
-succeeded (see indexed_writer).
+input; a long document is encoded in pieces (Tokenizer.iter_encode), so memory follows the piece,
+not the document. Outputs are written under `*.incomplete` names and renamed only after the whole
+run succeeded (see indexed_writer). Workers die with the main process, even when it is killed with
+SIGKILL (no orphan keeps a core busy).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import glob
 import itertools
 import multiprocessing
@@ -19,6 +22,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,13 +30,15 @@ import numpy as np
 from tqdm import tqdm
 
 from melama_mcore.data.indexed_writer import IndexedWriter, token_dtype
-from melama_mcore.data.inputs import (DEFAULT_MAX_DOCUMENT_BYTES, detect_format, iter_raw_records,
-                                      parse_record)
-from melama_mcore.data.tokenizer import load_tokenizer
+from melama_mcore.data.inputs import (DEFAULT_MAX_DOCUMENT_BYTES, check_input_file, detect_format,
+                                      iter_raw_records, parse_record)
+from melama_mcore.data.tokenizer import LONG_TEXT_CHARS, load_tokenizer
 from melama_mcore.errors import DataError, UserError
 
 BATCH_RECORDS = 512
 BATCH_BYTES = 1 << 20
+MIN_TIMED_SECONDS = 0.05  # shorter runs print no rate: it would be mostly start-up noise
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 DTYPES = {"uint16": np.uint16, "int32": np.int32}
 
 
@@ -42,6 +48,7 @@ class EncodeOptions:
     json_keys: list[str]
     prepend_bos: bool
     append_eod: bool
+    dtype: type  # of the output tokens
 
 
 @dataclass
@@ -73,15 +80,25 @@ class Summary:
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
-        rate = lambda n: f"{n / self.seconds:,.0f}/s" if self.seconds > 0 else "-"
-        out = [f"documents: {self.documents:,} written ({rate(self.documents)})",
-               f"tokens:    {self.tokens:,} ({rate(self.tokens)})",
+        out = [f"documents: {self.documents:,} written{self._rate(self.documents)}",
+               f"tokens:    {self.tokens:,}{self._rate(self.tokens)}",
                f"empty:     {self.empty:,} (documents with no text, not written)",
                f"skipped:   {self.skipped:,}" + (" (" + ", ".join(
                    f"{n:,} {reason}" for reason, n in sorted(self.skipped_by_reason.items())) + ")"
                    if self.skipped else ""),
                f"time:      {self.seconds:.1f} s"]
-        return out + [f"output:    {p}.bin / .idx" for p in self.outputs]
+        out += [f"output:    {p}.bin / .idx" for p in self.outputs]
+        if self.documents == 0:
+            out.append("warning:   the dataset is empty (no document had text): training cannot use it")
+        return out
+
+    def _rate(self, count: int) -> str:
+        """' (N/s)', with three significant digits below 100/s; nothing when there is nothing to rate
+        or the run was too short to time."""
+        if count == 0 or self.seconds < MIN_TIMED_SECONDS:
+            return ""
+        rate = count / self.seconds
+        return f" ({rate:,.0f}/s)" if rate >= 100 else f" ({rate:.3g}/s)"
 
 
 # ----- worker side -----
@@ -91,6 +108,21 @@ _WORKER = {}
 def _init_worker(options: EncodeOptions) -> None:
     _WORKER["tok"] = load_tokenizer(options.tokenizer_path, num_threads=1)
     _WORKER["options"] = options
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this worker when the main process dies, however it dies.
+
+    A forked worker holds the write end of its own task queue, so it never sees the queue close and
+    would wait for work forever after a SIGKILL of the main process. (With spawn, on other systems,
+    workers hold no such end: they read end-of-file and exit by themselves.)
+    """
+    if sys.platform == "linux":  # the signal comes when the forking thread ends: preprocess's caller
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:  # the main process died before the signal was armed
+        os._exit(1)
 
 
 def _reason_kind(reason: str) -> str:
@@ -104,6 +136,7 @@ def encode_batch(batch: Batch) -> EncodedBatch:
     for record in batch.records:
         texts, reason = (None, record.error) if record.data is None else \
             parse_record(record.data, batch.fmt, opt.json_keys)
+        record.data = None  # parsed: a long document is not held twice
         if reason is not None:
             errors.append((record.line, reason))
             continue
@@ -111,28 +144,68 @@ def encode_batch(batch: Batch) -> EncodedBatch:
             texts_per_key[k].append(text)
     empty, tokens, lengths, max_id = 0, [], [], -1
     for texts in texts_per_key:
-        docs = [ids for ids in tok.encode_batch([t for t in texts if t.strip()]) if ids]
-        empty += len(texts) - len(docs)
-        flat, doc_lengths = _with_special_tokens(docs, tok, opt)
-        if flat.size:
-            max_id = max(max_id, int(flat.max()))
+        flat, doc_lengths, key_max_id = _encode_documents(tok, [t for t in texts if t and not t.isspace()], opt)
+        empty += len(texts) - len(doc_lengths)
+        max_id = max(max_id, key_max_id)
         tokens.append(flat)
         lengths.append(doc_lengths)
     return EncodedBatch(batch.file, len(batch.records), errors, empty, tokens, lengths, max_id)
 
 
+def _encode_documents(tok, texts: list[str], opt: EncodeOptions) -> tuple[np.ndarray, np.ndarray, int]:
+    """(the tokens of the documents that have any, with BOS/EOD, concatenated in the output dtype;
+    tokens per document; the largest id, -1 if none). Runs of ordinary texts are encoded in one call;
+    a long text piece by piece, each piece cast to the output dtype as it comes, so its tokens are
+    held once (2 bytes each for uint16 outputs), plus one piece in int32."""
+    segments, lengths, max_id, run = [], [], -1, []
+
+    def add(ids: np.ndarray) -> None:  # int32 ids; the largest is taken before the cast
+        nonlocal max_id
+        if ids.size:
+            max_id = max(max_id, int(ids.max()))
+        segments.append(ids.astype(opt.dtype, copy=False))
+
+    def close_run() -> None:
+        if run:
+            flat, run_lengths = _with_special_tokens([ids for ids in tok.encode_batch(run) if ids], tok, opt)
+            add(flat)
+            lengths.append(run_lengths)
+            run.clear()
+
+    for text in texts:
+        if len(text) <= LONG_TEXT_CHARS:
+            run.append(text)
+            continue
+        close_run()
+        count, first = 0, len(segments)
+        if opt.prepend_bos:
+            add(np.array([tok.bos_id], np.int32))
+        for ids in tok.iter_encode(text):
+            add(np.array(ids, dtype=np.int32))
+            count += len(ids)
+        if count == 0:  # no tokens: an empty document, not written
+            del segments[first:]
+            continue
+        if opt.append_eod:
+            add(np.array([tok.eos_id], np.int32))
+        lengths.append(np.array([sum(segment.size for segment in segments[first:])], np.int32))
+    close_run()
+    flat = np.concatenate(segments) if segments else np.zeros(0, opt.dtype)
+    return flat, np.concatenate(lengths) if lengths else np.zeros(0, np.int32), max_id
+
+
 def _with_special_tokens(docs: list[list[int]], tok, opt: EncodeOptions) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate documents, adding BOS/EOD, vectorised (per-token Python loops cost ~30% here)."""
+    """Concatenate documents as int32, adding BOS/EOD, vectorised (per-token Python loops cost ~30% here)."""
     lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-    flat = np.array(list(itertools.chain.from_iterable(docs)), dtype=np.int64)
+    flat = np.array(list(itertools.chain.from_iterable(docs)), dtype=np.int32)
     ends = np.cumsum(lengths)
     positions, values = [], []
     if opt.append_eod:  # listed first: at a shared position, EOD of doc i precedes BOS of doc i+1
         positions.append(ends)
-        values.append(np.full(len(docs), tok.eos_id))
+        values.append(np.full(len(docs), tok.eos_id, dtype=np.int32))
     if opt.prepend_bos:
         positions.append(ends - lengths)
-        values.append(np.full(len(docs), tok.bos_id))
+        values.append(np.full(len(docs), tok.bos_id, dtype=np.int32))
     if positions:
         flat = np.insert(flat, np.concatenate(positions), np.concatenate(values))
     return flat, (lengths + len(positions)).astype(np.int32)
@@ -162,8 +235,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
         if not matches:
             raise UserError(f"--input {pattern!r} matches no file")
         for path in matches:
-            if not Path(path).is_file():
-                raise DataError(f"{path}: input file not found")
+            check_input_file(path)
         files.extend(matches)
     return files
 
@@ -194,22 +266,26 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, *, js
         raise DataError(f"{tokenizer_path}: vocabulary of {tok.vocab_size:,} tokens does not fit "
                         f"{np.dtype(out_dtype).name} (max id {dtype_limit:,}); use --dtype int32 or auto")
     workers = max(1, workers or os.cpu_count() or 1)
-    options = EncodeOptions(tokenizer_path, json_keys, prepend_bos, append_eod)
+    options = EncodeOptions(tokenizer_path, json_keys, prepend_bos, append_eod, out_dtype)
 
     prefixes = [output_prefix_for(output_prefix, key) for key in json_keys]
     summary = Summary(outputs=prefixes)
-    writers = []
+    writers = _open_writers(output_prefix, prefixes, out_dtype)  # before any work: a bad path fails first
     start = time.perf_counter()
     try:
-        writers = [IndexedWriter(prefix, out_dtype) for prefix in prefixes]
         run_pipeline(read_batches(files, input_format, text_unit, max_document_bytes), encode_batch,
                      lambda result, bar: _write(result, writers, summary, on_error, dtype_limit, tok, bar, start),
                      workers=workers, initializer=_init_worker, initargs=(options,), progress=progress, unit="docs")
         for writer in writers:
             writer.commit()
-    except BaseException:
+    except BaseException as err:
         for writer in writers:
             writer.abort()
+        if isinstance(err, OSError):  # a disk full, an input that cannot be read, ...
+            raise DataError(f"{err.filename or output_prefix}: {err.strerror or err}; nothing was written") from None
+        if isinstance(err, BrokenProcessPool):
+            raise DataError("a tokeniser worker process died (killed, e.g. by the kernel when out of memory: "
+                            "lower --workers or --max-document-bytes); nothing was written") from None
         raise
     summary.seconds = time.perf_counter() - start
     return summary
@@ -226,7 +302,7 @@ def run_pipeline(batches, encode, consume, *, workers: int, initializer, initarg
     # fork: workers start in milliseconds and inherit nothing they write to.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                               initargs=(initializer, initargs))
+                               initargs=(os.getpid(), initializer, initargs))
     # progress None: a bar only on a terminal (tqdm's disable=None); False: none.
     bar = None if progress is False else tqdm(unit=f" {unit}", unit_scale=True, dynamic_ncols=True,
                                               desc="tokenising", disable=None if progress is None else False,
@@ -250,9 +326,36 @@ def run_pipeline(batches, encode, consume, *, workers: int, initializer, initarg
     pool.shutdown()
 
 
-def _start_worker(initializer, initargs) -> None:
+def _start_worker(parent_pid: int, initializer, initargs) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and cleans up
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, inherited by fork
+    _exit_with_parent(parent_pid)
     initializer(*initargs)
+
+
+def _open_writers(output_prefix: str, prefixes: list[str], dtype) -> list[IndexedWriter]:
+    """One writer per output pair; DataError naming the path when the outputs cannot be written there
+    (missing folders are created, as `mkdir -p` would)."""
+    folder = Path(output_prefix).parent
+    for ancestor in (folder, *folder.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise DataError(f"--output-prefix {output_prefix}: {ancestor} is a file, not a folder")
+            break
+    for prefix in prefixes:
+        for path in (prefix + ".bin", prefix + ".idx"):
+            if os.path.isdir(path):
+                raise DataError(f"--output-prefix {output_prefix}: {path} is a folder; choose another prefix")
+    writers = []
+    try:
+        for prefix in prefixes:
+            writers.append(IndexedWriter(prefix, dtype))
+    except OSError as err:
+        for writer in writers:
+            writer.abort()
+        raise DataError(f"--output-prefix {output_prefix}: cannot write there "
+                        f"({err.strerror or err}: {err.filename or folder})") from None
+    return writers
 
 
 def _raise_interrupt(signum, frame):
@@ -309,6 +412,8 @@ outputs:
   One pair per JSON key, named as Megatron-LM's tools/preprocess_data.py names them:
   {output-prefix}_{key}_document.bin / .idx  (e.g. --output-prefix data/pubmed -> data/pubmed_text_document).
   Text inputs use the key name 'text'. Several inputs are written, in order, into the same pair.
+  A relative prefix is relative to the working directory; missing folders are created. An input with
+  no text writes an empty pair (the summary says so; training refuses it).
 
 tokens per document:
   [BOS] + tokens + [EOS if --append-eod]. BOS is on by default (LLaMA-2 starts every sequence with <s>);
@@ -318,7 +423,16 @@ tokens per document:
 bad records (malformed JSON, missing key, non-UTF-8 bytes, a document over --max-document-bytes):
   --on-error stop (default) stops at the first one with FILE:LINE and the reason, exit status 2, and
   leaves no output; --on-error skip skips and counts them. Messages never include document text.
-  Output is written to *.incomplete files and renamed only when the whole run succeeded.""")
+  Output is written to *.incomplete files and renamed only when the whole run succeeded.
+  A .gz/.zst input that ends early or does not decode is not a bad record: it stops the run
+  ("truncated compressed stream" / "corrupt compressed stream"), with or without --on-error skip.
+
+memory:
+  A tokenizer needs ~50 bytes per character of the text it encodes. With a sentencepiece .model
+  (LLaMA's), a document over 1 Mi characters is encoded in pieces cut at spaces, with the ids of the
+  whole: memory is then ~50 MiB for the piece plus ~8x the document (its text and tokens), not ~50x
+  (a run of over 1 Mi characters without a space is still encoded whole). A Hugging Face tokenizer
+  folder encodes each document whole: --max-document-bytes bounds memory at ~50x its value.""")
     parser.add_argument("--input", nargs="+", required=True,
                         help="input files or glob patterns: .jsonl/.json/.ndjson or text, optionally .gz/.zst")
     parser.add_argument("--output-prefix", required=True, help="path prefix of the outputs (see below)")
@@ -338,7 +452,7 @@ bad records (malformed JSON, missing key, non-UTF-8 bytes, a document over --max
     parser.add_argument("--dtype", choices=["auto", "uint16", "int32"], default="auto",
                         help="token dtype in the .bin (default: from the vocabulary size)")
     parser.add_argument("--max-document-bytes", type=int, default=DEFAULT_MAX_DOCUMENT_BYTES,
-                        help="larger documents are bad records (default: 64 MiB); bounds memory")
+                        help="larger documents are bad records (default: 64 MiB); see memory below")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 

@@ -2,6 +2,11 @@
 
 `encode` never adds BOS/EOS: callers (the preprocessor, the trainer) decide where special tokens
 go, so the same ids come out whichever backend is used.
+
+Long texts: sentencepiece needs ~50 bytes of memory per character of the text it encodes (10 GB
+for one 200 MB document). `iter_encode` encodes a long text in pieces of about LONG_TEXT_CHARS
+characters, cut where no token can straddle the cut, so its ids equal those of the whole text (see
+`_space_cut`); memory then follows the piece, not the document.
 """
 
 from __future__ import annotations
@@ -9,10 +14,18 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from melama_mcore.errors import DataError
+
+LONG_TEXT_CHARS = 1 << 20
+_SPACE = "\u2581"  # sentencepiece's whitespace symbol
+_SAFE_CUT = re.compile(r"(?<=\S) (?=\S)")  # one space between two non-space characters
+# Files a Hugging Face tokenizer folder holds (one suffices for AutoTokenizer).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                      "spiece.model", "vocab.txt")
 
 
 class Tokenizer:
@@ -23,10 +36,12 @@ class Tokenizer:
     eos_id: int
     pad_id: int | None
 
-    def __init__(self, path: str, backend, *, vocab_size: int, bos_id, eos_id, pad_id, kind: str):
+    def __init__(self, path: str, backend, *, vocab_size: int, bos_id, eos_id, pad_id, kind: str,
+                 space_cut: str | None = None):
         self.path = path
         self.kind = kind  # "sentencepiece" or "hf"
         self._backend = backend
+        self._space_cut = space_cut  # see _space_cut
         self.vocab_size = int(vocab_size)
         self.bos_id = bos_id
         self.eos_id = eos_id
@@ -40,6 +55,19 @@ class Tokenizer:
             # num_threads=1: parallelism comes from worker processes, not from sentencepiece threads.
             return self._backend.encode(list(texts), num_threads=self._num_threads)
         return self._backend(list(texts), add_special_tokens=False)["input_ids"]
+
+    def iter_encode(self, text: str) -> Iterator[list[int]]:
+        """encode(text) in consecutive parts: a text over LONG_TEXT_CHARS is encoded in pieces when the
+        model allows cutting it with the same ids (sentencepiece models such as LLaMA's), else whole."""
+        start = 0
+        while self._space_cut is not None and len(text) - start > LONG_TEXT_CHARS:
+            cut = _SAFE_CUT.search(text, start + LONG_TEXT_CHARS)
+            if cut is None:  # no space left: the rest is encoded in one piece
+                break
+            yield self.encode(text[start:cut.start()])
+            # "drop": the model's dummy prefix gives the next piece the space it starts with in the text.
+            start = cut.start() + (1 if self._space_cut == "drop" else 0)
+        yield self.encode(text[start:])
 
     def decode(self, ids) -> str:
         return self._backend.decode([int(i) for i in ids])
@@ -124,6 +152,30 @@ def _optional_id(value) -> int | None:
     return None if value is None or int(value) < 0 else int(value)
 
 
+def _space_cut(processor) -> str | None:
+    """How a text may be cut at a space between two words with ids unchanged, for this model:
+    "drop" the space (the model prefixes every text with one), "keep" it, or None (never cut).
+
+    sentencepiece writes a space as U+2581. When no piece has U+2581 after another character, no token
+    can span the boundary before "\u2581word", so the ids left and right of it do not depend on each
+    other; the identity normaliser maps character by character, so cutting the text there cuts the
+    normalised text there. A piece encoded alone starts with the model's dummy prefix U+2581 when it
+    adds one: then the space is dropped from the piece; without the prefix, the piece keeps its space
+    (unless extra whitespace is removed, which would strip it).
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(processor.serialized_model_proto())
+    norm = proto.normalizer_spec
+    if (norm.name != "identity" or not norm.escape_whitespaces or proto.trainer_spec.treat_whitespace_as_suffix
+            or any(_SPACE in piece.piece.lstrip(_SPACE) for piece in proto.pieces)):
+        return None
+    if norm.add_dummy_prefix:
+        return "drop"
+    return None if norm.remove_extra_whitespaces else "keep"
+
+
 def _load_sentencepiece(path: str, num_threads: int) -> Tokenizer:
     import sentencepiece as spm
 
@@ -138,12 +190,17 @@ def _load_sentencepiece(path: str, num_threads: int) -> Tokenizer:
                         "LLaMA-style training needs one to separate documents")
     tok = Tokenizer(path, processor, vocab_size=processor.vocab_size(),
                     bos_id=_optional_id(processor.bos_id()), eos_id=eos,
-                    pad_id=_optional_id(processor.pad_id()), kind="sentencepiece")
+                    pad_id=_optional_id(processor.pad_id()), kind="sentencepiece",
+                    space_cut=_space_cut(processor))
     tok._num_threads = num_threads
     return tok
 
 
 def _load_hf(path: str) -> Tokenizer:
+    if not any((Path(path) / name).is_file() for name in HF_TOKENIZER_FILES):
+        raise DataError(f"{path}: a folder without tokenizer files (expected one of {', '.join(HF_TOKENIZER_FILES)}, "
+                        "as a Hugging Face model folder has); pass a Hugging Face model folder or a "
+                        "sentencepiece .model file")
     try:
         from transformers import AutoTokenizer  # imported lazily: heavy, and optional
     except ImportError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -60,12 +61,27 @@ def train_sentencepiece(inputs: list[str], model_prefix: str, *, vocab_size: int
                 num_threads=num_threads or os.cpu_count() or 1,
                 minloglevel=2, **LLAMA_TRAINER_SETTINGS)
         except RuntimeError as err:
-            # e.g. "Vocabulary size is too high": the corpus is too small for the vocabulary.
-            raise DataError(f"sentencepiece could not train a {vocab_size}-token model: {err}") from None
+            raise DataError(_training_failure(str(err), vocab_size)) from None
         # Move into place only when both files exist, so a failed run leaves no model behind.
         for ext in (".vocab", ".model"):
             os.replace(f"{tmp_prefix}{ext}", f"{prefix}{ext}")
     return Path(f"{prefix}.model")
+
+
+def _training_failure(message: str, vocab_size: int) -> str:
+    """sentencepiece's refusal in melama's terms: its text names its own flags (--character_coverage),
+    which `melama train-tokenizer` does not have."""
+    too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+    if too_small:
+        return (f"--vocab-size {vocab_size} is too small for this corpus: its distinct characters, the 256 "
+                f"byte-fallback pieces and <unk> <s> </s> need {int(too_small.group(1)):,}; use --vocab-size "
+                f"{too_small.group(1)} or more (LLaMA-2: 32000)")
+    too_large = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message)
+    if too_large:
+        return (f"--vocab-size {vocab_size} is more than this corpus can fill: sentencepiece finds at most "
+                f"{int(too_large.group(1)):,} pieces in it; use --vocab-size {too_large.group(1)} or less, or "
+                "train on more text")
+    return f"sentencepiece could not train a {vocab_size}-token model ({message.splitlines()[-1]})"
 
 
 def build_parser() -> argparse.ArgumentParser:

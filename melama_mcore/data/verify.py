@@ -138,12 +138,20 @@ def verify_indexed_dataset(prefix: str, vocab_size: int | None = None, *, full: 
                           largest if largest >= 0 else None, "full" if full else "sample")
 
 
+def range_tokens(prefix: str, begin: int, end: int) -> int:
+    """Tokens in sequences [begin, end) of a verified pair: megatron splits a dataset by sequence."""
+    _, lengths, _, _ = _read_index(os.fspath(prefix))
+    return sum(int(np.sum(lengths[start:min(start + _CHUNK_ITEMS, end)], dtype=np.int64))
+               for start in range(begin, end, _CHUNK_ITEMS))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="melama verify-data",
         description="Check megatron-core .bin/.idx pairs: index header and size, lengths and offsets, "
                     ".bin size against the index, and the token range (a sample of the .bin by default; "
-                    "all of it with --full). Exit status 2 with the file and the mismatch when unusable.")
+                    "all of it with --full). Prints one JSON line per pair. Exit status 2 with the file and "
+                    "the mismatch when unusable, or when a pair holds no document (nothing to train on).")
     parser.add_argument("prefix", nargs="+", help="dataset prefix(es), PREFIX for PREFIX.bin / PREFIX.idx")
     parser.add_argument("--vocab-size", type=int, default=None, help="fail if a token id is >= this")
     parser.add_argument("--full", action="store_true", help="scan every token (reads the whole .bin)")
@@ -153,5 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for prefix in args.prefix:
-        print(json.dumps(asdict(verify_indexed_dataset(prefix, args.vocab_size, full=args.full))))
+        summary = verify_indexed_dataset(prefix, args.vocab_size, full=args.full)
+        if summary.documents == 0:
+            raise DataError(f"{summary.prefix}: empty dataset (0 documents, 0 tokens): nothing to train on; "
+                            "`melama preprocess` found no text in its input")
+        print(json.dumps(asdict(summary)))
     return 0

@@ -20,19 +20,7 @@ from megatron.core.transformer.module import Float16Module
 
 from melama_mcore.config.job_config import JobConfig
 from melama_mcore.distributed import cpu_compat
-
-
-def world_size_from_env() -> int:
-    """The number of processes this job will have, known before any group starts."""
-    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-
-
-def _rank_env() -> tuple[int, int, int]:
-    if "RANK" in os.environ:  # torchrun
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:  # srun without torchrun
-        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ["SLURM_LOCALID"])
-    return 0, 1, 0
+from melama_mcore.distributed.launch import LaunchEnv
 
 
 def _free_port() -> int:
@@ -41,9 +29,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def initialize(cfg: JobConfig) -> None:
+def initialize(cfg: JobConfig, launch: LaunchEnv) -> None:
     """Start torch.distributed (NCCL on GPU, gloo on CPU) and megatron's model-parallel groups."""
-    rank, world, local_rank = _rank_env()
+    rank, world, local_rank = launch.rank, launch.world_size, launch.local_rank
     if world == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -83,16 +71,22 @@ def set_seed(seed: int, gpu: bool) -> None:
 
 def wrap_for_training(cfg: JobConfig, chunks: list) -> list[DistributedDataParallel]:
     """Model chunks -> megatron DDP modules (fp32 grad buffers, bucketed, optionally overlapped
-    reduce and param gather), with the hooks megatron's schedules call installed on the config:
-    no_sync during gradient accumulation, overlapped grad reduce, and grad
-    finalisation (DP reduce, SP norm grads). In bf16 each chunk is first wrapped in megatron's
-    Float16Module (bf16 weights, fp32 output on the last stage), as Megatron-LM does."""
+    reduce and param gather), with the hooks megatron's schedules call installed on the config, as
+    Megatron-LM installs them: no_sync during gradient accumulation, overlapped grad reduce, param
+    gathers aligned across pipeline stages under interleaving, and grad finalisation (DP reduce, SP
+    norm grads). In bf16 each chunk is first wrapped in megatron's Float16Module (bf16 weights, fp32
+    output on the last stage), as Megatron-LM does."""
     p = cfg.parallel
+    # Megatron-LM's align_param_gather (on by default, interleaved schedule only): every chunk's
+    # gather is launched by the schedule; otherwise the optimizer dispatches the first and DDP's
+    # forward pre-hooks the rest.
+    align_param_gather = bool(p.overlap_param_gather) and p.virtual_pipeline is not None
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=p.overlap_grad_reduce,
         use_distributed_optimizer=p.use_distributed_optimizer,
         overlap_param_gather=p.overlap_param_gather,
+        align_param_gather=align_param_gather,
     )
     model = [
         DistributedDataParallel(config=chunk.config, ddp_config=ddp_config,
@@ -108,9 +102,8 @@ def wrap_for_training(cfg: JobConfig, chunks: list) -> list[DistributedDataParal
     config.no_sync_func = hook("no_sync")
     if p.overlap_grad_reduce:
         config.grad_sync_func = hook("start_grad_sync")
-    # Overlapped param gather needs no schedule hook: the distributed optimizer dispatches the first
-    # all-gather in zero_grad() and DDP's forward pre-hooks the rest (Megatron-LM's default,
-    # align_param_gather=False).
+    if align_param_gather:
+        config.param_sync_func = hook("start_param_sync")
     config.finalize_model_grads_func = finalize_model_grads
     return model
 

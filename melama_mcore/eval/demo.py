@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from melama_mcore.data.synthetic_corpus import _DISEASES, _DRUGS, _OUTCOMES, _SYMPTOMS
+from melama_mcore.commands.demo_corpus import _DISEASES, _DRUGS, _OUTCOMES, _SYMPTOMS
 from melama_mcore.eval.extraction import WORD, spans_to_html
 
 DEMO_TASKS = ("pubmedqa", "mednli", "i2b2", "pubmedsum")

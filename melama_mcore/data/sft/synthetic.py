@@ -16,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-from melama_mcore.data.synthetic_corpus import (_DISEASES, _DRUGS, _FINDINGS, _OUTCOMES, _SYMPTOMS, _biomedical,
+from melama_mcore.commands.demo_corpus import (_DISEASES, _DRUGS, _FINDINGS, _OUTCOMES, _SYMPTOMS, _biomedical,
                                                 _clinical)
 
 _CLASSES = {"metformin": "a biguanide", "empagliflozin": "an SGLT2 inhibitor", "lisinopril": "an ACE inhibitor",

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from melama_mcore.errors import ConfigError
+
+if TYPE_CHECKING:
+    from melama_mcore.config.job_config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -48,3 +55,44 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     """Embedding rows actually allocated: a multiple of divisible_by x TP (as Megatron-LM pads)."""
     multiple = divisible_by * tp
     return math.ceil(vocab_size / multiple) * multiple
+
+
+def flops_per_token(arch: LlamaArch, seq_length: int, vocab_size: int) -> float:
+    """Training model FLOPs per token (forward + backward), Megatron convention (see module doc).
+
+    `vocab_size` is the output layer's width as built: pass the padded vocabulary,
+    `output_vocab_size(cfg, arch)` (models/llama/model.py), as Megatron-LM does. It is required so that no caller
+    silently counts the unpadded `arch.vocab_size`.
+
+    Convention (Megatron's, stated so numbers can be compared): every GEMM counted as 2 x multiply-add
+    FLOPs, x3 for forward + the two backward GEMMs, causal core attention halved (Megatron-LM since
+    2025-03). Per token of a sequence of length s, per layer (h hidden, d_kv = KV groups x head_dim,
+    f FFN): QKV 2h(h + 2 d_kv) + scores and context 2 x 2hs / 2 + output 2h^2 + SwiGLU MLP 6hf; plus
+    the output layer 2hV. Activation recompute is not counted (it is not model FLOPs). torchtitan's
+    6N + 12 L h s (no causal discount) gives a higher number for the same run."""
+    h, f, s, v = arch.hidden_size, arch.ffn_hidden_size, seq_length, vocab_size
+    d_kv = arch.num_query_groups * arch.head_dim
+    per_layer = 2 * h * (h + 2 * d_kv) + 2 * h * s + 2 * h * h + 6 * h * f
+    forward = arch.num_layers * per_layer + 2 * h * v
+    return 3.0 * forward
+
+
+def resolve_arch(model: "ModelConfig", tokenizer_vocab_size: int | None) -> LlamaArch:
+    """The recipe's `model` section -> its architecture: the preset with the section's overrides
+    applied; the vocabulary from the tokenizer when the preset has none."""
+    if model.preset not in PRESETS:
+        raise ConfigError(f"model.preset {model.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    arch = PRESETS[model.preset]
+    fields = {f.name for f in dataclasses.fields(LlamaArch)}
+    changes = {k: v for k, v in dataclasses.asdict(model).items() if k in fields and v is not None}
+    arch = dataclasses.replace(arch, **changes)
+    if arch.vocab_size is None:
+        arch = dataclasses.replace(arch, vocab_size=tokenizer_vocab_size)
+    if arch.vocab_size is None:
+        raise ConfigError("model.vocab_size is not set and no tokenizer is configured (data.tokenizer)")
+    if tokenizer_vocab_size is not None and tokenizer_vocab_size > arch.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer_vocab_size} tokens but the model's vocabulary is "
+            f"{arch.vocab_size}: use the model's tokenizer, or set model.vocab_size"
+        )
+    return arch

@@ -21,24 +21,24 @@ def framework_logits(ckpt: Path, arch: LlamaArch, tokens: torch.Tensor, tp: int 
     """fp32 CPU logits [batch, seq, vocab] of the model initialised from checkpoint `ckpt` at a
     TP/PP/VP layout; with the LoRA adapters of the adapter checkpoint `adapter` on top when given;
     with every weight rounded to `round_to` first when given (what an export in that dtype holds).
-    Call it on every rank (torchrun) or alone for 1x1; the last pipeline stage returns the logits
-    gathered across TP with the vocab padding stripped, other ranks None."""
+    Runs on CPU (megatron on CPU needs CUDA hidden: start-up refuses otherwise). Call it on every
+    rank (torchrun) or alone for 1x1; the last pipeline stage returns the logits gathered across TP
+    with the vocab padding stripped, other ranks None."""
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from melama_mcore.checkpoint.checkpointer import Checkpointer
     from melama_mcore.checkpoint.integrity import model_identity
-    from melama_mcore.config.validate import detect_environment, resolve
     from melama_mcore.distributed import parallel
     from melama_mcore.models.llama.model import build_model_chunks
+    from melama_mcore.startup import start
 
     cfg = sda.arch_config(arch, tp, pp, vp, divisible_by)
     cfg.model.backend = "native"
     cfg.training.device, cfg.training.precision, cfg.training.seq_length = "cpu", "fp32", tokens.shape[1]
-    resolve(cfg, detect_environment(parallel.world_size_from_env()))
-    parallel.initialize(cfg)
+    runtime = start(cfg)
     try:
-        chunks = build_model_chunks(cfg, arch, "native")
+        chunks = build_model_chunks(cfg, arch, runtime.backend)
         Checkpointer(cfg, chunks, None, None, identity=model_identity(arch, None)).load_weights(str(ckpt))
         if adapter is not None:
             _load_adapters(chunks, adapter, cfg.training.seed)

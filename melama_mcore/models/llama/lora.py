@@ -193,7 +193,10 @@ class LoraAdapter(torch.nn.Module):
         self.lora_B = torch.nn.Parameter(lora_A.new_zeros(out_features, lora_A.shape[0]))
         self.dropout = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
 
-    def down(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A(dropout(x)). Called as a module, so that megatron DDP's forward pre-hook finishes the
+        overlapped all-gather of this module's A and B (the distributed optimizer's updated shards)
+        before either is used: B is read directly by the fused up-projection."""
         return F.linear(self.dropout(x), self.lora_A)
 
 
@@ -208,7 +211,7 @@ class _LoraLinear:
 
     def _lora_down(self, x: torch.Tensor) -> torch.Tensor:
         """cat(A_i dropout_i(x)) over the pieces: [..., rank * pieces]."""
-        return torch.cat([adapter.down(x) for adapter in self.lora.values()], dim=-1)
+        return torch.cat([adapter(x) for adapter in self.lora.values()], dim=-1)
 
     def _lora_up(self, u: torch.Tensor) -> torch.Tensor:
         lora_B = fused_lora_B(self.lora_target, [a.lora_B for a in self.lora.values()], self.lora_groups)

@@ -16,148 +16,26 @@ a checkpoint saved with one backend loads with another.
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from melama_mcore import kernels
 from melama_mcore.config.job_config import JobConfig
 from melama_mcore.distributed import cpu_compat
 from melama_mcore.models.llama.config_registry import LlamaArch, padded_vocab_size
+from melama_mcore.models.llama import packed_attention
+from melama_mcore.models.llama.native import PackedRows, native_block_spec
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# The native backend's modules
-# ---------------------------------------------------------------------------------------------
-class RMSNorm(torch.nn.Module):
-    """RMSNorm whose weight megatron all-reduces across TP under sequence parallelism.
-
-    With SP each TP rank normalises a different slice of the sequence, so the weight's gradient is
-    partial per rank; megatron's `finalize_model_grads` sums grads of parameters marked
-    `sequence_parallel=True` over the TP group.
-    """
-
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        self.weight.sequence_parallel = config.sequence_parallel
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
-
-
-class SwiGLU(MegatronModule):
-    """silu(gate) * up on megatron's fused fc1 output [..., gate | up], as one kernel.
-    A MegatronModule because megatron's MLP asks its activation for a (here empty) sharded state."""
-
-    def __init__(self, config: TransformerConfig):
-        super().__init__(config=config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.swiglu(x)
-
-
-@functools.lru_cache(maxsize=8)
-def rope_angles(head_dim: int, base: float, seq_len: int, device: torch.device) -> torch.Tensor:
-    """megatron's RoPE angles [s, 1, 1, head_dim] for positions 0..s-1, shared by every layer."""
-    rope = RotaryEmbedding(head_dim, rotary_percent=1.0, rotary_base=int(base), use_cpu_initialization=True)
-    return rope.get_emb(seq_len).to(device)
-
-
-class SDPAttention(MegatronModule):
-    """RoPE, then causal core attention on torch's scaled_dot_product_attention, in megatron's
-    [s, b, h, d] layout.
-
-    Drop-in for megatron's DotProductAttention (same constructor and forward), without the s x s
-    score matrix in memory on GPU (flash / memory-efficient SDPA kernels), and with GQA handled by
-    SDPA rather than by materialising repeated K/V heads. RoPE is applied here, with the fused
-    kernel, because megatron's SelfAttention hard-codes its own unfused (or TE) RoPE: the native
-    GPTModel is built without position embeddings and q/k arrive here unrotated. The sequence is
-    whole here (SP gathers it in linear_qkv; context parallelism is not supported), so positions
-    are 0..s-1.
-    """
-
-    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
-                 attention_type: str, attention_dropout: float | None = None,
-                 softmax_scale: float | None = None, cp_comm_type=None, pg_collection=None, *,
-                 rotary_base: float):
-        super().__init__(config=config)
-        if attn_mask_type != AttnMaskType.causal:
-            raise ValueError("SDPAttention supports the causal mask only (LLaMA pre-training)")
-        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.rotary_base = rotary_base
-
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention does not support packed sequences or attention bias")
-        freqs = rope_angles(query.size(-1), self.rotary_base, query.size(0), query.device)
-        query, key = kernels.apply_rotary(query, freqs), kernels.apply_rotary(key, freqs)
-        # [s, b, h, d] -> [b, h, s, d]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=q.size(1) != k.size(1),
-        )
-        s, b = query.size(0), query.size(1)
-        return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, h * d]
-
-
-def native_layer_spec(rotary_base: float) -> ModuleSpec:
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=RMSNorm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=ModuleSpec(module=SDPAttention, params={"rotary_base": rotary_base}),
-                    linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=RMSNorm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear, activation_func=SwiGLU
-                ),
-            ),
-            mlp_bda=get_bias_dropout_add,
-            # Same checkpoint keys as the TE spec, where the norms are fused into the linears.
-            sharded_state_dict_keys_map={
-                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-            },
-        ),
-    )
 
 
 class LlamaModel(GPTModel):
@@ -177,29 +55,63 @@ class LlamaModel(GPTModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend choice, TransformerConfig, model construction
+# Layer backends: one row each
 # ---------------------------------------------------------------------------------------------
-def choose_backend(requested: str, device: str, te_available: bool) -> str:
+@dataclass(frozen=True)
+class Backend:
+    """How one layer implementation plugs into megatron's GPTModel."""
+
+    # (TransformerConfig, virtual stage, RoPE base) -> the decoder layers this stage builds + final norm
+    block_spec: Callable[[TransformerConfig, int | None, float], TransformerBlockSubmodules]
+    # "rope": megatron's GPTModel applies RoPE; "none": the backend's core attention does
+    position_embedding: str
+    # TransformerConfig fields this backend sets
+    config: dict = field(default_factory=dict)
+    # A packed micro-batch (several samples per row, data/sft) -> (the batch as this backend takes
+    # it, the extra GPTModel.forward arguments that confine attention to each sample)
+    pack: Callable[[dict], tuple[dict, dict]] | None = None
+
+
+def _megatron_block_spec(use_transformer_engine: bool):
+    def spec(config: TransformerConfig, vp_stage: int | None, rotary_base: float) -> TransformerBlockSubmodules:
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
+                                          normalization="RMSNorm", vp_stage=vp_stage)
+    return spec
+
+
+def _pack_thd(batch: dict) -> tuple[dict, dict]:
+    flat, params = packed_attention.to_thd(batch)  # TE's fused attention and RoPE take THD boundaries
+    return {**batch, **flat}, {"packed_seq_params": params}
+
+
+def _pack_rows(batch: dict) -> tuple[dict, dict]:
+    return batch, {"packed_seq_params": PackedRows.of(batch["cu_seqlens"], batch["position_ids"])}
+
+
+def _pack_mask(batch: dict) -> tuple[dict, dict]:
+    return batch, {"attention_mask": packed_attention.local_attention_mask(batch["cu_seqlens"], batch["tokens"].size(1))}
+
+
+BACKENDS = {
+    "transformer_engine": Backend(_megatron_block_spec(True), "rope", {"apply_rope_fusion": True}, _pack_thd),
+    # use_te_activation_func routes the MLP activation through the spec's SwiGLU module: the flag's
+    # name is TE's, the mechanism is megatron's generic "activation as a submodule".
+    "native": Backend(native_block_spec, "none", {"use_te_activation_func": True}, _pack_rows),
+    "local": Backend(_megatron_block_spec(False), "rope", {}, _pack_mask),
+}
+
+
+def choose_backend(requested: str, device: str, te_available: bool, lora: bool = False) -> str:
     if requested != "auto":
         log.info("layer backend: %s (requested)", requested)
         return requested
-    if device == "cuda" and te_available:
+    if device == "cuda" and te_available and not lora:
         log.info("layer backend: transformer_engine (auto: Transformer Engine imports and CUDA is present)")
         return "transformer_engine"
-    reason = "no CUDA" if device != "cuda" else "Transformer Engine is not installed"
+    reason = ("no CUDA" if device != "cuda" else "LoRA adapts megatron's own linears" if lora
+              else "Transformer Engine is not installed")
     log.info("layer backend: native (auto: %s; kernels backend: %s)", reason, kernels.backend())
     return "native"
-
-
-def block_spec(backend: str, config: TransformerConfig, vp_stage: int | None,
-               rotary_base: float) -> TransformerBlockSubmodules:
-    """The decoder layers this pipeline stage (and virtual stage) builds, plus the final norm."""
-    if backend == "native":
-        layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-        spec = native_layer_spec(rotary_base)
-        return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=RMSNorm)
-    return get_gpt_decoder_block_spec(config, use_transformer_engine=backend == "transformer_engine",
-                                      normalization="RMSNorm", vp_stage=vp_stage)
 
 
 def transformer_config(cfg: JobConfig, arch: LlamaArch, backend: str) -> TransformerConfig:
@@ -227,9 +139,6 @@ def transformer_config(cfg: JobConfig, arch: LlamaArch, backend: str) -> Transfo
         layernorm_epsilon=arch.norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
-        # Routes the MLP activation through the spec's SwiGLU module (native backend); the flag's
-        # name is TE's, the mechanism is megatron's generic "activation as a submodule".
-        use_te_activation_func=backend == "native",
         add_bias_linear=False,
         add_qkv_bias=False,
         hidden_dropout=0.0,
@@ -248,11 +157,15 @@ def transformer_config(cfg: JobConfig, arch: LlamaArch, backend: str) -> Transfo
         bias_activation_fusion=False,
         masked_softmax_fusion=False,  # megatron's fused softmax needs apex's CUDA extension
         bias_dropout_fusion=gpu,
-        apply_rope_fusion=gpu and backend == "transformer_engine",
+        apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=gpu,
         deallocate_pipeline_outputs=True,
+        # The loss (and its gradient) is the mean over the loss-weighted tokens of the whole global
+        # batch, not a mean of per-micro-batch means: megatron divides once, by the batch's total
+        # weight, in finalize_model_grads. Equal for pre-training; exact for masked instruction data.
+        calculate_per_token_loss=True,
         # Pipeline p2p as Megatron-LM sets it: the interleaved schedule overlaps its sends and
         # receives (separate ops, ordered per rank parity); 1F1B batches them. Batched p2p under
         # interleaving pairs the wrong messages when both neighbours are one rank (PP=2: an
@@ -262,6 +175,7 @@ def transformer_config(cfg: JobConfig, arch: LlamaArch, backend: str) -> Transfo
         **recompute,
         **fp8,
     )
+    fields.update(BACKENDS[backend].config)
     if not gpu:
         fields.update(cpu_compat.TRANSFORMER_CONFIG_ON_CPU)
     return TransformerConfig(**fields)
@@ -282,19 +196,19 @@ def build_model_chunks(cfg: JobConfig, arch: LlamaArch, backend: str) -> list[Ll
         stage = vp_stage if cfg.parallel.virtual_pipeline else None
         model = LlamaModel(
             config=config,
-            transformer_layer_spec=block_spec(backend, config, stage, arch.rope_base),
+            transformer_layer_spec=BACKENDS[backend].block_spec(config, stage, arch.rope_base),
             vocab_size=vocab,
             max_sequence_length=cfg.training.seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             parallel_output=True,
             share_embeddings_and_output_weights=False,
-            # native: RoPE is applied by the spec's SDPAttention (fused kernel), see there
-            position_embedding_type="none" if backend == "native" else "rope",
+            position_embedding_type=BACKENDS[backend].position_embedding,
             rotary_base=int(arch.rope_base),
             vp_stage=stage,
             melama_cross_entropy=cfg.model.cross_entropy == "melama",
         )
+        model.backend = backend  # how a packed micro-batch enters it (BACKENDS[backend].pack)
         if cfg.training.device == "cuda":
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

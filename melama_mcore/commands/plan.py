@@ -53,12 +53,12 @@ import json
 import sys
 from dataclasses import dataclass
 
-from melama_mcore.components.metrics import PEAK_TFLOPS, flops_per_token
+from melama_mcore.components.metrics import PEAK_TFLOPS
 from melama_mcore.config.job_config import JobConfig, load_config
-from melama_mcore.config.validate import Environment, resolve_arch, validate
+from melama_mcore.config.validate import Environment, validate
 from melama_mcore.errors import ConfigError, UserError
-from melama_mcore.models.llama.config_registry import PRESETS, LlamaArch, parameter_count
-from melama_mcore.models.llama.config_registry import padded_vocab_size
+from melama_mcore.models.llama.config_registry import (PRESETS, LlamaArch, flops_per_token, padded_vocab_size,
+                                                     parameter_count, resolve_arch)
 
 GIB = 2**30
 
@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "optimizer) of a LLaMA-2 run that fit in GPU memory, with predicted memory per GPU, step time "
                     "and MFU, best first, and the config overrides to use. Every listed layout passes the same "
                     "checks as `melama train`. The memory and time models and their assumptions are described "
-                    "in melama_mcore/planner.py.",
+                    "in melama_mcore/commands/plan.py.",
         epilog="Example: melama plan --preset llama2-70b --gpu a100-80gb --gpus 160 --seq 4096 --gbs 1000",
     )
     parser.add_argument("--preset", choices=list(PRESETS), help="model architecture (or take it from --config)")
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                                t.micro_batch_size, t.recompute, p.use_distributed_optimizer is not False)
     args.seq, args.gbs = args.seq or 4096, args.gbs or 1024
     overrides = [f"model.preset={args.preset}"] + ([f"model.vocab_size={args.vocab_size}"] if args.vocab_size else [])
-    arch = resolve_arch(load_config(None, overrides), None)
+    arch = resolve_arch(load_config(None, overrides).model, None)
     spec = GPUS[args.gpu]
     memory_gib = args.gpu_memory_gib or spec.memory_gib
     common = dict(gpu=spec, gpus=args.gpus, seq=args.seq, gbs=args.gbs, gpu_memory_gib=memory_gib,
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nassumptions: {args.compute_efficiency:.0%} of peak, NVLink {spec.nvlink_busbw_gbs:.0f} GB/s, "
           f"inter-node {spec.internode_gbs:.0f} GB/s per GPU, {DP_COMM_OVERLAP:.0%} of DP comm hidden, "
           f"+{FRAGMENTATION:.0%} fragmentation and {RUNTIME_RESERVED_GIB} GiB runtime per GPU; "
-          "flash-style attention (TE or native backend); see melama_mcore/planner.py")
+          "flash-style attention (TE or native backend); see melama_mcore/commands/plan.py")
     _write_json(args.json, report)
     return 0
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from melama_mcore.errors import UserError
 
-REPO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "configs" / "tiny_cpu.yaml"
+# Shipped in the package (examples/configs/tiny_cpu.yaml links here), so an installed copy finds it too.
+DEFAULT_RECIPE = Path(__file__).with_name("tiny_cpu.yaml")
 DOMAINS = {"biomedical": 15, "clinical": 1, "general": 4}
 
 
@@ -35,7 +36,7 @@ def _say(message: str) -> None:
 def prepare_data(out: Path, docs_per_source: int, vocab_size: int) -> tuple[Path, list[dict]]:
     """Steps 1-3: corpus, tokenizer, indexed datasets. Returns the tokenizer path and the blend."""
     from melama_mcore.data.preprocess import preprocess
-    from melama_mcore.data.synthetic_corpus import write_demo_corpus
+    from melama_mcore.commands.demo_corpus import write_demo_corpus
     from melama_mcore.data.train_tokenizer import train_sentencepiece
 
     _say(f"1/6 writing the synthetic corpus ({docs_per_source} documents per domain) to {out / 'corpus'}")
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="melama demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="outputs/demo", help="where everything goes (default: %(default)s)")
-    parser.add_argument("--config", default=str(REPO_CONFIG), help="training recipe (default: examples/configs/tiny_cpu.yaml)")
+    parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="training recipe (default: the packaged tiny_cpu.yaml, "
+                        "also at examples/configs/tiny_cpu.yaml)")
     parser.add_argument("--docs-per-source", type=int, default=1500, help="synthetic documents per domain")
     parser.add_argument("--vocab-size", type=int, default=2000, help="tokenizer vocabulary size")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (TP=2 needs 2)")
