@@ -380,5 +380,7 @@ def test_bad_file_is_refused_at_start_up(case, data, reference, tmp_path):
         assert fragment in line, f"{fragment!r} not in: {line}"
     assert "step 1/" not in run.output and not (out / "metrics.jsonl").exists(), "it trained"
     assert not (tmp_path / "PWNED").exists(), "a pickle in the checkpoint ran code"
-    if (out / "checkpoints").exists():  # nothing published over the refused checkpoint
+    if (out / "checkpoints" / "latest").exists():  # nothing published over the refused checkpoint
         assert latest(out) == latest(reference["out"])
+    else:  # start-up made the checkpoint folder (proving it writable); nothing was saved into it
+        assert not list(out.glob("checkpoints/iter_*"))
