@@ -593,6 +593,11 @@ class Checkpointer:
             self.optimizer.reload_model_params()
         log.info("initialised weights from %s", ckpt)
 
+    def load_adapters(self, path: Path) -> None:
+        """The adapters of an adapter checkpoint (its base loaded first, with load_weights)."""
+        self._load_into_chunks(self._load(self._model_state("adapters"), path), "adapters")
+        log.info("loaded adapters from %s", path)
+
     def _check_before_load(self, path: Path, resuming: bool = False) -> None:
         """Model and tokenizer match (and adapters, when resuming), every file intact (unless
         checkpoint.verify_checksums is off), no pickle that could run code: or a CheckpointError

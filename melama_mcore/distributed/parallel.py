@@ -108,6 +108,12 @@ def wrap_for_training(cfg: JobConfig, chunks: list) -> list[DistributedDataParal
     return model
 
 
+def wrap_for_inference(cfg: JobConfig, chunks: list) -> list:
+    """Model chunks for forward-only use (evaluation): in bf16 wrapped in megatron's Float16Module,
+    as for training, so the numbers are the trainer's; no DDP, no gradient buffers."""
+    return [Float16Module(chunk.config, chunk) if chunk.config.bf16 else chunk for chunk in chunks]
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         parallel_state.destroy_model_parallel()
