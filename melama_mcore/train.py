@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import time
@@ -38,7 +39,7 @@ from melama_mcore.data.tokenizer import load_tokenizer
 from melama_mcore.distributed import parallel
 from melama_mcore.errors import UserError
 from melama_mcore.models.llama.config_registry import flops_per_token
-from melama_mcore.models.llama.lora import apply_lora
+from melama_mcore.models.llama.lora import adapter_shapes, apply_lora
 from melama_mcore.models.llama.model import build_model_chunks, output_vocab_size
 from melama_mcore.startup import configure, start
 
@@ -80,6 +81,8 @@ class Trainer:
         self.lora = cfg.peft.method == "lora"
         if self.lora:  # before DDP: only the adapters get gradient buffers and optimizer state
             apply_lora(self.chunks, cfg.peft, seed=t.seed)
+            shapes = adapter_shapes(self.arch, cfg.peft, output_vocab_size(cfg, self.arch)).values()
+            log.info("trainable parameters: %s (LoRA adapters)", f"{sum(math.prod(s) for s in shapes):,}")
         self.model = parallel.wrap_for_training(cfg, self.chunks)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
