@@ -70,7 +70,8 @@ def test_recipes_parse_and_pass_their_layout_checks():
     from melama_mcore.config.validate import Environment, resolve, validate
     from melama_mcore.models.llama.config_registry import resolve_arch
 
-    gpus = {"llama2_70b_me_llama": 160, "llama2_13b": 32, "llama2_7b": 8}
+    gpus = {"llama2_70b_me_llama": 160, "llama2_13b": 32, "llama2_7b": 8,
+            "llama2_13b_me_llama_chat": 8, "llama2_70b_me_llama_chat": 8}
     for name, world in gpus.items():
         cfg = load_config(f"examples/configs/{name}.yaml")
         env = Environment(world_size=world, cuda=True, transformer_engine=True, fp8_capable=True)
