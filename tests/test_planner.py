@@ -296,12 +296,18 @@ def test_json_lists_top_k(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compares predicted memory "
                     "with torch.cuda.max_memory_allocated of a real run")
 def test_predicted_peak_memory_matches_a_real_run_on_gpu(tmp_path):
+    """Full fine-tuning and LoRA (rank 16, dropout 0.05, the four linears: the recipe defaults)."""
     report = bench(tmp_path, ["--preset", "llama2-7b", "--layers", "2", "--seq", "2048", "--mbs", "1", "--gbs", "4",
-                              "--warmup", "1", "--steps", "1", "--backends", "native"], nproc=1)
-    r = report["results"][0]
-    rank = r["ranks"][0]
+                              "--warmup", "1", "--steps", "1", "--backends", "native", "--peft", "none", "lora"],
+                   nproc=1)
     arch = dataclasses.replace(PRESETS["llama2-7b"], num_layers=2)
     padded = padded_vocab_size(arch.vocab_size, 128, 1)
-    assert rank["params"] == planner.stage_parameter_count(arch, padded, 1, 1, None, 0)
-    # Static state is exact (above); activations and allocator overheads are a model: within 25%.
-    assert r["peak_memory_gib"] == pytest.approx(r["predicted_memory_gib"], rel=0.25)
+    layout = planner.Layout(1, 1, None, 1, 1, "none", True)
+    full, lora = report["results"]
+    for r, peft in ((full, None), (lora, PeftConfig(method="lora"))):
+        rank = r["ranks"][0]
+        predicted = planner.stage_memory(arch, layout, 2048, 4, "bf16", 0, peft)
+        assert (rank["params"], rank["trainable_params"]) == (predicted.params, predicted.trainable)
+        # Static state is exact (above); activations and allocator overheads are a model: within 25%.
+        assert r["peak_memory_gib"] == pytest.approx(r["predicted_memory_gib"], rel=0.25), r["backend"]
+    assert full["ranks"][0]["params"] == planner.stage_parameter_count(arch, padded, 1, 1, None, 0)
