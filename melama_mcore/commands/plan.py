@@ -60,9 +60,9 @@ Step time (a roofline; the constants below are assumptions, calibrate COMPUTE_EF
   param all-gather, over NVLink when the DP group sits in one node (megatron's rank order
   tp-cp-ep-dp-pp) else the per-GPU inter-node bandwidth, DP_COMM_OVERLAP of it hidden behind
   backward; the optimizer step itself is not modelled.
-* LoRA: frozen linears compute no weight gradient (training_flops), adapters cost 6 FLOPs per
-  parameter and token (replicated A / B are computed on every TP rank), and DP reduces the
-  adapters' gradients only. TFLOP/s and MFU then count the FLOPs a LoRA step executes, not 6N.
+* LoRA: frozen linears compute no weight gradient (training_flops_per_token), adapters cost 6
+  FLOPs per parameter and token (replicated A / B are computed on every TP rank), and DP reduces
+  the adapters' gradients only. TFLOP/s and MFU then count the FLOPs a LoRA step executes, not 6N.
 """
 
 from __future__ import annotations
