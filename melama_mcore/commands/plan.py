@@ -38,11 +38,11 @@ With LoRA (`--peft lora`, or a recipe with `peft.method: lora`; models/llama/lor
   weight-gradient-only inputs of the "none" count (qkv in h, fc1 in h, fc2 in f; and the output
   layer's input) drop out: sb/t (8h + 4 d_kv + 4f + 4a) remain. Each target's adapters add what
   lora.py's forward stores (lora_activation_bytes): their input for A's gradient -- a column-
-  parallel adapter sees the whole sequence (h per token on every TP rank: under SP it gathers the
-  sequence itself), a row-parallel one its input features / t (linear_proj's is the attention
-  output, already kept); with dropout > 0 every piece (q, k, v / gate, up / ...) stores its own
-  dropped copy and a 1-byte mask instead -- plus the rank-sized A(x) of each piece and the fused
-  B of linear_qkv / linear_fc1 per micro-batch. Not counted: the first layer storing less (its
+  parallel adapter runs A on this rank's positions under SP (sb/t x h), a row-parallel one on its
+  input features / t (linear_proj's is the attention output, already kept); with dropout > 0 every
+  piece (q, k, v / gate, up / ...) stores its own dropped copy and a 1-byte mask instead -- plus
+  the rank-sized A(x) of each piece (gathered over the sequence) and the fused B of linear_qkv /
+  linear_fc1 per micro-batch. Not counted: the first layer storing less (its
   input needs no gradient), small per-token fp32 norm statistics (as for full fine-tuning).
 
 Step time (a roofline; the constants below are assumptions, calibrate COMPUTE_EFFICIENCY with
@@ -212,7 +212,9 @@ def lora_activation_bytes(arch: LlamaArch, padded_vocab: int, tokens: int, tp: i
     rank (lora.py's forward; see the module docstring)."""
     shapes = [lora.piece_shapes(arch, padded_vocab)[piece] for piece in lora.PIECES[target]]
     pieces, inp = len(shapes), shapes[0][1]
-    width = inp if target in lora.COLUMN_PARALLEL else inp / tp  # input features per token on this rank
+    # per token of the micro-batch, on this rank: a column-parallel adapter runs A on this rank's
+    # positions under SP (1/t of the tokens, all features), a row-parallel one on its features / t
+    width = inp / tp
     if peft.dropout:
         stored = pieces * tokens * width * (ACTIVATION_BYTES + 1)  # each piece's dropped input + bool mask
     elif target == "linear_proj":
