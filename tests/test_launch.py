@@ -1,0 +1,116 @@
+"""Launchers as users run them: ranks die with their torchrun agent (issue 14, item 6), and
+examples/pretrain_70b.sh runs as two nodes on one machine (issue 11)."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trunk_fixtures import TINY, data_overrides, free_port, losses, step_records, train_command
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra: str) -> dict:
+    # The launcher scripts call `torchrun`: the one of this interpreter, as in an activated environment.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PATH=path, **extra)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state first), or None once the process is
+    gone. A zombie counts as gone: it holds no memory, and an orphan's reaper may never collect it."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] in "ZX" else fields
+
+
+def _alive(pid: int) -> bool:
+    return _stat(pid) is not None
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None and int(fields[1]) == pid:
+            kids.append(int(entry.name))
+    return kids
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], _children(pid)
+    while todo:
+        out.append(todo.pop())
+        todo.extend(_children(out[-1]))
+    return out
+
+
+def _rank_of(pid: int) -> int:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in env if v.startswith(b"RANK=")).split(b"=", 1)[1])
+
+
+def _wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | None = None) -> float:
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, f"{what}: not within {timeout:.0f} s"
+        assert proc is None or proc.poll() is None, f"{what}: the job ended first (exit {proc.returncode})"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def _kill_all(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_ranks_exit_when_torchrun_is_killed(tiny_data, tmp_path):
+    """kill -9 of torchrun's whole process group (the ranks are in sessions of their own, so it does
+    not reach them) while rank 1 is stopped and rank 0 therefore blocked inside a collective: rank 0
+    exits within seconds, and so does rank 1 once it runs again; nothing of the job is left."""
+    out, log_path = tmp_path / "out", tmp_path / "job.log"
+    # Long enough that, left alone, the ranks would train (or wait on each other) for many minutes.
+    args = [f"output_dir={out}", *TINY, *data_overrides(tiny_data), "training.train_iters=100000"]
+    job, ranks = [], {}
+    with open(log_path, "w") as log:
+        agent = subprocess.Popen(train_command(2, args), stdout=log, stderr=subprocess.STDOUT, env=_env(),
+                                 start_new_session=True)
+        try:
+            _wait_until(lambda: (out / "metrics.jsonl").exists() and step_records(out), 240,
+                        "the job never logged a step", agent)
+            job = _descendants(agent.pid)
+            ranks = {_rank_of(pid): pid for pid in _children(agent.pid)}
+            assert sorted(ranks) == [0, 1], f"torchrun's children: {ranks}"
+            assert all(os.getpgid(pid) != agent.pid for pid in ranks.values()), \
+                "the ranks share torchrun's process group: killing it would prove nothing"
+            os.kill(ranks[1], signal.SIGSTOP)
+            time.sleep(2.0)  # rank 0 finishes what it can alone and waits in a collective for rank 1
+
+            os.killpg(agent.pid, signal.SIGKILL)  # torchrun's agent and its whole process group
+            agent.wait()
+            took = _wait_until(lambda: not _alive(ranks[0]), 15, "rank 0, blocked in a collective, outlived torchrun")
+            assert _alive(ranks[1]), "rank 1 should still be stopped (else the next check proves nothing)"
+            os.kill(ranks[1], signal.SIGCONT)
+            _wait_until(lambda: not _alive(ranks[1]), 15, "rank 1 outlived torchrun")
+            # The ranks' own children (megatron's checkpoint-writer helper) follow their rank.
+            _wait_until(lambda: not any(map(_alive, job)), 10, "a process of the job outlived its rank")
+        finally:
+            _kill_all([*job, *ranks.values()])
+    output = log_path.read_text()
+    assert f"rank 0: exiting, its launcher (torchrun, pid {agent.pid}) is gone" in output, output[-3000:]
+    assert took < 15
