@@ -114,3 +114,32 @@ def test_ranks_exit_when_torchrun_is_killed(tiny_data, tmp_path):
     output = log_path.read_text()
     assert f"rank 0: exiting, its launcher (torchrun, pid {agent.pid}) is gone" in output, output[-3000:]
     assert took < 15
+
+
+def test_pretrain_70b_script_runs_as_two_nodes_on_one_machine(tiny_data, tmp_path):
+    """The multi-node launcher users run, once per "node", both on this machine: 2 nodes x 1 process,
+    the tiny CPU recipe (TP 2, so the two nodes hold one model between them), a few steps."""
+    out = tmp_path / "out"
+    overrides = [f"output_dir={out}", "training.train_iters=3", "training.seq_length=32", "logging.log_interval=1",
+                 "logging.tensorboard=false", *data_overrides(tiny_data)]
+    env = _env(NNODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               CONFIG="examples/configs/tiny_cpu.yaml")
+    env.pop("WORLD_SIZE", None)
+    nodes, logs = [], [tmp_path / f"node{rank}.log" for rank in range(2)]
+    try:
+        for rank, log in enumerate(logs):
+            with open(log, "w") as f:  # from another directory: the script finds the repository itself
+                nodes.append(subprocess.Popen(["bash", str(REPO / "examples" / "pretrain_70b.sh"), *overrides],
+                                              cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT,
+                                              env=dict(env, NODE_RANK=str(rank)), start_new_session=True))
+        codes = [node.wait(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            try:
+                os.killpg(node.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert codes == [0, 0], "\n".join(f"node {r}:\n{log.read_text()[-3000:]}" for r, log in enumerate(logs))
+    steps = losses(out)
+    assert sorted(steps) == [1, 2, 3] and all(map(math.isfinite, steps.values())), steps
+    assert "world 2 = TP 2 x PP 1 x DP 1" in logs[0].read_text()
