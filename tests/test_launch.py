@@ -56,9 +56,10 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _rank_of(pid: int) -> int:
+def _rank_of(pid: int) -> int | None:
+    """RANK from a process's environment (None: not a rank)."""
     env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return int(next(v for v in env if v.startswith(b"RANK=")).split(b"=", 1)[1])
+    return next((int(v.split(b"=", 1)[1]) for v in env if v.startswith(b"RANK=")), None)
 
 
 def _wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | None = None) -> float:
@@ -94,7 +95,7 @@ def test_ranks_exit_when_torchrun_is_killed(tiny_data, tmp_path):
             _wait_until(lambda: (out / "metrics.jsonl").exists() and step_records(out), 240,
                         "the job never logged a step", agent)
             job = _descendants(agent.pid)
-            ranks = {_rank_of(pid): pid for pid in _children(agent.pid)}
+            ranks = {rank: pid for pid in _children(agent.pid) if (rank := _rank_of(pid)) is not None}
             assert sorted(ranks) == [0, 1], f"torchrun's children: {ranks}"
             assert all(os.getpgid(pid) != agent.pid for pid in ranks.values()), \
                 "the ranks share torchrun's process group: killing it would prove nothing"
@@ -103,7 +104,7 @@ def test_ranks_exit_when_torchrun_is_killed(tiny_data, tmp_path):
 
             os.killpg(agent.pid, signal.SIGKILL)  # torchrun's agent and its whole process group
             agent.wait()
-            took = _wait_until(lambda: not _alive(ranks[0]), 15, "rank 0, blocked in a collective, outlived torchrun")
+            _wait_until(lambda: not _alive(ranks[0]), 15, "rank 0, blocked in a collective, outlived torchrun")
             assert _alive(ranks[1]), "rank 1 should still be stopped (else the next check proves nothing)"
             os.kill(ranks[1], signal.SIGCONT)
             _wait_until(lambda: not _alive(ranks[1]), 15, "rank 1 outlived torchrun")
@@ -113,7 +114,19 @@ def test_ranks_exit_when_torchrun_is_killed(tiny_data, tmp_path):
             _kill_all([*job, *ranks.values()])
     output = log_path.read_text()
     assert f"rank 0: exiting, its launcher (torchrun, pid {agent.pid}) is gone" in output, output[-3000:]
-    assert took < 15
+
+
+def test_a_rank_orphaned_before_its_watch_starts_exits_at_once():
+    """The agent can die between start-up (where its pid is read) and the process groups (where the
+    watch starts): the watch then sees another parent at its first look."""
+    script = ("import os, time\n"
+              "from melama_mcore.distributed.watchdog import exit_with_parent\n"
+              "exit_with_parent(os.getppid() + 100000, 'rank 0: exiting, its launcher is gone', exit_code=7)\n"
+              "time.sleep(60)\n")
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(), timeout=60)
+    assert (run.returncode, run.stderr.strip()) == (7, "rank 0: exiting, its launcher is gone")
+    assert time.monotonic() - started < 30  # the interpreter's start-up, not the 60 s sleep
 
 
 def test_pretrain_70b_script_runs_as_two_nodes_on_one_machine(tiny_data, tmp_path):
