@@ -40,6 +40,17 @@ def _alive(pid: int) -> bool:
     return _stat(pid) is not None
 
 
+def _idle(pid: int, seconds: float = 1.0) -> bool:
+    """Used (almost) no CPU time over `seconds` (utime + stime, in clock ticks)."""
+    def ticks() -> int:
+        fields = _stat(pid)
+        return int(fields[11]) + int(fields[12])
+
+    before = ticks()
+    time.sleep(seconds)
+    return ticks() - before <= 2
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for entry in Path("/proc").iterdir():
@@ -100,7 +111,8 @@ def test_ranks_exit_when_torchrun_is_killed(tiny_data, tmp_path):
             assert all(os.getpgid(pid) != agent.pid for pid in ranks.values()), \
                 "the ranks share torchrun's process group: killing it would prove nothing"
             os.kill(ranks[1], signal.SIGSTOP)
-            time.sleep(2.0)  # rank 0 finishes what it can alone and waits in a collective for rank 1
+            # Rank 0 finishes what it can alone, then waits in a collective for rank 1: its CPU time stops.
+            _wait_until(lambda: _idle(ranks[0]), 60, "rank 0 never blocked without rank 1")
 
             os.killpg(agent.pid, signal.SIGKILL)  # torchrun's agent and its whole process group
             agent.wait()
