@@ -255,6 +255,16 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(data, tmp_path):
     assert all(torch.isfinite(t).all() for t in p[5].values())
 
 
+def test_a_save_before_any_applied_step_works(data, tmp_path):
+    """Step 1 skipped as non-finite, then a save: the distributed optimizer has applied no step yet
+    (megatron reads its step count out of the Adam state), and the run goes on from the checkpoint."""
+    out = tmp_path / "out"
+    run = launch(out, job(data, "training.train_iters=2", "checkpoint.save_interval=1"),
+                 faults={"nan_loss_steps": [1]})
+    assert run.rc == 0 and "Traceback" not in run.output, run.output[-3000:]
+    assert latest(out) == 2 and [r["skipped"] for r in step_records(out)] == [True, False]
+
+
 # -- 6. disk full / unwritable output -----------------------------------------------------------------
 def test_save_failure_stops_by_default_and_keeps_the_previous_checkpoint(data, tmp_path):
     out = tmp_path / "out"

@@ -354,10 +354,10 @@ def worker(root: Path, peft_dir: Path, name: str) -> None:
 
     from melama_mcore.components.optimizer import build_optimizer
     from melama_mcore.config.job_config import JobConfig
-    from melama_mcore.config.validate import detect_environment, resolve
     from melama_mcore.distributed import parallel
     from melama_mcore.models.llama import state_dict_adapter as sda
     from melama_mcore.models.llama.lora import adapter_sharded_state_dict, apply_lora, base_sharded_state_dict
+    from melama_mcore.startup import start
     from melama_mcore.models.llama.model import build_model_chunks, output_vocab_size
     from melama_mcore.models.llama.peft_adapter import from_peft
 
@@ -372,8 +372,7 @@ def worker(root: Path, peft_dir: Path, name: str) -> None:
     cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.sequence_parallel = tp, pp, sp
     cfg.training.device, cfg.training.precision, cfg.training.seq_length = "cpu", "fp32", 12
     cfg.optimizer.lr = 1e-2
-    resolve(cfg, detect_environment(parallel.world_size_from_env()))
-    parallel.initialize(cfg)
+    start(cfg)
     rank = dist.get_rank()
     padded = output_vocab_size(cfg, a)
     reference_adapters = from_peft(load_file(peft_dir / "adapter_model.safetensors"), a, peft, padded)

@@ -35,7 +35,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
-from melama_mcore.components.optimizer import load_optimizer_state, prepare_optimizer_for_load
+from melama_mcore.components.optimizer import ensure_optimizer_state, load_optimizer_state
 from melama_mcore.config.job_config import JobConfig, dump_config
 from melama_mcore.errors import CheckpointError, UserError
 from melama_mcore.models.llama import lora
@@ -432,8 +432,7 @@ class Checkpointer:
                     optimizer_metadata: dict | None = None) -> dict:
         model_state = self._model_state()
         state = dict(model_state)
-        if loading:
-            prepare_optimizer_for_load(self.optimizer)
+        ensure_optimizer_state(self.optimizer)
         state["optimizer"] = self.optimizer.sharded_state_dict(
             model_state, is_loading=loading, metadata=optimizer_metadata or self._optimizer_metadata()
         )

@@ -169,6 +169,13 @@ class JobConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def warmup_iters(self) -> int:
+        """Learning-rate warm-up steps: optimizer.lr_warmup_iters, else warmup_fraction of the run."""
+        o = self.optimizer
+        if o.lr_warmup_iters is not None:
+            return o.lr_warmup_iters
+        return int(round(o.warmup_fraction * self.training.train_iters))
+
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Check a YAML value against a field's type; ints are accepted where floats are expected."""

@@ -168,10 +168,9 @@ def validate(cfg: JobConfig, arch: LlamaArch, env: Environment, problems: list[s
         need(t.stop_after_step is None or 1 <= t.stop_after_step <= t.train_iters,
              f"training.stop_after_step={t.stop_after_step} is never reached: use a step from 1 to "
              f"training.train_iters ({t.train_iters}), or null")
-        from melama_mcore.components.optimizer import warmup_iters  # the schedule's own count
 
-        need(warmup_iters(cfg) < t.train_iters,  # megatron's scheduler asserts it
-             f"the learning-rate warm-up ({warmup_iters(cfg)} steps) must end before training.train_iters "
+        need(cfg.warmup_iters() < t.train_iters,  # megatron's scheduler asserts it
+             f"the learning-rate warm-up ({cfg.warmup_iters()} steps) must end before training.train_iters "
              f"({t.train_iters}): lower optimizer.lr_warmup_iters or optimizer.warmup_fraction")
     need(0 <= t.seed < 2 ** 32, f"training.seed must be in [0, 2**32), got {t.seed}")
     need(t.max_consecutive_skips >= 1,

@@ -43,6 +43,7 @@ def evaluation_config(ckpt: Path, args):
     cfg.data.cache_dir = str(args.out / "data_cache")
     cfg.training.device = "auto"
     cfg.training.train_iters = 1  # the validation samples do not depend on it; fewer training indices to build
+    cfg.optimizer.lr_warmup_iters = 0  # no training here: nothing to warm up
     cfg.training.stop_after_step = None
     cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel = args.tp, args.pp
     cfg.parallel.virtual_pipeline = args.vp
