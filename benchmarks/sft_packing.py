@@ -12,8 +12,10 @@
 
     python benchmarks/sft_packing.py --samples 4000 --seq-length 1024
 
-Tokens/s of training packed vs unpacked needs the trainer (the lead's benchmark); the padding share
-here bounds it: one sample per sequence spends (1 - real share) of every step on padding.
+Tokens/s of training packed vs unpacked, on samples drawn from the same modelled mix
+(`me_llama_sample`), is measured through the trainer's step by
+`benchmarks/throughput.py --data packed unpacked`; the padding share here bounds it: one sample per
+sequence spends (1 - real share) of every step on padding.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ ME_LLAMA_MIX = {
     "UMLS relation extraction": (10_000, 100, 0.4),
     "MIMIC-III/IV QA, summaries, classification": (30_000, 2_000, 0.6),
 }
+REFERENCE_LENGTH = 4_096  # the sequence length the medians above are meant for
 
 
 def pack(positions_per_source: dict[str, np.ndarray], capacity: int) -> dict:
@@ -109,11 +112,28 @@ def _assembly_rate(work: Path, sources: dict, model, seq_length: int) -> float:
     return len(dataset) / (time.perf_counter() - start)
 
 
-def modelled(seq_length: int, seed: int) -> dict:
+def me_llama_positions(counts: dict[str, int], seq_length: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Training positions (tokens - 1) of `counts[name]` samples of each ME_LLAMA_MIX source: log-normal
+    around the ASSUMED median, scaled by seq_length / REFERENCE_LENGTH (so that at a shorter benchmark
+    length the lengths keep their share of the context), clipped to [max(2, 8 x scale), seq_length]."""
+    scale = seq_length / REFERENCE_LENGTH
+    low = max(2, round(8 * scale))
+    return {name: np.clip(rng.lognormal(np.log(median * scale), sigma, counts[name]).astype(np.int64), low, seq_length)
+            for name, (_, median, sigma) in ME_LLAMA_MIX.items() if counts.get(name)}
+
+
+def me_llama_sample(samples: int, seq_length: int, seed: int) -> np.ndarray:
+    """Positions of `samples` samples drawn from the mix in proportion to the published source sizes,
+    shuffled (what benchmarks/throughput.py --data packed|unpacked trains on)."""
     rng = np.random.default_rng(seed)
-    positions = {name: np.clip(rng.lognormal(np.log(median), sigma, count).astype(np.int64), 8, seq_length)
-                 for name, (count, median, sigma) in ME_LLAMA_MIX.items()}
-    return pack(positions, seq_length)
+    sizes = np.array([count for count, _, _ in ME_LLAMA_MIX.values()], dtype=np.float64)
+    counts = dict(zip(ME_LLAMA_MIX, rng.multinomial(samples, sizes / sizes.sum()).tolist()))
+    return rng.permutation(np.concatenate(list(me_llama_positions(counts, seq_length, rng).values())))
+
+
+def modelled(seq_length: int, seed: int) -> dict:
+    counts = {name: count for name, (count, _, _) in ME_LLAMA_MIX.items()}
+    return pack(me_llama_positions(counts, seq_length, np.random.default_rng(seed)), seq_length)
 
 
 def _print(label: str, r: dict, seq_length: int) -> None:

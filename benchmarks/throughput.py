@@ -10,6 +10,9 @@
     # CPU (tiny shapes; what the tests run), fp32, or the production path (bf16, distributed optimizer):
     python benchmarks/throughput.py --preset nano --seq 64 --mbs 2 --gbs 4 --warmup 1 --steps 2 --vocab-size 256
     python benchmarks/throughput.py --preset nano --seq 64 --precision bf16 --distributed-optimizer ...
+    # instruction tuning: LoRA vs full fine-tuning, packed instruction rows vs one sample per row:
+    python benchmarks/throughput.py --preset llama2-13b --layers 4 --backends native --peft none lora \
+        --data packed unpacked --json sft_13b.json
 
 Each backend: the model is built with the trunk's `build_model_chunks` (a JobConfig whose
 `model.num_layers` is --layers), started, wrapped and optimised exactly as `melama train` does it
@@ -27,6 +30,23 @@ MFU = TFLOP/s/GPU / dense peak (components/metrics.py). Peak memory is
 `torch.cuda.max_memory_allocated` (None on CPU), shown beside the planner's prediction for the same
 layout (melama_mcore/commands/plan.py; it assumes a flash-style attention, so `local`, which stores
 s x s scores, exceeds it).
+
+Instruction tuning (issue 12); each option takes several values, every combination is a row:
+* `--peft lora` applies LoRA to the chunks before the DDP wrap, as `melama train` does
+  (models/llama/lora.py; rank --lora-rank, targets --lora-targets, dropout --lora-dropout, alpha the
+  recipe default): the base is frozen, so main grads and optimizer state are the adapters' only,
+  and TFLOP/s count the FLOPs a LoRA step executes (the planner's `training_flops_per_token`: no
+  weight gradients for frozen linears), not 6N.
+* `--data packed|unpacked` trains on instruction samples drawn from the Me-LLaMA mix of
+  benchmarks/sft_packing.py (source sizes published, lengths ASSUMED, scaled to --seq; loss on the
+  last ANSWER_SHARE of each sample). packed: the training datasets' packing plan (data/sft/packing.py
+  `build_plan`: shuffled, first-fit-decreasing) assembled into rows by PackedSFTDataset's own code
+  (cu_seqlens, positions restarting per sample), trained with forward_step(packed=True) (attention
+  confined to each sample). unpacked: one sample per row, padded, trained as plain causal sequences
+  (forward_step(packed=False): no sample boundaries needed, the fastest attention a trainer without
+  packing has). Same model, layout and sample distribution; `tokens_per_s` counts real (non-padding)
+  tokens, padding_waste = 1 - real tokens / positions; TFLOP/s and MFU count every position, since
+  padding is computed too. `--data random` (default): random tokens, every position real.
 """
 
 from __future__ import annotations
@@ -35,11 +55,14 @@ import argparse
 import gc
 import itertools
 import json
+import math
 import os
 import platform
 import sys
 import time
+from functools import partial
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -48,15 +71,21 @@ from melama_mcore import step
 from melama_mcore.commands import plan as planner
 from melama_mcore.components.metrics import peak_tflops
 from melama_mcore.components.optimizer import build_optimizer
-from melama_mcore.config.job_config import JobConfig, load_config
+from melama_mcore.config.job_config import JobConfig, PeftConfig, load_config
+from melama_mcore.data.sft.dataset import PackedSFTDataset
+from melama_mcore.data.sft.packing import PackingPlan, build_plan
 from melama_mcore.distributed import parallel
 from melama_mcore.distributed.launch import launch_env
 from melama_mcore.errors import UserError
-from melama_mcore.models.llama.config_registry import PRESETS, flops_per_token
+from melama_mcore.models.llama import lora
+from melama_mcore.models.llama.config_registry import PRESETS
 from melama_mcore.models.llama.model import build_model_chunks, output_vocab_size
 from melama_mcore.startup import start
+from sft_packing import me_llama_sample  # benchmarks/: the running script's folder, on sys.path
 
 SLICE_LAYERS = 2  # 70B width: ~14 GB of weights + grads + Adam state per layer in bf16
+SFT_POOL = 4096  # Me-LLaMA-like samples drawn for --data packed|unpacked (packed in as many epochs as needed)
+ANSWER_SHARE = 0.3  # ASSUMED trained share of each sample's tokens; the loss mask does not change a step's work
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cross-entropy", nargs="+", choices=["megatron", "melama"], default=["megatron"],
                    help="loss kernels to time with each backend (model.cross_entropy); melama rows are "
                         "labelled <backend>+melama-xent")
+    p.add_argument("--peft", nargs="+", choices=lora.METHODS, default=["none"],
+                   help="full fine-tuning (none) and/or LoRA adapters on a frozen base (lora), each a row "
+                        "labelled <backend>+lora")
+    p.add_argument("--lora-rank", type=int, default=PeftConfig.rank, help=f"LoRA rank (default {PeftConfig.rank})")
+    p.add_argument("--lora-dropout", type=float, default=PeftConfig.dropout,
+                   help=f"LoRA dropout (default {PeftConfig.dropout}, the recipe default)")
+    p.add_argument("--lora-targets", nargs="+", choices=list(lora.TARGETS), default=PeftConfig().target_modules,
+                   help="modules given adapters (default: the four linears of every layer)")
+    p.add_argument("--data", nargs="+", choices=["random", "packed", "unpacked"], default=["random"],
+                   help="random tokens, or Me-LLaMA-like instruction samples packed several per row or one per "
+                        "row (rows labelled <backend>+packed / +unpacked)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="training.precision (default auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=None,
@@ -120,22 +160,25 @@ def available_backends(device: str, transformer_engine: bool) -> list[str]:
 
 def state_bytes(chunks, optimizer) -> dict:
     """Bytes this rank holds in weights, main grads and optimizer state (master copies + Adam
-    moments; torch's scalar step counters are left out), summed from the real tensors."""
+    moments; torch's scalar step counters are left out), summed from the real tensors. An optimizer
+    parameter that shares storage with the model's (fp32 weights: the distributed optimizer's shards
+    are views of megatron's parameter buffer) is no master copy and costs nothing."""
     def nbytes(t):
         return t.numel() * t.element_size()
 
     params = [p for chunk in chunks for p in chunk.parameters()]
-    model_ids = {id(p) for p in params}
+    model_storages = {p.untyped_storage().data_ptr() for p in params}
     inners = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
     masters = moments = 0
     for inner in inners:
         for group in inner.param_groups:
             for p in group["params"]:
-                masters += 0 if id(p) in model_ids else nbytes(p)
+                masters += 0 if p.untyped_storage().data_ptr() in model_storages else nbytes(p)
                 moments += sum(nbytes(s) for s in inner.state.get(p, {}).values()
                                if torch.is_tensor(s) and s.numel() == p.numel())
     return {
         "params": sum(p.numel() for p in params),
+        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
         "param_bytes": sum(map(nbytes, params)),
         "main_grad_bytes": sum(nbytes(p.main_grad) for p in params if getattr(p, "main_grad", None) is not None),
         "optimizer_state_bytes": masters + moments,
@@ -155,72 +198,155 @@ def random_batch(cfg: JobConfig, vocab_size: int, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def measure(cfg: JobConfig, arch, backend: str, device: torch.device, warmup: int, steps: int, label: str) -> dict:
-    """One backend: build, warm up, time the trainer's own step (step.py). Returns this rank's measurements."""
+class _PlanRows:
+    """Rows of a packing plan over in-memory samples, assembled by PackedSFTDataset's own
+    `__getitem__` (the attributes it reads: plan, dataset.sample, seq_length, pad_id), so that the
+    benchmark trains on exactly the trainer's row format."""
+
+    __getitem__ = PackedSFTDataset.__getitem__
+
+    def __init__(self, samples: list[tuple[np.ndarray, np.ndarray]], plan: PackingPlan, seq_length: int):
+        self.dataset, self.plan, self.seq_length, self.pad_id = self, plan, seq_length, 0
+        self._samples = samples
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._samples[i]
+
+
+def instruction_batches(cfg: JobConfig, vocab_size: int, packed: bool, count: int, device: torch.device):
+    """`count` global batches of Me-LLaMA-like instruction samples (module docstring): this rank's
+    micro-batches of each, and every global batch's real tokens and samples (the same on all ranks)."""
+    t = cfg.training
+    seq, gbs, rows = t.seq_length, t.global_batch_size, count * t.global_batch_size
+    positions = me_llama_sample(SFT_POOL, seq, seed=t.seed)
+    rng = np.random.default_rng(t.seed)
+    samples = []
+    for n in positions.tolist():  # n + 1 tokens train n positions
+        mask = np.zeros(n + 1, np.uint8)
+        mask[-max(1, round(ANSWER_SHARE * (n + 1))):] = 1
+        samples.append((rng.integers(0, vocab_size, n + 1), mask))
+    ids = np.arange(len(samples))
+    if packed:
+        plan = build_plan(ids, positions, seq, t.seed, rows)
+    else:
+        order = np.random.RandomState(t.seed).permutation(len(ids))
+        plan = PackingPlan(np.arange(rows + 1), np.resize(order, rows), epochs=-(-rows // len(ids)))
+    source = _PlanRows(samples, plan, seq)
+    share = gbs // parallel_state.get_data_parallel_world_size()
+    first_mine = parallel_state.get_data_parallel_rank() * share
+    batches, real, counts = [], [], []
+    for b in range(count):
+        members = [plan.sequence(i) for i in range(b * gbs, (b + 1) * gbs)]
+        real.append(int(sum(positions[m].sum() for m in members)))
+        counts.append(sum(len(m) for m in members))
+        mine = [source[b * gbs + first_mine + i] for i in range(share)]
+        batches.append([{k: torch.stack([row[k] for row in mine[j:j + t.micro_batch_size]]).to(device)
+                         for k in mine[0]} for j in range(0, share, t.micro_batch_size)])
+    return batches, real, counts
+
+
+def measure(cfg: JobConfig, arch, backend: str, device: torch.device, warmup: int, steps: int, label: str,
+            peft: PeftConfig, data: str) -> dict:
+    """One row: build, warm up, time the trainer's own step (step.py). Returns this rank's measurements."""
     gpu = device.type == "cuda"
     if gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    t = cfg.training
     chunks = build_model_chunks(cfg, arch, backend)
+    if peft.method == "lora":  # before the DDP wrap, as the trainer: grads and optimizer state for adapters only
+        lora.apply_lora(chunks, peft, seed=t.seed)
     model = parallel.wrap_for_training(cfg, chunks)
     optimizer = build_optimizer(cfg, model)
     schedule = step.Schedule(cfg, model, device)
-    iterators = [itertools.repeat(random_batch(cfg, arch.vocab_size, device)) for _ in model]
+    if data == "random":
+        batch = random_batch(cfg, arch.vocab_size, device)
+        feed = lambda i: [itertools.repeat(batch) for _ in model]  # noqa: E731
+        real, samples, step_fn = [t.global_batch_size * t.seq_length] * (warmup + steps), None, step.forward_step
+    else:
+        packed = data == "packed"
+        batches, real, samples = instruction_batches(cfg, arch.vocab_size, packed, warmup + steps, device)
+        feed = lambda i: [iter(batches[i]) for _ in model]  # noqa: E731
+        step_fn = partial(step.forward_step, packed=packed, loss_normalization=t.loss_normalization)
 
-    def train_step():
+    def train_step(i: int):
         step.zero_grads(model, optimizer)
-        loss = step.data_parallel_mean(schedule.run(iterators))
-        return step.optimizer_step(optimizer, cfg.optimizer.clip_grad, loss, device)
+        totals = schedule.run(feed(i), step_fn)
+        loss = step.data_parallel_mean(totals)
+        return step.optimizer_step(optimizer, cfg.optimizer.clip_grad, loss, device), totals
 
-    for _ in range(warmup):
-        train_step()
+    for i in range(warmup):
+        train_step(i)
+    timed = torch.zeros(step.TOTALS, device=device)
     began = step.synchronized_time(device)
-    for _ in range(steps):
-        updated, grad_norm = train_step()
+    for i in range(warmup, warmup + steps):
+        (updated, grad_norm), totals = train_step(i)
+        timed += totals
     elapsed = step.synchronized_time(device) - began
+    timed = step.data_parallel_totals(timed)  # [loss sum, weight, real tokens, positions] (last stage)
     result = {
         "backend": label,
         "rank": dist.get_rank(),
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
         "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
         "step_time_s": elapsed / steps,
+        "real_tokens_per_step": sum(real[warmup:]) / steps,
+        "samples_per_step": sum(samples[warmup:]) / steps if samples else None,
+        # the same count as the trainer's loss reduction sees it (packed rows carry real_tokens)
+        "step_real_tokens_per_step": timed[2].item() / steps
+        if data == "packed" and parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None,
         "last_step_ok": bool(updated),
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if gpu else None,
         **state_bytes(chunks, optimizer),
     }
-    del model, chunks, optimizer, iterators, schedule
+    del model, chunks, optimizer, schedule, feed
     gc.collect()
     return result
 
 
-def model_flops_per_token(cfg: JobConfig, arch) -> float:
-    """The trunk's FLOPs per token of the model as built: output layer over the padded vocabulary."""
-    vocab = output_vocab_size(cfg, arch)
-    return flops_per_token(arch, cfg.training.seq_length, vocab)
+def trainable_parameters(arch, padded_vocab: int, peft: PeftConfig) -> int:
+    """Trained parameters of the model as built, all ranks together (replicas counted once)."""
+    if peft.method == "lora":
+        return sum(math.prod(shape) for shape in lora.adapter_shapes(arch, peft, padded_vocab).values())
+    return planner.stage_parameter_count(arch, padded_vocab, 1, 1, None, 0)
 
 
-def summarise(cfg: JobConfig, arch, backend: str, ranks: list[dict], world: int) -> dict:
+def summarise(cfg: JobConfig, arch, backend: str, ranks: list[dict], world: int, peft: PeftConfig,
+              data: str) -> dict:
     errors = sorted({r["error"] for r in ranks if "error" in r})
     if errors:
-        return {"backend": backend, "error": "; ".join(errors)}
+        return {"backend": backend, "peft": peft.method, "data": data, "error": "; ".join(errors)}
     t = cfg.training
     step_time = max(r["step_time_s"] for r in ranks)  # the step ends when the slowest rank ends
-    tokens_per_s = t.global_batch_size * t.seq_length / step_time
-    fpt = model_flops_per_token(cfg, arch)
-    tflops = tokens_per_s * fpt / world / 1e12
+    positions = t.global_batch_size * t.seq_length
+    real = ranks[0]["real_tokens_per_step"]
+    vocab = output_vocab_size(cfg, arch)
+    fpt = planner.training_flops_per_token(arch, t.seq_length, vocab, peft)
+    tflops = positions / step_time * fpt / world / 1e12
     peak = peak_tflops(t.precision, False, None)
     measured = [r["peak_memory_bytes"] for r in ranks if r["peak_memory_bytes"] is not None]
     layout = planner.Layout(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                             cfg.parallel.virtual_pipeline, world // (cfg.parallel.tensor_parallel *
                                                                      cfg.parallel.pipeline_parallel),
                             t.micro_batch_size, t.recompute, bool(cfg.parallel.use_distributed_optimizer))
-    predicted = planner.peak_memory(arch, layout, t.seq_length, t.global_batch_size, t.precision)
+    predicted = planner.peak_memory(arch, layout, t.seq_length, t.global_batch_size, t.precision, peft)
+    counted = [r["step_real_tokens_per_step"] for r in ranks if r["step_real_tokens_per_step"] is not None]
     return {
         "backend": backend,
+        "peft": peft.method,
+        "lora_rank": peft.rank if peft.method == "lora" else None,
+        "data": data,
         "step_time_s": step_time,
-        "tokens_per_s": tokens_per_s,
-        "tokens_per_s_per_gpu": tokens_per_s / world,
+        "tokens_per_s": real / step_time,
+        "tokens_per_s_per_gpu": real / step_time / world,
+        "positions_per_s": positions / step_time,
+        "real_tokens_per_step": real,
+        "positions_per_step": positions,
+        "samples_per_step": ranks[0]["samples_per_step"],
+        "padding_waste": 1 - real / positions,
+        "step_real_tokens_per_step": counted[0] if counted else None,
+        "trainable_params": trainable_parameters(arch, vocab, peft),
         "flops_per_token": fpt,
         "tflops_per_gpu": tflops,
         "mfu": tflops / peak if peak else None,
@@ -241,22 +367,31 @@ def print_table(report: dict) -> None:
     print(f"{report['gpus']} x {report['machine']['device']}; FLOPs/token {report['flops_per_token']:.4g} "
           f"(Megatron convention, causal attention halved) for the {m['layers_built']} layers built + output layer; "
           f"peak {report['peak_tflops'] or 'n/a'} TFLOP/s")
-    print(f"{'backend':<20}{'step s':>10}{'tokens/s/GPU':>14}{'TFLOP/s/GPU':>13}{'MFU':>8}"
-          f"{'peak GiB':>10}{'predicted GiB':>15}")
+    print("tokens/s/GPU: real (non-padding) tokens; TFLOP/s: every position, with LoRA the FLOPs it executes; "
+          "state MiB: this rank's weights + main grads + optimizer state (rank 0)")
+    print(f"{'row':<30}{'step s':>9}{'tokens/s/GPU':>14}{'padding':>9}{'TFLOP/s/GPU':>13}{'MFU':>7}"
+          f"{'trainable':>12}{'state MiB':>11}{'peak GiB':>10}{'predicted GiB':>15}")
     for r in report["results"]:
         if "error" in r:
-            print(f"{r['backend']:<20}failed: {r['error']}")
+            print(f"{r['backend']:<30}failed: {r['error']}")
             continue
         mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
-        print(f"{r['backend']:<20}{r['step_time_s']:>10.4f}{r['tokens_per_s_per_gpu']:>14.1f}"
-              f"{r['tflops_per_gpu']:>13.4g}{mfu:>8}{mem:>10}{r['predicted_memory_gib']:>15.3g}")
+        rank0 = r["ranks"][0]
+        state = (rank0["param_bytes"] + rank0["main_grad_bytes"] + rank0["optimizer_state_bytes"]) / 2**20
+        print(f"{r['backend']:<30}{r['step_time_s']:>9.4f}{r['tokens_per_s_per_gpu']:>14.1f}"
+              f"{r['padding_waste'] * 100:>8.1f}%{r['tflops_per_gpu']:>13.4g}{mfu:>7}{r['trainable_params']:>12,}"
+              f"{state:>11.2f}{mem:>10}{r['predicted_memory_gib']:>15.3g}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or (args.layers is not None and args.layers < 1):
         raise UserError("--steps and --layers must be >= 1 and --warmup >= 0")
+    pefts = [PeftConfig(method=method, rank=args.lora_rank, dropout=args.lora_dropout,
+                        target_modules=list(args.lora_targets)) for method in args.peft]
+    for peft in pefts:
+        lora.check_peft_config(peft)
     cfg = job_config(args, launch_env().world_size)
     runtime = start(cfg)
     arch, world = runtime.arch, runtime.launch.world_size
@@ -264,18 +399,19 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         results = []
-        for backend, loss_kernel in itertools.product(backends, args.cross_entropy):
-            label = backend if loss_kernel == "megatron" else f"{backend}+melama-xent"
+        for backend, loss_kernel, peft, data in itertools.product(backends, args.cross_entropy, pefts, args.data):
+            suffixes = ["melama-xent"] * (loss_kernel == "melama") + ["lora"] * (peft.method == "lora")
+            label = "+".join([backend] + suffixes + [data] * (data != "random"))
             cfg.model.cross_entropy = loss_kernel
             try:
-                mine = measure(cfg, arch, backend, runtime.device, args.warmup, args.steps, label)
+                mine = measure(cfg, arch, backend, runtime.device, args.warmup, args.steps, label, peft, data)
             # One backend failing (out of memory, a fused kernel missing outside NVIDIA's container)
             # must not hide the others' figures; the failure is reported in its row.
             except Exception as err:  # noqa: BLE001
                 mine = {"backend": label, "rank": dist.get_rank(), "error": f"{type(err).__name__}: {err}"[:300]}
             ranks = [None] * world
             dist.all_gather_object(ranks, mine)
-            results.append(summarise(cfg, arch, label, ranks, world))
+            results.append(summarise(cfg, arch, label, ranks, world, peft, data))
     finally:
         parallel.shutdown()
     if runtime.launch.rank != 0:
@@ -296,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                    "gbs": t.global_batch_size, "seq": t.seq_length, "recompute": t.recompute, "precision": t.precision},
         "warmup_steps": args.warmup, "timed_steps": args.steps,
         "peak_tflops": peak_tflops(t.precision, False, None),
-        "flops_per_token": model_flops_per_token(cfg, arch),
+        "flops_per_token": planner.training_flops_per_token(arch, t.seq_length, output_vocab_size(cfg, arch)),
         "flop_convention": "Megatron: 3 x 2 x GEMM FLOPs, causal attention halved, recompute not counted; "
                            "for the layers actually built, output layer over the padded vocabulary",
         "results": results,

@@ -4,6 +4,7 @@
 # Run this script once per node (your scheduler, pdsh, or by hand):
 #   NNODES=20 NODE_RANK=<0..19> MASTER_ADDR=<node 0 hostname> bash examples/pretrain_70b.sh [overrides...]
 # Extra arguments are config overrides, e.g. training.train_iters=100 logging.eval_interval=50.
+# The script runs from the repository root: relative paths (CONFIG, overrides) are relative to it.
 # On SLURM use examples/pretrain_70b.slurm (srun starts one task per GPU, no torchrun). Rerunning the same command resumes from the
 # latest complete checkpoint (after a crash, preemption or time limit).
 set -euo pipefail
@@ -19,7 +20,9 @@ MASTER_PORT=${MASTER_PORT:-29500}
 # NCCL: keep TP traffic on NVLink, one communicator stream per device (megatron's overlap needs it).
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+# CPU threads per rank: 8, or the node's cores shared among its ranks if fewer (CPU-only runs).
+CORES_PER_RANK=$(( $(getconf _NPROCESSORS_ONLN) / GPUS_PER_NODE ))
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES_PER_RANK < 1 ? 1 : CORES_PER_RANK > 8 ? 8 : CORES_PER_RANK ))}
 
 exec torchrun \
     --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \

@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "convert": ("melama_mcore.commands.convert", "Hugging Face <-> megatron checkpoints, LoRA adapters to PEFT"),
     "plan": ("melama_mcore.commands.plan", "parallel layouts that fit, with predicted memory and MFU"),
     "eval": ("melama_mcore.eval.command", "score a checkpoint or HF model on MIBE and lm-eval tasks"),
+    "eval-ppl": ("melama_mcore.eval.perplexity", "loss and perplexity of a checkpoint per blend source (torchrun-aware)"),
 }
 
 

@@ -16,6 +16,8 @@ _NOT_ACTIONABLE = (
     # megatron-core: the optional fused libraries are absent; it says so at import, once per module
     r".*(Transformer Engine|Apex|apex).* (not installed|is not installed).*",
     r".*Falling back to.*",
+    # torch, about the ShardedTensor megatron's dist-checkpointing builds for every save and load
+    r".*Please use DTensor instead.*",
 )
 _LIBRARIES = ("megatron", "torch", "transformers", "lm_eval", "datasets", "peft", "accelerate")
 _NOISY_LOGGERS = ("megatron", "torch.distributed", "httpx", "datasets", "lm_eval", "transformers", "accelerate")
@@ -27,6 +29,8 @@ def quiet_libraries() -> None:
     for library in _LIBRARIES:  # their deprecation notices are addressed to us, not to users
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=library)
         warnings.filterwarnings("ignore", category=FutureWarning, module=library)
+    # megatron-core's own notes about its internals (deprecated config spellings it sets itself, ...)
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
 
 
 def setup_logging(rank: int = 0, world_size: int = 1) -> None:

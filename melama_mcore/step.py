@@ -211,6 +211,20 @@ def sync_params(model: list, cfg: JobConfig) -> None:
             m.start_param_sync(force_sync=True)
 
 
+def validation_totals(schedule: Schedule, cfg: JobConfig, datasets: dict, loader, step_fn=forward_step
+                      ) -> dict[str, torch.Tensor]:
+    """The trainer's validation: per dataset (blend source), logging.eval_iters global batches from its
+    start, forward only; {name: totals summed over data parallelism} (loss sum, weight, real tokens,
+    positions: loss = [0] / [1]). `loader(dataset, consumed_samples)` gives this rank's micro-batches."""
+    out = {}
+    with evaluating(schedule.model, cfg):
+        for name, dataset in datasets.items():
+            iterators = [loader(dataset, 0) for _ in schedule.model]
+            totals = sum(schedule.run(iterators, step_fn, forward_only=True) for _ in range(cfg.logging.eval_iters))
+            out[name] = data_parallel_totals(totals)
+    return out
+
+
 @contextlib.contextmanager
 def evaluating(model: list, cfg: JobConfig):
     """Forward-only passes on the current weights: with overlapped param gather the forward

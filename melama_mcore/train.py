@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import time
@@ -33,15 +34,14 @@ from melama_mcore.components.metrics import MetricsLogger, StepStats, peak_tflop
 from melama_mcore.components.optimizer import build_optimizer, build_scheduler
 from melama_mcore.config.job_config import JobConfig, dump_config, load_config
 from melama_mcore.data.blend import load_blend
-from melama_mcore.data.dataset import build_pretraining_datasets, check_pretraining_data
-from melama_mcore.data.sft.dataset import build_sft_datasets
+from melama_mcore.data.run_data import build_run_datasets, check_run_data
 from melama_mcore.data.sft.indexed import is_sft_blend
 from melama_mcore.data.loader import build_loader
 from melama_mcore.data.tokenizer import load_tokenizer
 from melama_mcore.distributed import parallel
 from melama_mcore.errors import UserError
 from melama_mcore.models.llama.config_registry import flops_per_token
-from melama_mcore.models.llama.lora import apply_lora
+from melama_mcore.models.llama.lora import adapter_shapes, apply_lora
 from melama_mcore.models.llama.model import build_model_chunks, output_vocab_size
 from melama_mcore.startup import configure, start
 
@@ -66,13 +66,7 @@ class Trainer:
         self.blend = load_blend(cfg.data.blend)
         self.instruction_data = is_sft_blend(self.blend)  # prefixes written by preprocess-sft: packed samples
         t = cfg.training
-        data_args = dict(seq_length=t.seq_length, train_samples=t.train_iters * t.global_batch_size,
-                         valid_samples=cfg.logging.eval_iters * t.global_batch_size, split=cfg.data.split,
-                         cache_dir=cfg.data.cache_dir or f"{cfg.output_dir}/data_cache")
-        if not self.instruction_data:
-            # Every input megatron's dataset builder would hang on or fail deep inside, refused now; only
-            # before the process groups can the cached indices be checked (then a rank may be writing them).
-            check_pretraining_data(self.blend, vocab_size=self.tokenizer.vocab_size, **data_args)
+        check_run_data(cfg, self.blend, self.tokenizer.vocab_size)
         runtime = start(cfg, self.tokenizer.vocab_size)
         self.cfg, self.arch, self.device = cfg, runtime.arch, runtime.device
         self.rank, world = dist.get_rank(), dist.get_world_size()
@@ -89,6 +83,8 @@ class Trainer:
         self.lora = cfg.peft.method == "lora"
         if self.lora:  # before DDP: only the adapters get gradient buffers and optimizer state
             apply_lora(self.chunks, cfg.peft, seed=t.seed)
+            shapes = adapter_shapes(self.arch, cfg.peft, output_vocab_size(cfg, self.arch)).values()
+            log.info("trainable parameters: %s (LoRA adapters)", f"{sum(math.prod(s) for s in shapes):,}")
         self.model = parallel.wrap_for_training(cfg, self.chunks)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
@@ -109,12 +105,7 @@ class Trainer:
 
         # 4. Data: each rank reads its data-parallel share; every model chunk gets its own iterator
         # because the interleaved schedule pulls micro-batches per chunk.
-        if self.instruction_data:
-            self.train_ds, self.valid_ds = build_sft_datasets(self.blend, tokenizer=self.tokenizer, seed=t.seed,
-                                                              **data_args)
-        else:
-            self.train_ds, self.valid_ds = build_pretraining_datasets(
-                self.blend, tokenizer=self.tokenizer, seed=t.seed, data_parallel_size=self.dp_size, **data_args)
+        self.train_ds, self.valid_ds = build_run_datasets(cfg, self.blend, self.tokenizer, self.dp_size)
         self._step_fn = partial(step.forward_step, packed=self.instruction_data,
                                 loss_normalization=t.loss_normalization)
         self.train_iters = [self._loader(self.train_ds, self.state.consumed_samples) for _ in self.model]
@@ -210,14 +201,8 @@ class Trainer:
     # -- validation --------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Validation loss per blend source (watch general-domain forgetting)."""
-        losses = {}
-        with step.evaluating(self.model, self.cfg):
-            for name, dataset in self.valid_ds.items():
-                iterators = [self._loader(dataset, 0) for _ in self.model]
-                totals = sum(self.schedule.run(iterators, self._forward_step, forward_only=True)
-                             for _ in range(self.cfg.logging.eval_iters))
-                losses[name] = step.data_parallel_mean(totals)
-        return losses
+        totals = step.validation_totals(self.schedule, self.cfg, self.valid_ds, self._loader, self._forward_step)
+        return {name: (t[0] / t[1].clamp(min=1)).item() for name, t in totals.items()}
 
     # -- the loop ----------------------------------------------------------------------------------
     def save(self, last: bool = False) -> None:

@@ -5,8 +5,10 @@ no test hooks; everything here wraps its public methods.
 Faults come from the MELAMA_FAULTS environment variable, a JSON object (every key optional):
     kill:             {"step": N, "microbatch": M, "rank": R, "job": bool}
                       SIGKILL in the forward pass of micro-batch M (0-based) of step N, on rank R;
-                      "job": true kills the whole process group (torchrun and every rank), as a node
-                      failure or `scancel --signal=KILL` would.
+                      "job": true also kills torchrun's agent (the ranks' parent), as a node failure
+                      or `scancel --signal=KILL` would; the other ranks then exit by themselves
+                      (torchrun starts each rank in its own session, so no signal to a process
+                      group reaches them all; melama's watchdog ends a rank whose agent is gone).
     kill_in_save:     {"step": N, "job": bool}  SIGKILL right after megatron finished writing the
                       checkpoint of step N into its .partial folder, before it is published.
     save_error:       {"steps": [N...], "errno": "ENOSPC"}  the save of step N writes part of the
@@ -49,7 +51,7 @@ def _die(job: bool) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     if job:
-        os.killpg(os.getpgrp(), signal.SIGKILL)  # the launcher put the job in its own group
+        os.kill(os.getppid(), signal.SIGKILL)  # torchrun's agent
     os.kill(os.getpid(), signal.SIGKILL)
 
 

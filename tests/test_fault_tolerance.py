@@ -255,6 +255,16 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(data, tmp_path):
     assert all(torch.isfinite(t).all() for t in p[5].values())
 
 
+def test_a_save_before_any_applied_step_works(data, tmp_path):
+    """Step 1 skipped as non-finite, then a save: the distributed optimizer has applied no step yet
+    (megatron reads its step count out of the Adam state), and the run goes on from the checkpoint."""
+    out = tmp_path / "out"
+    run = launch(out, job(data, "training.train_iters=2", "checkpoint.save_interval=1"),
+                 faults={"nan_loss_steps": [1]})
+    assert run.rc == 0 and "Traceback" not in run.output, run.output[-3000:]
+    assert latest(out) == 2 and [r["skipped"] for r in step_records(out)] == [True, False]
+
+
 # -- 6. disk full / unwritable output -----------------------------------------------------------------
 def test_save_failure_stops_by_default_and_keeps_the_previous_checkpoint(data, tmp_path):
     out = tmp_path / "out"
@@ -282,6 +292,65 @@ def test_save_failure_continue_warns_but_a_failed_final_save_is_an_error(data, t
     assert run.rc == 2 and "Traceback" not in run.output, run.output[-3000:]
     [line] = run.error_lines()
     assert "checkpoint save at step 4 failed" in line and "Permission denied" in line
+
+
+def test_save_failure_on_one_rank_of_two_ends_the_job_promptly_with_one_clear_message(data, tmp_path):
+    """Rank 1 alone cannot write its checkpoint files (a full local disk): both ranks learn it and
+    exit 2 within seconds, the message names the rank and its error, the previous checkpoint stays."""
+    out, rec = tmp_path / "out", tmp_path / "rec"
+    timing = {}
+
+    def watch(proc):
+        log = max(out.parent.glob(f"{out.name}.*.log"), key=lambda p: p.stat().st_mtime)
+        deadline = time.monotonic() + 240
+        while "FAULT: rank 1 fails writing" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "the fault never struck"
+            time.sleep(0.05)
+        timing["fault"] = time.monotonic()
+        proc.wait(timeout=120)
+        timing["exit_after"] = time.monotonic() - timing["fault"]
+
+    run = launch(out, job(data), nproc=2, record=rec, during=watch,
+                 faults={"write_error": {"steps": [4], "rank": 1}})
+    assert [(rec / f"exit_rank{r}").read_text() for r in range(2)] == ["2", "2"], run.output[-4000:]
+    assert timing["exit_after"] < 30, f"the job ended {timing['exit_after']:.1f} s after the failed write"
+    lines = {line for line in run.error_lines()}
+    assert len(lines) == 1, run.output[-3000:]
+    [line] = lines
+    assert "checkpoint save at step 4 failed: writing the checkpoint files failed on rank 1" in line
+    assert "No space left on device" in line and "The checkpoint of step 2 is still the latest" in line
+    assert 'melama_mcore/' not in run.output and "megatron/" not in run.output  # no rank's traceback
+    assert latest(out) == 2
+
+
+def test_sigterm_with_a_grace_period_at_pp2_saves_and_exits_0(data, reference, tmp_path):
+    """Pipeline parallel: SIGTERM half a second into a step whose micro-batches take 1 s each, with a
+    4 s grace period. The step runs as groups of micro-batches; after the first, the ranks agree
+    that the rest plus a save would overrun the grace, abandon it, save the state after the previous
+    step and exit 0; the rerun continues the uninterrupted curve."""
+    grace, out, rec = 4.0, tmp_path / "out", tmp_path / "rec1"
+    args = job(data, f"checkpoint.preemption_grace_s={grace}", "parallel.pipeline_parallel=2")
+    marker = out / "reached_step_3"
+
+    def preempt(proc):
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the job never reached step 3"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+    run = launch(out, args, nproc=2, record=rec, during=preempt,
+                 faults={"marker_step": 3, "slow_step": {"step": 4, "seconds": 1.0}})
+    assert [(rec / f"exit_rank{r}").read_text() for r in range(2)] == ["0", "0"], run.output[-4000:]
+    assert "step 4 abandoned" in run.output
+    assert latest(out) == 3 and saved_state(out, 3)["consumed_samples"] == 3 * 8
+    rerun = launch(out, args, nproc=2, record=tmp_path / "rec2")
+    assert rerun.rc == 0, rerun.output[-4000:]
+    got = losses(out)
+    for step, expected in reference["losses"].items():  # PP 2 computes what DP 2 computes
+        assert got[step] == pytest.approx(expected, rel=1e-5), f"loss of step {step}"
 
 
 # -- 5 + 7. bad files and malicious pickles: refused at start-up, one clear line, nothing run ----------

@@ -295,7 +295,8 @@ def test_merge_equals_peft_merge_and_unload(hf_dir, peft_dir, tmp_path):
     adapters = from_peft(peft_tensors, a, Peft(), padded_vocab=640)  # the adapters for TP 1
     ours = {}
     for layer in range(a.num_layers):
-        ours.update(sda.hf_layer(a, layer, merge_lora(reader.layer(layer, sda.LAYER_KEYS), adapters, a, Peft(), layer)))
+        merged_layer = merge_lora(reader.layer(layer, sda.LAYER_KEYS), adapters, a, Peft(), layer)
+        ours.update(sda.hf_layer(a, layer, merged_layer))
     ours["lm_head.weight"] = merge_lora(reader.tensors([sda.OUTPUT]), adapters, a, Peft())[sda.OUTPUT][: a.vocab_size]
     merged = peft_model(hf_dir, peft_dir).merge_and_unload().state_dict()
     base = load_file(hf_dir / "model.safetensors")
@@ -373,7 +374,6 @@ def worker(root: Path, peft_dir: Path, name: str) -> None:
     cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.sequence_parallel = tp, pp, sp
     cfg.training.device, cfg.training.precision, cfg.training.seq_length = "cpu", "fp32", 12
     cfg.optimizer.lr = 1e-2
-    cfg.parallel.use_distributed_optimizer = False  # the plain optimizer: its param groups are the parameters counted
     start(cfg)
     rank = dist.get_rank()
     padded = output_vocab_size(cfg, a)

@@ -16,7 +16,7 @@ import torch
 
 from melama_mcore.commands import plan as planner
 from melama_mcore.cli import run_main
-from melama_mcore.config.job_config import load_config
+from melama_mcore.config.job_config import PeftConfig, load_config
 from melama_mcore.config.validate import Environment, resolve, validate
 from melama_mcore.models.llama.config_registry import PRESETS, parameter_count
 from melama_mcore.models.llama.config_registry import padded_vocab_size
@@ -64,6 +64,97 @@ def test_weights_grads_and_adam_state_equal_a_real_tp2_pp2_vp2_model(tmp_path):
         assert predicted.optimizer == r["optimizer_state_bytes"]
     first, last = (next(r for r in ranks if r["pp_rank"] == s) for s in (0, 1))
     assert first["params"] != last["params"]  # embedding vs final norm + output layer: both stages checked
+
+
+LORA_ALL = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "output_layer"]
+
+
+@pytest.mark.slow
+def test_lora_weights_grads_and_adam_state_equal_a_real_tp2_model(tmp_path):
+    """2 CPU processes build nano at TP 2 with LoRA on every target (output layer included: its
+    vocabulary of 300 padded to 512 at TP 2), take one optimizer step, and sum the real tensors: the
+    frozen base keeps its weights but has no main grads and no Adam state; the planner's bytes of
+    the sharded adapters (A or B replicated, the other split like the base) must equal them."""
+    report = bench(tmp_path, ["--preset", "nano", "--tp", "2", "--seq", "32", "--mbs", "1", "--gbs", "2",
+                              "--warmup", "0", "--steps", "1", "--vocab-size", "300", "--backends", "native",
+                              "--peft", "lora", "--lora-rank", "4", "--lora-targets", *LORA_ALL], nproc=2)
+    arch = dataclasses.replace(PRESETS["nano"], vocab_size=300)
+    layout = planner.Layout(tp=2, pp=1, vp=None, dp=1, mbs=1, recompute="none", distributed_optimizer=True)
+    peft = PeftConfig(method="lora", rank=4, target_modules=LORA_ALL)
+    row = report["results"][0]
+    assert row["backend"] == "native+lora" and "error" not in row, row
+    for r in row["ranks"]:
+        predicted = planner.stage_memory(arch, layout, 32, 2, "fp32", 0, peft)
+        assert predicted.params == r["params"]
+        assert predicted.trainable == r["trainable_params"]
+        assert predicted.weights == r["param_bytes"]
+        assert predicted.grads == r["main_grad_bytes"]
+        assert predicted.optimizer == r["optimizer_state_bytes"]
+    base = planner.stage_parameter_count(arch, 512, 2, 1, None, 0)
+    assert row["ranks"][0]["trainable_params"] < base < row["ranks"][0]["params"]
+
+
+def test_lora_memory_keeps_the_base_weights_only():
+    """Me-LLaMA-chat's LoRA (rank 16 on the four linears) on LLaMA-2 70B: 207,093,760 adapter
+    parameters by hand (80 layers x 16 x the in + out features of q, k, v, o, gate, up, down); on one
+    GPU the planner holds all of them, with grads and Adam state, and the base's weights alone."""
+    arch = PRESETS["llama2-70b"]
+    peft = PeftConfig(method="lora", rank=16)
+    h, f, kv = 8192, 28672, 1024
+    by_hand = 80 * 16 * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + f) + (f + h))
+    assert by_hand == 207_093_760
+    one = planner.Layout(1, 1, None, 1, 1, "selective", False)
+    full, lora = (planner.stage_memory(arch, one, 4096, 8, "bf16", 0, p) for p in (None, peft))
+    assert lora.trainable == by_hand and lora.params == full.params + by_hand
+    assert lora.weights == 2 * lora.params and lora.grads == 4 * by_hand and lora.optimizer == 12 * by_hand
+    # TP 8 x PP 4 x DP 4 with the distributed optimizer: per GPU, a quarter of the layers, adapters
+    # sharded as lora.py shards them, and Adam state divided over data parallelism
+    spread = planner.Layout(8, 4, None, 4, 1, "selective", True)
+    stages = [planner.stage_memory(arch, spread, 4096, 64, "bf16", r, peft) for r in range(4)]
+    replicated_a = 20 * 16 * (3 * h + 2 * h)  # qkv and fc1 pieces: A [r, h] on every TP rank
+    split_b = 20 * 16 * (h + 2 * kv + 2 * f) // 8
+    replicated_b = 20 * 16 * (h + h)  # o and down: B [out, r] on every TP rank
+    split_a = 20 * 16 * (h + f) // 8
+    assert all(m.trainable == replicated_a + split_b + replicated_b + split_a for m in stages)
+    assert all(m.optimizer == 12 * m.trainable / 4 for m in stages)
+
+
+def test_lora_activations_without_dropout_at_tp1_add_the_adapters_own():
+    """At TP 1 without dropout the adapters' inputs are the frozen linears' inputs full fine-tuning
+    stores anyway (qkv and fc1 in, attention output, fc2 in): the difference per layer is u = A(x) of
+    the 7 pieces (rank-sized, bf16) per token, and the fused q|k|v and gate|up B per micro-batch."""
+    arch = PRESETS["llama2-7b"]
+    h, f, r, tokens = 4096, 11008, 8, 4096
+    peft = PeftConfig(method="lora", rank=r, dropout=0.0)
+    full = planner.activation_bytes_per_layer(arch, tokens, 1, "none")
+    lora = planner.activation_bytes_per_layer(arch, tokens, 1, "none", peft, 32000)
+    assert lora - full == 2 * (tokens * 7 * r + (3 * h) * 3 * r + (2 * f) * 2 * r)
+    # dropout: each piece (q, k, v | o | gate, up | down) stores its own dropped input (bf16) and mask
+    # (1 B) instead of sharing the one input (qkv in, fc1 in, fc2 in: the attention output is kept anyway)
+    dropped = planner.activation_bytes_per_layer(arch, tokens, 1, "none", dataclasses.replace(peft, dropout=0.05),
+                                                 32000)
+    assert dropped - lora == tokens * (3 * (3 * h + h + 2 * h + f) - 2 * (h + h + f))
+
+
+def test_lora_plan_from_a_recipe_and_flags(tmp_path, capsys):
+    """70B LoRA fits on 8 x H100 where full fine-tuning does not; the recipe's peft section is used
+    and --lora-rank overrides it."""
+    recipe = tmp_path / "chat.yaml"
+    recipe.write_text("model: {preset: llama2-70b}\ntraining: {seq_length: 4096, global_batch_size: 128}\n"
+                      "peft: {method: lora, rank: 8, dropout: 0.0}\n")
+    out = tmp_path / "plan.json"
+    assert run_main(planner.main, ["--config", str(recipe), "--gpu", "h100-80gb", "--gpus", "8", "--top", "2",
+                                   "--lora-rank", "16", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["peft"]["method"] == "lora" and report["peft"]["rank"] == 16 and report["peft"]["dropout"] == 0.0
+    assert report["layouts"] and all(e["fits"] for e in report["layouts"])
+    assert all(e["trainable_params_per_gpu"] < e["params_per_gpu"] / 100 for e in report["layouts"])
+    assert "207.1M trainable parameters" in capsys.readouterr().out
+    assert run_main(planner.main, ["--preset", "llama2-70b", "--gpu", "h100-80gb", "--gpus", "8", "--gbs", "128"]) == 2
+    assert "nothing fits" in capsys.readouterr().err
+    assert run_main(planner.main, ["--preset", "llama2-7b", "--gpu", "h100-80gb", "--gpus", "8", "--peft", "lora",
+                                   "--lora-rank", "0"]) == 2
+    assert "--lora-rank must be >= 1" in capsys.readouterr().err
 
 
 def test_stage_counts_add_up_to_the_preset_parameter_counts():
@@ -205,12 +296,18 @@ def test_json_lists_top_k(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compares predicted memory "
                     "with torch.cuda.max_memory_allocated of a real run")
 def test_predicted_peak_memory_matches_a_real_run_on_gpu(tmp_path):
+    """Full fine-tuning and LoRA (rank 16, dropout 0.05, the four linears: the recipe defaults)."""
     report = bench(tmp_path, ["--preset", "llama2-7b", "--layers", "2", "--seq", "2048", "--mbs", "1", "--gbs", "4",
-                              "--warmup", "1", "--steps", "1", "--backends", "native"], nproc=1)
-    r = report["results"][0]
-    rank = r["ranks"][0]
+                              "--warmup", "1", "--steps", "1", "--backends", "native", "--peft", "none", "lora"],
+                   nproc=1)
     arch = dataclasses.replace(PRESETS["llama2-7b"], num_layers=2)
     padded = padded_vocab_size(arch.vocab_size, 128, 1)
-    assert rank["params"] == planner.stage_parameter_count(arch, padded, 1, 1, None, 0)
-    # Static state is exact (above); activations and allocator overheads are a model: within 25%.
-    assert r["peak_memory_gib"] == pytest.approx(r["predicted_memory_gib"], rel=0.25)
+    layout = planner.Layout(1, 1, None, 1, 1, "none", True)
+    full, lora = report["results"]
+    for r, peft in ((full, None), (lora, PeftConfig(method="lora"))):
+        rank = r["ranks"][0]
+        predicted = planner.stage_memory(arch, layout, 2048, 4, "bf16", 0, peft)
+        assert (rank["params"], rank["trainable_params"]) == (predicted.params, predicted.trainable)
+        # Static state is exact (above); activations and allocator overheads are a model: within 25%.
+        assert r["peak_memory_gib"] == pytest.approx(r["predicted_memory_gib"], rel=0.25), r["backend"]
+    assert full["ranks"][0]["params"] == planner.stage_parameter_count(arch, padded, 1, 1, None, 0)

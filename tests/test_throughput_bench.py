@@ -78,3 +78,81 @@ def test_torchrun_tensor_parallel_divides_by_gpus(tmp_path):
     check_consistent(report, layers=4, seq=64)
     ranks = report["results"][0]["ranks"]
     assert sorted(r["tp_rank"] for r in ranks) == [0, 1]
+
+
+# -- instruction tuning: LoRA vs full fine-tuning, packed vs one sample per row ---------------------
+LORA_RANK = 4
+SFT = ["--preset", "nano", "--layers", "2", "--seq", "64", "--mbs", "2", "--gbs", "4", "--warmup", "0",
+       "--steps", "1", "--vocab-size", str(VOCAB), "--backends", "native", "--lora-rank", str(LORA_RANK)]
+
+
+def nano_dims(layers: int) -> tuple[int, ...]:
+    a = PRESETS["nano"]
+    return (layers, a.hidden_size, a.ffn_hidden_size, a.num_attention_heads * a.head_dim,
+            a.num_query_groups * a.head_dim)
+
+
+def adapters_by_hand(layers: int) -> int:
+    """LoRA parameters on nano's four linears: rank x (in + out) for each Hugging Face module."""
+    n, h, f, q, kv = nano_dims(layers)
+    modules = [(h, q), (h, kv), (h, kv), (q, h), (h, f), (h, f), (f, h)]  # q k v o gate up down
+    return n * sum(LORA_RANK * (i + o) for i, o in modules)
+
+
+def check_instruction_rows(rows: dict, positions: int) -> None:
+    """The figures of every row agree with each other; packing beats one sample per row."""
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["all_steps_ok"] and r["positions_per_step"] == positions
+        assert r["tokens_per_s"] == pytest.approx(r["real_tokens_per_step"] / r["step_time_s"], rel=1e-9)
+        assert r["padding_waste"] == pytest.approx(1 - r["real_tokens_per_step"] / positions, rel=1e-9)
+        assert r["tflops_per_gpu"] == pytest.approx(
+            positions / r["step_time_s"] * r["flops_per_token"] / len(r["ranks"]) / 1e12, rel=1e-9)
+    for peft in ("", "+lora"):
+        if f"native{peft}+packed" not in rows:
+            continue
+        packed, unpacked = rows[f"native{peft}+packed"], rows[f"native{peft}+unpacked"]
+        # the trainer's own loss reduction (real_tokens of each packed row, summed over data parallelism)
+        # counts what the packing plan put in the global batch
+        assert packed["step_real_tokens_per_step"] == packed["real_tokens_per_step"]
+        assert unpacked["samples_per_step"] == 4 < packed["samples_per_step"]
+        assert 0 < unpacked["real_tokens_per_step"] < packed["real_tokens_per_step"] <= positions
+        assert packed["padding_waste"] < unpacked["padding_waste"]
+
+
+def test_lora_and_packed_rows_on_cpu(tmp_path):
+    report, stdout = run_bench(tmp_path, SFT + ["--peft", "none", "lora", "--data", "packed", "unpacked"])
+    rows = {r["backend"]: r for r in report["results"]}
+    assert list(rows) == ["native+packed", "native+unpacked", "native+lora+packed", "native+lora+unpacked"]
+    check_instruction_rows(rows, positions=4 * 64)
+    assert "native+lora+unpacked" in stdout
+
+    # LoRA: the base frozen, grads and Adam state for the adapters only (fp32 on CPU: 4 B per weight and
+    # grad, Adam m and v 4 B each; fp32 weights are their own master copy)
+    adapters = adapters_by_hand(layers=2)
+    full, lora = rows["native+packed"], rows["native+lora+packed"]
+    f, a = full["ranks"][0], lora["ranks"][0]
+    assert lora["trainable_params"] == a["trainable_params"] == adapters
+    assert full["trainable_params"] == f["trainable_params"] == f["params"]
+    assert a["params"] == f["params"] + adapters and a["param_bytes"] == 4 * a["params"]
+    assert a["main_grad_bytes"] == 4 * adapters and f["main_grad_bytes"] == 4 * f["params"]
+    assert a["optimizer_state_bytes"] == 2 * 4 * adapters
+    assert f["optimizer_state_bytes"] == 2 * 4 * f["params"]
+
+    # FLOPs of a LoRA step: no weight gradient for the frozen linears (2 FLOPs per weight and token),
+    # 6 per adapter parameter and token
+    n, h, ffn, q, kv = nano_dims(layers=2)
+    linear_weights = n * (h * (q + 2 * kv) + q * h + 3 * h * ffn) + 384 * h  # + output layer, padded vocab
+    assert lora["flops_per_token"] == pytest.approx(full["flops_per_token"] - 2 * linear_weights + 6 * adapters,
+                                                    rel=1e-12)
+
+
+@pytest.mark.slow
+def test_instruction_rows_split_over_data_parallel_ranks(tmp_path):
+    report, _ = run_bench(tmp_path, SFT + ["--peft", "lora", "--data", "packed", "unpacked"], nproc=2)
+    assert report["layout"]["dp"] == 2
+    rows = {r["backend"]: r for r in report["results"]}
+    assert list(rows) == ["native+lora+packed", "native+lora+unpacked"]
+    check_instruction_rows(rows, positions=4 * 64)
+    for r in rows.values():
+        assert [rank["trainable_params"] for rank in r["ranks"]] == [adapters_by_hand(layers=2)] * 2

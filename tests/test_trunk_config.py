@@ -37,6 +37,51 @@ BAD_CONFIGS = [
     (1, ["model.preset=llama3"], ["model.preset 'llama3' is unknown"]),
     (1, ["training.learning_rate=1"], ["unknown config key training.learning_rate"]),
     (1, ["training.train_iters=many"], ["training.train_iters: expected int"]),
+    # Values that reached a ZeroDivisionError, an endless loop or an assertion inside megatron or the
+    # trainer (issue 11 and issue 14 item 12), each refused with what to change.
+    (2, ["parallel.tensor_parallel=0"], ["parallel.tensor_parallel and parallel.pipeline_parallel must be >= 1"]),
+    (2, ["training.micro_batch_size=0"], ["batch sizes must be >= 1"]),
+    (1, ["model.num_query_groups=0", "model.num_layers=0", "model.make_vocab_size_divisible_by=0"],
+     ["model.num_query_groups must be >= 1, got 0", "model.num_layers must be >= 1, got 0",
+      "model.make_vocab_size_divisible_by must be >= 1, got 0"]),
+    (1, ["model.hidden_size=60", "model.num_attention_heads=4", "model.num_query_groups=2"],
+     ["hidden_size / num_attention_heads = 15 is odd", "even quotient"]),
+    (1, ["model.rope_base=0", "model.init_method_std=-0.02"],
+     ["model.rope_base (0.0) must be > 0", "model.init_method_std must be >= 0, got -0.02"]),
+    (1, ["training.seq_length=0"], ["training.seq_length must be >= 1, got 0"]),
+    (1, ["training.seq_length=256"], ["seq_length 256 exceeds the preset's 128 positions"]),
+    (2, ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=4"],
+     ["4 layers cannot be split into pipeline_parallel x virtual_pipeline = 8"]),
+    (1, ["checkpoint.save_interval=0", "logging.log_interval=0"],
+     ["checkpoint.save_interval must be >= 1 step, got 0", "above training.train_iters saves only at the end",
+      "logging.log_interval must be >= 1 step, got 0"]),
+    (1, ["logging.eval_iters=-1", "logging.eval_interval=-5", "logging.peak_tflops=0"],
+     ["logging.eval_iters must be >= 0 (0: no validation), got -1", "logging.eval_interval must be >= 0",
+      "logging.peak_tflops must be > 0"]),
+    (1, ["checkpoint.keep_last=0", "checkpoint.preemption_grace_s=0"],
+     ["checkpoint.keep_last must be >= 1, or null to keep every checkpoint; got 0",
+      "checkpoint.preemption_grace_s must be > 0 seconds, or null"]),
+    (1, ["training.train_iters=10", "training.stop_after_step=11"],
+     ["training.stop_after_step=11 is never reached: use a step from 1 to training.train_iters (10)"]),
+    (1, ["training.stop_after_step=0"], ["training.stop_after_step=0 is never reached"]),
+    (1, ["training.seed=-1", "training.max_consecutive_skips=0"],
+     ["training.seed must be in [0, 2**32), got -1", "training.max_consecutive_skips must be >= 1"]),
+    (1, ["training.recompute=full", "training.recompute_num_layers=3"],
+     ["training.recompute_num_layers=3 must divide the 4 layers of each pipeline stage"]),
+    (2, ["parallel.pipeline_parallel=2", "training.recompute=full", "training.recompute_num_layers=0"],
+     ["training.recompute_num_layers=0 must divide the 2 layers of each pipeline stage"]),
+    (1, ["training.recompute=selective", "model.backend=local"],
+     ["training.recompute with model.backend=local does not run on CPU", "use model.backend=native"]),
+    (1, ["training.train_iters=10", "optimizer.lr_warmup_iters=10"],
+     ["the learning-rate warm-up (10 steps) must end before training.train_iters (10)"]),
+    (1, ["training.train_iters=3", "optimizer.warmup_fraction=0.9"],
+     ["the learning-rate warm-up (3 steps) must end before training.train_iters (3)"]),
+    (1, ["optimizer.lr_warmup_iters=-1"], ["optimizer.lr_warmup_iters must be >= 0 or null"]),
+    (1, ["optimizer.beta1=1.0", "optimizer.eps=-1e-8", "optimizer.clip_grad=-1"],
+     ["optimizer.beta1 (1.0) and optimizer.beta2 (0.95) must be in [0, 1)",
+      "optimizer.eps (-1e-08), weight_decay (1e-05) and clip_grad (-1.0; 0: no clipping) must be >= 0"]),
+    (1, ["output_dir=", "checkpoint.resume="],
+     ["output_dir has no value: give it one", "checkpoint.resume has no value"]),
 ]
 
 
@@ -70,7 +115,8 @@ def test_recipes_parse_and_pass_their_layout_checks():
     from melama_mcore.config.validate import Environment, resolve, validate
     from melama_mcore.models.llama.config_registry import resolve_arch
 
-    gpus = {"llama2_70b_me_llama": 160, "llama2_13b": 32, "llama2_7b": 8}
+    gpus = {"llama2_70b_me_llama": 160, "llama2_13b": 32, "llama2_7b": 8,
+            "llama2_13b_me_llama_chat": 8, "llama2_70b_me_llama_chat": 8}
     for name, world in gpus.items():
         cfg = load_config(f"examples/configs/{name}.yaml")
         env = Environment(world_size=world, cuda=True, transformer_engine=True, fp8_capable=True)

@@ -29,7 +29,7 @@ from melama_mcore.checkpoint.integrity import (check_identity, check_no_code, fi
                                                verify_checksums)
 from melama_mcore.checkpoint.layout import (LATEST, PARTIAL, find_checkpoint, latest_step, partial_dir, publish, seal,
                                             step_dir, write_atomically)
-from melama_mcore.components.optimizer import load_optimizer_state, prepare_optimizer_for_load
+from melama_mcore.components.optimizer import ensure_optimizer_state, load_optimizer_state
 from melama_mcore.config.job_config import JobConfig, dump_config
 from melama_mcore.errors import CheckpointError
 from melama_mcore.models.llama import lora
@@ -224,8 +224,7 @@ class Checkpointer:
                     optimizer_metadata: dict | None = None) -> dict:
         model_state = self._model_state()
         state = dict(model_state)
-        if loading:
-            prepare_optimizer_for_load(self.optimizer)
+        ensure_optimizer_state(self.optimizer)
         state["optimizer"] = self.optimizer.sharded_state_dict(
             model_state, is_loading=loading, metadata=optimizer_metadata or self._optimizer_metadata()
         )
@@ -378,6 +377,11 @@ class Checkpointer:
             # weights back (Megatron-LM's reload_model_params after a weights-only load).
             self.optimizer.reload_model_params()
         log.info("initialised weights from %s", ckpt)
+
+    def load_adapters(self, path: Path) -> None:
+        """The adapters of an adapter checkpoint (its base loaded first, with load_weights)."""
+        self._load_into_chunks(self._load(self._model_state("adapters"), path), "adapters")
+        log.info("loaded adapters from %s", path)
 
     def _check_before_load(self, path: Path, resuming: bool = False) -> None:
         """Model and tokenizer match (and adapters, when resuming), every file intact (unless

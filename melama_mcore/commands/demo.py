@@ -1,20 +1,31 @@
-"""The embedded default: a tiny LLaMA continual-pretraining run on a corpus this project writes itself.
+"""The embedded default: the three Me-LLaMA stages on a tiny LLaMA and data this project writes itself.
 
-    melama demo                # ~2-4 minutes on 2 CPU cores, outputs under outputs/demo/
+    melama demo                # a few minutes on 2 CPU cores, outputs under outputs/demo/
 
-Steps, each the real tool a user would run on real data:
+Each step is the real tool a user runs on real data:
+  Continual pre-training
   1. write a synthetic three-domain corpus (biomedical-, clinical-, general-style JSONL; no real text)
   2. train a LLaMA-style sentencepiece tokenizer on it              (melama train-tokenizer)
   3. tokenise each domain into Megatron .bin/.idx datasets           (melama preprocess)
   4. pretrain the tiny preset with TP=2 on 2 CPU processes (torchrun + gloo), blending the domains
      15:1:4 as Me-LLaMA does; stop half-way with a checkpoint       (melama train, training.stop_after_step)
   5. run the same command again: it resumes from the checkpoint and finishes
-  6. print a summary: first and last loss, tokens/s, per-domain validation loss, where things are
+  Instruction tuning (Me-LLaMA-chat)
+  6. write a synthetic medical instruction set and tokenise it with the Me-LLaMA chat template,
+     loss on answers only                                           (melama preprocess-sft)
+  7. train LoRA adapters on the pretrained model, conversations packed, TP=2   (melama train, peft.*)
+  8. export the base to Hugging Face and the adapters to PEFT, and answer one prompt with them
+     (melama convert export-hf / export-peft; transformers + peft generate)
+  Evaluation
+  9. a tiny MIBE run (PubMedQA-, MedNLI-, NER- and summarisation-shaped records) of the chat model
+     on lm-evaluation-harness, and the results table               (melama eval)
+Steps 8-9 need the `eval` extra (transformers, peft, lm-eval); without it the demo ends after 7.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -27,24 +38,29 @@ from melama_mcore.errors import UserError
 # Shipped in the package (examples/configs/tiny_cpu.yaml links here), so an installed copy finds it too.
 DEFAULT_RECIPE = Path(__file__).with_name("tiny_cpu.yaml")
 DOMAINS = {"biomedical": 15, "clinical": 1, "general": 4}
+CHAT = ["peft.method=lora", "peft.rank=8", "peft.alpha=16", "optimizer.lr=2e-3", "optimizer.min_lr=2e-4",
+        "training.train_iters=40", "training.global_batch_size=16", "checkpoint.save_interval=1000",
+        "logging.log_interval=10"]
+PROMPT = "What is the usual first-line treatment for type 2 diabetes?"
+STEPS = 9
 
 
-def _say(message: str) -> None:
-    print(f"[demo] {message}", flush=True)
+def _say(step: int, message: str) -> None:
+    print(f"[demo] {step}/{STEPS} {message}", flush=True)
 
 
 def prepare_data(out: Path, docs_per_source: int, vocab_size: int) -> tuple[Path, list[dict]]:
     """Steps 1-3: corpus, tokenizer, indexed datasets. Returns the tokenizer path and the blend."""
-    from melama_mcore.data.preprocess import preprocess
     from melama_mcore.commands.demo_corpus import write_demo_corpus
+    from melama_mcore.data.preprocess import preprocess
     from melama_mcore.data.train_tokenizer import train_sentencepiece
 
-    _say(f"1/6 writing the synthetic corpus ({docs_per_source} documents per domain) to {out / 'corpus'}")
+    _say(1, f"writing the synthetic corpus ({docs_per_source} documents per domain) to {out / 'corpus'}")
     corpus = write_demo_corpus(out / "corpus", docs_per_source=docs_per_source, seed=0)
-    _say(f"2/6 training a {vocab_size}-piece BPE sentencepiece tokenizer")
+    _say(2, f"training a {vocab_size}-piece BPE sentencepiece tokenizer")
     tokenizer = train_sentencepiece([str(p) for p in corpus.values()], str(out / "tokenizer" / "demo"),
                                     vocab_size=vocab_size, seed=0)
-    _say("3/6 tokenising each domain into Megatron indexed datasets")
+    _say(3, "tokenising each domain into Megatron indexed datasets")
     blend = []
     for name, path in corpus.items():
         prefix = out / "data" / name
@@ -53,19 +69,37 @@ def prepare_data(out: Path, docs_per_source: int, vocab_size: int) -> tuple[Path
     return tokenizer, blend
 
 
+def prepare_instructions(out: Path, tokenizer: Path, seq_length: int) -> list[dict]:
+    """Step 6: the synthetic instruction set through preprocess-sft (Me-LLaMA's template). Returns the blend."""
+    from melama_mcore.data.sft.preprocess import preprocess_sft
+    from melama_mcore.data.sft.synthetic import write_synthetic_instructions
+
+    _say(6, "writing a synthetic medical instruction set and tokenising it with the Me-LLaMA chat template")
+    files = write_synthetic_instructions(out / "instructions", samples=600, seed=0)
+    prefix = out / "data" / "instructions"
+    summary = preprocess_sft([str(p) for p in files.values()], str(prefix), str(tokenizer), seq_length=seq_length,
+                             truncation="truncate", workers=2, progress=False)
+    return [{"name": "instructions", "weight": 1, "train": [summary.prefix]}]
+
+
 def run_training(config: Path, overrides: list[str], nproc: int, log_path: Path) -> None:
     """One torchrun launch of `melama train`; its output goes to the console and to log_path."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(_free_port()), "-m", "melama_mcore.train", "--config", str(config), *overrides]
+    _run(cmd, log_path, show=("step ", "resumed", "validation", "stopped", "trainable", "error"))
+
+
+def _run(cmd: list[str], log_path: Path, show: tuple[str, ...] = ("error",)) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     with open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
             log.write(line)
-            if "step " in line or "resumed" in line or "validation" in line or "stopped" in line or "error" in line.lower():
+            if any(word in line for word in show) or line.startswith("error"):
                 print("    " + line.rstrip(), flush=True)
         if proc.wait() != 0:
-            raise UserError(f"training failed (exit {proc.returncode}); the full log is {log_path}")
+            raise UserError(f"{Path(cmd[-1]).name if cmd else 'a step'} failed (exit {proc.returncode}); "
+                            f"the full log is {log_path}")
 
 
 def _free_port() -> int:
@@ -76,29 +110,61 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def summarize(run_dir: Path, out: Path, seconds: float) -> str:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval" in r]
+def export_and_answer(run_dir: Path, chat_dir: Path, out: Path, log_path: Path) -> tuple[Path, Path, str]:
+    """Step 8: the pretrained base as a Hugging Face folder (with its tokenizer), the adapters as a
+    PEFT adapter, and transformers + peft answering one prompt in the Me-LLaMA chat format."""
+    _say(8, "exporting the base to Hugging Face and the adapters to PEFT; answering one prompt with them")
+    base, adapter = out / "hf" / "base", out / "hf" / "chat-lora"
+    melama = [sys.executable, "-m", "melama_mcore.cli", "convert"]
+    _run(melama + ["export-hf", "--ckpt", str(run_dir), "--out", str(base)], log_path)
+    _run(melama + ["export-peft", "--ckpt", str(chat_dir), "--out", str(adapter)], log_path)
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    inputs = tokenizer(f"Human: \n{PROMPT}\n\nAssistant: \n", return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    answer = tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return base, adapter, answer.strip()
+
+
+def summarize(run_dir: Path, chat_dir: Path, out: Path, answer: str | None, seconds: float) -> str:
+    def records(folder: Path) -> tuple[list[dict], list[dict]]:
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if "loss" in r], [r for r in rows if "eval" in r]
+
+    steps, evals = records(run_dir)
+    chat_steps, chat_evals = records(chat_dir)
     tokens_per_s = sum(r["tokens_per_s"] for r in steps) / len(steps)
     lines = [
         "",
         "melama demo: done",
-        f"  loss           {steps[0]['loss']:.3f} (step {steps[0]['step']}) -> {steps[-1]['loss']:.3f} (step {steps[-1]['step']})",
-        f"  throughput     {tokens_per_s:,.0f} tokens/s on CPU (TP=2, 2 processes, fp32)",
+        f"  pre-training   loss {steps[0]['loss']:.3f} (step {steps[0]['step']}) -> {steps[-1]['loss']:.3f} "
+        f"(step {steps[-1]['step']}), {tokens_per_s:,.0f} tokens/s on CPU (TP=2, 2 processes)",
     ]
     if evals:
         per_source = ", ".join(f"{k} {v['loss']:.3f}" for k, v in evals[-1]["eval"].items())
         lines.append(f"  validation     {per_source}")
+    efficiency = chat_steps[-1].get("packing_efficiency")
+    lines.append(f"  LoRA chat      loss {chat_steps[0]['loss']:.3f} -> {chat_steps[-1]['loss']:.3f} over "
+                 f"{chat_steps[-1]['step']} steps" + (f", sequences {efficiency:.0%} full (packed)" if efficiency else ""))
+    if answer is not None:
+        lines.append(f"  chat answer    {PROMPT!r} -> {answer!r}")
     lines += [
         f"  wall time      {seconds:.0f} s",
-        f"  corpus         {out / 'corpus'}",
+        f"  data           {out / 'corpus'}, {out / 'instructions'} -> {out / 'data'}",
         f"  tokenizer      {out / 'tokenizer' / 'demo.model'}",
-        f"  datasets       {out / 'data'}",
-        f"  checkpoints    {run_dir / 'checkpoints'}  (resumed once half-way)",
+        f"  runs           {run_dir} (resumed once half-way), {chat_dir} (adapters only)",
         f"  metrics        {run_dir / 'metrics.jsonl'}  (TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'})",
-        f"  training log   {out / 'train.log'}",
     ]
+    if answer is not None:
+        lines += [f"  exports        {out / 'hf' / 'base'} (Hugging Face), {out / 'hf' / 'chat-lora'} (PEFT adapter)",
+                  f"  evaluation     {out / 'eval' / 'results.json'}, {out / 'eval' / 'results.md'}"]
+    lines.append(f"  logs           {out / 'train.log'}")
     return "\n".join(lines)
 
 
@@ -106,12 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="melama demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="outputs/demo", help="where everything goes (default: %(default)s)")
-    parser.add_argument("--config", default=str(DEFAULT_RECIPE), help="training recipe (default: the packaged tiny_cpu.yaml, "
-                        "also at examples/configs/tiny_cpu.yaml)")
+    parser.add_argument("--config", default=str(DEFAULT_RECIPE),
+                        help="pre-training recipe (default: the packaged tiny_cpu.yaml, also at examples/configs/tiny_cpu.yaml)")
     parser.add_argument("--docs-per-source", type=int, default=1500, help="synthetic documents per domain")
     parser.add_argument("--vocab-size", type=int, default=2000, help="tokenizer vocabulary size")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (TP=2 needs 2)")
-    parser.add_argument("overrides", nargs="*", help="training overrides, e.g. training.train_iters=100")
+    parser.add_argument("overrides", nargs="*", help="pre-training overrides, e.g. training.train_iters=100")
     return parser
 
 
@@ -124,21 +190,41 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: remove it or pass --output-dir")
     out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "train.log"
     tokenizer, blend = prepare_data(out, args.docs_per_source, args.vocab_size)
 
+    # Continual pre-training, stopped half-way and resumed.
     run_dir = out / "run"
     overrides = [f"output_dir={run_dir}", f"data.tokenizer={tokenizer}", f"data.blend={json.dumps(blend)}",
                  *args.overrides]
     cfg = load_config(args.config, overrides)  # fail fast on a bad override, before launching
     half = max(1, cfg.training.train_iters // 2)
-    log_path = out / "train.log"
-    _say(f"4/6 pretraining the '{cfg.model.preset}' preset with TP={cfg.parallel.tensor_parallel} on "
-         f"{args.nproc} CPU processes; stopping after step {half} of {cfg.training.train_iters}")
+    _say(4, f"pretraining the '{cfg.model.preset}' preset with TP={cfg.parallel.tensor_parallel} on "
+            f"{args.nproc} CPU processes; stopping after step {half} of {cfg.training.train_iters}")
     run_training(Path(args.config), overrides + [f"training.stop_after_step={half}"], args.nproc, log_path)
-    _say("5/6 running the same command again: it resumes from the checkpoint")
+    _say(5, "running the same command again: it resumes from the checkpoint")
     run_training(Path(args.config), overrides, args.nproc, log_path)
-    _say("6/6 summary")
-    print(summarize(run_dir, out, time.time() - start))
+
+    # Instruction tuning: LoRA adapters on the pretrained model.
+    chat_blend = prepare_instructions(out, tokenizer, cfg.training.seq_length)
+    chat_dir = out / "chat"
+    _say(7, "training LoRA adapters on the pretrained model (packed conversations, loss on answers)")
+    run_training(Path(args.config), [f"output_dir={chat_dir}", f"data.tokenizer={tokenizer}",
+                                     f"data.blend={json.dumps(chat_blend)}", f"checkpoint.init_from={run_dir}",
+                                     *CHAT], args.nproc, log_path)
+
+    answer = None
+    missing = [m for m in ("transformers", "peft", "lm_eval") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"[demo] steps 8-9 (export, chat answer, evaluation) need {', '.join(missing)}: "
+              "pip install 'melama-mcore[eval]'", flush=True)
+    else:
+        base, adapter, answer = export_and_answer(run_dir, chat_dir, out, log_path)
+        from melama_mcore.eval.demo import run_demo_evaluation
+
+        _say(9, "a tiny MIBE evaluation of the chat model on lm-evaluation-harness")
+        run_demo_evaluation(base, out, adapter=adapter)
+    print(summarize(run_dir, chat_dir, out, answer, time.time() - start))
     return 0
 
 

@@ -2,6 +2,7 @@
 
     melama plan --preset llama2-70b --gpu a100-80gb --gpus 160 --seq 4096 --gbs 1000
     melama plan --config examples/configs/llama2_70b_me_llama.yaml --gpu a100-80gb --gpus 160
+    melama plan --preset llama2-70b --gpu h100-80gb --gpus 8 --seq 4096 --gbs 128 --peft lora --lora-rank 16
 
 Every candidate (TP 1/2/4/8 inside a node, PP, virtual stages, DP, micro batch, recompute
 none/selective/full, distributed optimizer on/off) is first passed through the trunk's own
@@ -28,6 +29,22 @@ Memory per GPU (bytes, per pipeline stage; the worst stage is reported):
   and output-layer inputs 4sbh/t, for one micro-batch.
   A layout fits when total x (1 + FRAGMENTATION) + RUNTIME_RESERVED_GIB <= GPU memory.
 
+With LoRA (`--peft lora`, or a recipe with `peft.method: lora`; models/llama/lora.py):
+* the base weights stay (frozen, same bytes) and get no main grads and no optimizer state; the
+  adapters (stage_adapter_count: column-parallel base -> A [r, in] replicated, B [out / t, r];
+  row-parallel base -> A [r, in / t], B [out, r] replicated) are parameters in the run's dtype, with
+  fp32 main grads and master + Adam state like any trained parameter;
+* activations: a frozen megatron linear stores no input (linear_with_frozen_weight), so the
+  weight-gradient-only inputs of the "none" count (qkv in h, fc1 in h, fc2 in f; and the output
+  layer's input) drop out: sb/t (8h + 4 d_kv + 4f + 4a) remain. Each target's adapters add what
+  lora.py's forward stores (lora_activation_bytes): their input for A's gradient -- a column-
+  parallel adapter runs A on this rank's positions under SP (sb/t x h), a row-parallel one on its
+  input features / t (linear_proj's is the attention output, already kept); with dropout > 0 every
+  piece (q, k, v / gate, up / ...) stores its own dropped copy and a 1-byte mask instead -- plus
+  the rank-sized A(x) of each piece (gathered over the sequence) and the fused B of linear_qkv /
+  linear_fc1 per micro-batch. Not counted: the first layer storing less (its
+  input needs no gradient), small per-token fp32 norm statistics (as for full fine-tuning).
+
 Step time (a roofline; the constants below are assumptions, calibrate COMPUTE_EFFICIENCY with
 `benchmarks/throughput.py` on your GPUs and pass --compute-efficiency):
 * compute: model FLOPs (components/metrics.py `flops_per_token`, Megatron convention, output layer
@@ -43,6 +60,9 @@ Step time (a roofline; the constants below are assumptions, calibrate COMPUTE_EF
   param all-gather, over NVLink when the DP group sits in one node (megatron's rank order
   tp-cp-ep-dp-pp) else the per-GPU inter-node bandwidth, DP_COMM_OVERLAP of it hidden behind
   backward; the optimizer step itself is not modelled.
+* LoRA: frozen linears compute no weight gradient (training_flops_per_token), adapters cost 6
+  FLOPs per parameter and token (replicated A / B are computed on every TP rank), and DP reduces
+  the adapters' gradients only. TFLOP/s and MFU then count the FLOPs a LoRA step executes, not 6N.
 """
 
 from __future__ import annotations
@@ -50,13 +70,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass
 
 from melama_mcore.components.metrics import PEAK_TFLOPS
-from melama_mcore.config.job_config import JobConfig, load_config
-from melama_mcore.config.validate import Environment, validate
+from melama_mcore.config.job_config import JobConfig, PeftConfig, load_config
+from melama_mcore.config.validate import Environment, resolve, validate
 from melama_mcore.errors import ConfigError, UserError
+from melama_mcore.models.llama import lora
 from melama_mcore.models.llama.config_registry import (PRESETS, LlamaArch, flops_per_token, padded_vocab_size,
                                                      parameter_count, resolve_arch)
 
@@ -131,7 +153,8 @@ class Memory:
     """Bytes on one GPU of one pipeline stage."""
 
     stage: int
-    params: int
+    params: int  # on this GPU: the base's and, with LoRA, the adapters'
+    trainable: int  # of which trained (with main grads and optimizer state)
     weights: float
     grads: float
     optimizer: float
@@ -163,15 +186,62 @@ def stage_parameter_count(arch: LlamaArch, padded_vocab: int, tp: int, pp: int, 
     return count
 
 
-def activation_bytes_per_layer(arch: LlamaArch, tokens: int, tp: int, recompute: str) -> float:
+def is_lora(peft: PeftConfig | None) -> bool:
+    return peft is not None and peft.method == "lora"
+
+
+def stage_adapter_count(arch: LlamaArch, padded_vocab: int, tp: int, pp: int, pp_rank: int, peft: PeftConfig) -> int:
+    """LoRA parameters on one TP rank of pipeline rank `pp_rank` (over all its virtual stages),
+    sharded as lora.py shards them (module docstring)."""
+    shapes = lora.piece_shapes(arch, padded_vocab)
+    r, count = peft.rank, 0
+    for target in lora.target_order(peft):
+        column = target in lora.COLUMN_PARALLEL
+        per_module = sum(r * inp + out // tp * r if column else r * inp // tp + out * r
+                         for out, inp in (shapes[piece] for piece in lora.PIECES[target]))
+        if target == "output_layer":
+            count += per_module if pp_rank == pp - 1 else 0
+        else:
+            count += arch.num_layers // pp * per_module
+    return count
+
+
+def lora_activation_bytes(arch: LlamaArch, padded_vocab: int, tokens: int, tp: int, peft: PeftConfig,
+                          target: str) -> float:
+    """What one target's adapters store for backward, one micro-batch of `tokens` tokens on one TP
+    rank (lora.py's forward; see the module docstring)."""
+    shapes = [lora.piece_shapes(arch, padded_vocab)[piece] for piece in lora.PIECES[target]]
+    pieces, inp = len(shapes), shapes[0][1]
+    # per token of the micro-batch, on this rank: a column-parallel adapter runs A on this rank's
+    # positions under SP (1/t of the tokens, all features), a row-parallel one on its features / t
+    width = inp / tp
+    if peft.dropout:
+        stored = pieces * tokens * width * (ACTIVATION_BYTES + 1)  # each piece's dropped input + bool mask
+    elif target == "linear_proj":
+        stored = 0.0  # the attention output, which the attention core keeps
+    else:
+        stored = tokens * width * ACTIVATION_BYTES
+    stored += tokens * pieces * peft.rank * ACTIVATION_BYTES  # u = A(x) of every piece, for B's gradient
+    if pieces > 1:  # the fused B, rebuilt in every forward
+        stored += sum(out for out, _ in shapes) / tp * pieces * peft.rank * ACTIVATION_BYTES
+    return stored
+
+
+def activation_bytes_per_layer(arch: LlamaArch, tokens: int, tp: int, recompute: str,
+                               peft: PeftConfig | None = None, padded_vocab: int = 0) -> float:
     """Stored activations of one decoder layer for one micro-batch of `tokens` (= s x b) tokens."""
     h, f, a = arch.hidden_size, arch.ffn_hidden_size, arch.num_attention_heads
     d_kv = arch.num_query_groups * arch.head_dim
     if recompute == "full":
         return ACTIVATION_BYTES * tokens * h / tp
-    per_token = 6 * h + 2 * d_kv + 3 * f  # elements, see the module docstring
-    softmax_stats = 4 * a if recompute == "none" else 0  # fp32 log-sum-exp per head
-    return tokens * (ACTIVATION_BYTES * per_token + softmax_stats) / tp
+    softmax_stats = tokens * (4 * a if recompute == "none" else 0) / tp  # fp32 log-sum-exp per head
+    if not is_lora(peft):
+        per_token = 6 * h + 2 * d_kv + 3 * f  # elements, see the module docstring
+        return tokens * ACTIVATION_BYTES * per_token / tp + softmax_stats
+    kept = 4 * h + 2 * d_kv + 2 * f  # without the frozen linears' inputs
+    adapters = sum(lora_activation_bytes(arch, padded_vocab, tokens, tp, peft, target)
+                   for target in lora.target_order(peft) if target != "output_layer")
+    return tokens * ACTIVATION_BYTES * kept / tp + softmax_stats + adapters
 
 
 def in_flight(pp: int, vp: int | None, num_micro: int, pp_rank: int) -> tuple[int, int]:
@@ -181,26 +251,36 @@ def in_flight(pp: int, vp: int | None, num_micro: int, pp_rank: int) -> tuple[in
     return min(2 * (pp - pp_rank - 1) + (vp - 1) * pp + 1, num_micro * vp), pp * vp
 
 
-def stage_memory(arch: LlamaArch, layout: Layout, seq: int, gbs: int, precision: str, pp_rank: int) -> Memory:
+def stage_memory(arch: LlamaArch, layout: Layout, seq: int, gbs: int, precision: str, pp_rank: int,
+                 peft: PeftConfig | None = None) -> Memory:
     tp, pp = layout.tp, layout.pp
     padded = padded_vocab(arch, tp)
     params = stage_parameter_count(arch, padded, tp, pp, layout.vp, pp_rank)
+    trainable = params
+    if is_lora(peft):  # the base is frozen: only the adapters have grads and optimizer state
+        trainable = stage_adapter_count(arch, padded, tp, pp, pp_rank, peft)
+        params += trainable
     w, g, o = bytes_per_param(precision)
-    optimizer = params * o / (layout.dp if layout.distributed_optimizer else 1)
+    optimizer = trainable * o / (layout.dp if layout.distributed_optimizer else 1)
     tokens = seq * layout.mbs
     num_micro = gbs // (layout.mbs * layout.dp)
     chunks, divisor = in_flight(pp, layout.vp, num_micro, pp_rank)
-    activations = chunks * (arch.num_layers // divisor) * activation_bytes_per_layer(arch, tokens, tp, layout.recompute)
+    per_layer = activation_bytes_per_layer(arch, tokens, tp, layout.recompute, peft, padded)
+    activations = chunks * (arch.num_layers // divisor) * per_layer
     if layout.recompute == "full":  # one layer's activations rebuilt during its backward
-        activations += activation_bytes_per_layer(arch, tokens, tp, "none")
-    if pp_rank == pp - 1:  # loss: fp32 logits, final-norm and output-layer inputs
-        activations += tokens * (4 * padded + 2 * ACTIVATION_BYTES * arch.hidden_size) / tp
-    return Memory(pp_rank, params, params * w, params * g, optimizer, activations)
+        activations += activation_bytes_per_layer(arch, tokens, tp, "none", peft, padded)
+    if pp_rank == pp - 1:  # loss: fp32 logits, final-norm and output-layer inputs (frozen: no input kept)
+        activations += tokens * (4 * padded + (1 if is_lora(peft) else 2) * ACTIVATION_BYTES * arch.hidden_size) / tp
+        if is_lora(peft) and "output_layer" in peft.target_modules:
+            activations += lora_activation_bytes(arch, padded, tokens, tp, peft, "output_layer")
+    return Memory(pp_rank, params, trainable, params * w, trainable * g, optimizer, activations)
 
 
-def peak_memory(arch: LlamaArch, layout: Layout, seq: int, gbs: int, precision: str = "bf16") -> Memory:
+def peak_memory(arch: LlamaArch, layout: Layout, seq: int, gbs: int, precision: str = "bf16",
+                peft: PeftConfig | None = None) -> Memory:
     """The pipeline stage that needs the most memory."""
-    return max((stage_memory(arch, layout, seq, gbs, precision, r) for r in range(layout.pp)), key=lambda m: m.total)
+    return max((stage_memory(arch, layout, seq, gbs, precision, r, peft) for r in range(layout.pp)),
+               key=lambda m: m.total)
 
 
 def fits(memory: Memory, gpu_memory_gib: float) -> bool:
@@ -229,6 +309,7 @@ class Estimate:
             "step_time_s": self.step_time_s, "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
             "tflops_per_gpu": self.tflops_per_gpu, "mfu": self.mfu, "bubble_fraction": self.bubble_fraction,
             "tp_comm_fraction": self.tp_comm_fraction, "overrides": self.layout.overrides(seq, gbs),
+            "params_per_gpu": self.memory.params, "trainable_params_per_gpu": self.memory.trainable,
         }
 
 
@@ -243,9 +324,25 @@ def forward_flops_per_token(arch: LlamaArch, seq: int, vocab_size: int) -> tuple
     return layer, core_attention, output
 
 
+def backward_factor(peft: PeftConfig | None) -> float:
+    """Training / forward FLOPs of a linear: 3 (forward, input and weight gradients), or 2 when frozen."""
+    return 2.0 if is_lora(peft) else 3.0
+
+
+def training_flops_per_token(arch: LlamaArch, seq: int, vocab_size: int, peft: PeftConfig | None = None) -> float:
+    """Model FLOPs of one training token (forward + backward), whole model. Full fine-tuning: the
+    trunk's `flops_per_token`. LoRA: frozen linears skip their weight gradient (core attention's
+    backward is unchanged), and every adapter parameter costs 6 FLOPs per token."""
+    if not is_lora(peft):
+        return flops_per_token(arch, seq, vocab_size)
+    layer, core_attention, output = forward_flops_per_token(arch, seq, vocab_size)
+    adapters = sum(math.prod(shape) for shape in lora.adapter_shapes(arch, peft, vocab_size).values())
+    return arch.num_layers * (2 * layer + core_attention) + 2 * output + 6 * adapters
+
+
 def estimate(arch: LlamaArch, layout: Layout, *, gpu: GpuSpec, gpus: int, seq: int, gbs: int,
              gpu_memory_gib: float, compute_efficiency: float = COMPUTE_EFFICIENCY,
-             gpus_per_node: int = GPUS_PER_NODE) -> Estimate:
+             gpus_per_node: int = GPUS_PER_NODE, peft: PeftConfig | None = None) -> Estimate:
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     peak = PEAK_TFLOPS[gpu.peak_key]["bf16"] * 1e12
     tokens = seq * layout.mbs
@@ -254,9 +351,13 @@ def estimate(arch: LlamaArch, layout: Layout, *, gpu: GpuSpec, gpus: int, seq: i
     layer, core_attention, output = forward_flops_per_token(arch, seq, vocab)
     recompute_extra = {"none": 0.0, "selective": core_attention, "full": layer}[layout.recompute]
     layers_per_stage = arch.num_layers // pp
+    k = backward_factor(peft)
+    layer_train = k * layer + (3 - k) * core_attention  # attention's backward is the same either way
 
     # One micro-batch through the slowest (last: it has the output layer) stage.
-    stage_flops = tokens * (layers_per_stage * (3 * layer + recompute_extra) + 3 * output) / tp
+    stage_flops = tokens * (layers_per_stage * (layer_train + recompute_extra) + k * output) / tp
+    if is_lora(peft):  # this rank's adapters (replicated halves computed on every TP rank)
+        stage_flops += tokens * 6 * stage_adapter_count(arch, vocab, tp, pp, pp - 1, peft)
     compute_s = stage_flops / (peak * compute_efficiency)
     collectives = 8 + (4 if layout.recompute == "full" else 0)
     collective_bytes = (tp - 1) / tp * ACTIVATION_BYTES * tokens * arch.hidden_size
@@ -266,8 +367,8 @@ def estimate(arch: LlamaArch, layout: Layout, *, gpu: GpuSpec, gpus: int, seq: i
     pipeline_s = num_micro * stage_s * (1 + bubble)
 
     # Data-parallel gradient reduction of the largest stage.
-    memory = peak_memory(arch, layout, seq, gbs)
-    params = max(stage_memory(arch, layout, seq, gbs, "bf16", r).params for r in range(pp))
+    memory = peak_memory(arch, layout, seq, gbs, peft=peft)
+    params = max(stage_memory(arch, layout, seq, gbs, "bf16", r, peft).trainable for r in range(pp))
     dp_bw = gpu.nvlink_busbw_gbs if tp * dp <= gpus_per_node else gpu.internode_gbs
     ring = (dp - 1) / dp
     if layout.distributed_optimizer:
@@ -278,7 +379,7 @@ def estimate(arch: LlamaArch, layout: Layout, *, gpu: GpuSpec, gpus: int, seq: i
 
     step_s = pipeline_s + dp_exposed_s
     tokens_per_s_per_gpu = gbs * seq / step_s / gpus
-    tflops = tokens_per_s_per_gpu * flops_per_token(arch, seq, vocab)
+    tflops = tokens_per_s_per_gpu * training_flops_per_token(arch, seq, vocab, peft)
     return Estimate(
         layout=layout, memory=memory, fits=fits(memory, gpu_memory_gib), step_time_s=step_s,
         tokens_per_s_per_gpu=tokens_per_s_per_gpu, tflops_per_gpu=tflops / 1e12, mfu=tflops / peak,
@@ -311,7 +412,8 @@ def candidate_layouts(arch: LlamaArch, preset: str, *, gpus: int, seq: int, gbs:
                     for distopt in ((False, True) if dp > 1 else (False,)):
                         base = Layout(tp, pp, vp, dp, mbs, "none", distopt)
                         try:
-                            validate(base.job_config(preset, seq, gbs), arch, env)
+                            # as `melama train` does: `auto` fields resolved, then checked
+                            validate(resolve(base.job_config(preset, seq, gbs), env), arch, env)
                         except ConfigError as err:
                             for line in str(err).splitlines()[1:]:
                                 refused.setdefault(line.strip(" -"), None)
@@ -333,12 +435,13 @@ class Plan:
 
 def plan(arch: LlamaArch, preset: str, *, gpu: str, gpus: int, seq: int, gbs: int,
          gpu_memory_gib: float | None = None, compute_efficiency: float = COMPUTE_EFFICIENCY,
-         gpus_per_node: int = GPUS_PER_NODE) -> Plan:
+         gpus_per_node: int = GPUS_PER_NODE, peft: PeftConfig | None = None) -> Plan:
     spec = GPUS[gpu]
     memory_gib = gpu_memory_gib or spec.memory_gib
     layouts, refused = candidate_layouts(arch, preset, gpus=gpus, seq=seq, gbs=gbs, gpus_per_node=gpus_per_node)
     estimates = [estimate(arch, lay, gpu=spec, gpus=gpus, seq=seq, gbs=gbs, gpu_memory_gib=memory_gib,
-                          compute_efficiency=compute_efficiency, gpus_per_node=gpus_per_node) for lay in layouts]
+                          compute_efficiency=compute_efficiency, gpus_per_node=gpus_per_node, peft=peft)
+                 for lay in layouts]
     estimates.sort(key=lambda e: (not e.fits, -e.mfu, e.memory.total))
     return Plan(arch, estimates, refused)
 
@@ -367,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "and MFU, best first, and the config overrides to use. Every listed layout passes the same "
                     "checks as `melama train`. The memory and time models and their assumptions are described "
                     "in melama_mcore/commands/plan.py.",
-        epilog="Example: melama plan --preset llama2-70b --gpu a100-80gb --gpus 160 --seq 4096 --gbs 1000",
+        epilog="Examples: melama plan --preset llama2-70b --gpu a100-80gb --gpus 160 --seq 4096 --gbs 1000; "
+               "melama plan --preset llama2-70b --gpu h100-80gb --gpus 8 --gbs 128 --peft lora --lora-rank 16",
     )
     parser.add_argument("--preset", choices=list(PRESETS), help="model architecture (or take it from --config)")
     parser.add_argument("--config", help="a recipe YAML: its preset, seq, batch and layout are judged first")
@@ -378,6 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-memory-gib", type=float, help="usable memory per GPU (default: the GPU's total)")
     parser.add_argument("--gpus-per-node", type=int, default=GPUS_PER_NODE, help="TP stays inside a node")
     parser.add_argument("--vocab-size", type=int, help="vocabulary (needed for the tiny/nano presets)")
+    parser.add_argument("--peft", choices=lora.METHODS,
+                        help="none: full fine-tuning; lora: frozen base, adapters trained (default: the recipe's "
+                             "peft.method, else none)")
+    parser.add_argument("--lora-rank", type=int,
+                        help="LoRA rank (default: the recipe's peft.rank, else 16); alpha, dropout and target "
+                             "modules come from the recipe or the recipe defaults (dropout 0.05, all four linears)")
     parser.add_argument("--compute-efficiency", type=float, default=COMPUTE_EFFICIENCY,
                         help="achievable fraction of dense bf16 peak, e.g. a measured MFU from "
                              f"benchmarks/throughput.py (default {COMPUTE_EFFICIENCY})")
@@ -390,7 +500,7 @@ def _check_args(args) -> None:
     problems = []
     if args.preset is None and args.config is None:
         problems.append("give --preset or --config")
-    for name in ("gpus", "seq", "gbs", "top", "gpus_per_node", "vocab_size"):
+    for name in ("gpus", "seq", "gbs", "top", "gpus_per_node", "vocab_size", "lora_rank"):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -417,9 +527,10 @@ HEADER = ("  #  TP  PP  VP   DP MBS recompute distopt| weights  grads  optim  ac
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
-    recipe_layout = None
+    recipe_layout, peft = None, PeftConfig()
     if args.config:
         cfg = load_config(args.config)
+        peft = cfg.peft
         args.preset = args.preset or cfg.model.preset
         args.seq = args.seq or cfg.training.seq_length
         args.gbs = args.gbs or cfg.training.global_batch_size
@@ -428,21 +539,30 @@ def main(argv: list[str] | None = None) -> int:
         recipe_layout = Layout(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline, max(dp, 1),
                                t.micro_batch_size, t.recompute, p.use_distributed_optimizer is not False)
     args.seq, args.gbs = args.seq or 4096, args.gbs or 1024
+    peft = dataclasses.replace(peft, method=args.peft or peft.method, rank=args.lora_rank or peft.rank)
+    lora.check_peft_config(peft)
+    args.peft, args.lora_rank = peft.method, peft.rank
     overrides = [f"model.preset={args.preset}"] + ([f"model.vocab_size={args.vocab_size}"] if args.vocab_size else [])
     arch = resolve_arch(load_config(None, overrides).model, None)
     spec = GPUS[args.gpu]
     memory_gib = args.gpu_memory_gib or spec.memory_gib
     common = dict(gpu=spec, gpus=args.gpus, seq=args.seq, gbs=args.gbs, gpu_memory_gib=memory_gib,
-                  compute_efficiency=args.compute_efficiency, gpus_per_node=args.gpus_per_node)
+                  compute_efficiency=args.compute_efficiency, gpus_per_node=args.gpus_per_node, peft=peft)
 
     print(f"{args.preset}: {parameter_count(arch) / 1e9:.2f}B parameters; {args.gpus} x {args.gpu} "
           f"({memory_gib:.1f} GiB, {PEAK_TFLOPS[spec.peak_key]['bf16']:.0f} TFLOP/s bf16 dense); seq {args.seq}, "
           f"global batch {args.gbs} ({args.gbs * args.seq / 1e6:.2f}M tokens/step)")
-    report: dict = {"request": {k: v for k, v in vars(args).items() if k != "json"}}
+    if is_lora(peft):
+        adapters = sum(math.prod(s) for s in lora.adapter_shapes(arch, peft, padded_vocab(arch, 1)).values())
+        print(f"LoRA: rank {peft.rank}, alpha {peft.alpha:g}, dropout {peft.dropout:g}, on "
+              f"{', '.join(lora.target_order(peft))}: {adapters / 1e6:.1f}M trainable parameters; the base is frozen "
+              "(weights only: no grads, no optimizer state)")
+    report: dict = {"request": {k: v for k, v in vars(args).items() if k != "json"},
+                    "peft": dataclasses.asdict(peft)}
     if recipe_layout is not None:
         try:
-            validate(recipe_layout.job_config(args.preset, args.seq, args.gbs), arch,
-                     Environment(args.gpus, cuda=True, transformer_engine=False, fp8_capable=False))
+            env = Environment(args.gpus, cuda=True, transformer_engine=False, fp8_capable=False)
+            validate(resolve(recipe_layout.job_config(args.preset, args.seq, args.gbs), env), arch, env)
         except ConfigError as err:
             raise ConfigError(f"{args.config}: the recipe's layout is not valid on {args.gpus} GPUs: {err}") from None
         judged = estimate(arch, recipe_layout, **common)
@@ -452,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = plan(arch, args.preset, gpu=args.gpu, gpus=args.gpus, seq=args.seq, gbs=args.gbs,
                   gpu_memory_gib=memory_gib, compute_efficiency=args.compute_efficiency,
-                  gpus_per_node=args.gpus_per_node)
+                  gpus_per_node=args.gpus_per_node, peft=peft)
     fitting = result.fitting
     report["valid_layouts"], report["fitting_layouts"] = len(result.estimates), len(fitting)
     report["layouts"] = [e.to_dict(args.seq, args.gbs) for e in fitting[:args.top]]

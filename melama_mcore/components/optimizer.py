@@ -14,13 +14,6 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from melama_mcore.config.job_config import JobConfig
 
 
-def warmup_iters(cfg: JobConfig) -> int:
-    o = cfg.optimizer
-    if o.lr_warmup_iters is not None:
-        return o.lr_warmup_iters
-    return int(round(o.warmup_fraction * cfg.training.train_iters))
-
-
 def build_optimizer(cfg: JobConfig, model_chunks):
     o, t, p = cfg.optimizer, cfg.training, cfg.parallel
     bf16 = t.precision == "bf16"
@@ -81,9 +74,11 @@ def _keep_adam_step_out_of_param_state(optimizer) -> None:
     optimizer._set_main_param_and_optimizer_states = set_without_step
 
 
-def prepare_optimizer_for_load(optimizer) -> None:
-    """A fresh optimizer (no step taken) gets zero Adam state at step 0 to load into: no parameter
-    changes, and the load overwrites all of it."""
+def ensure_optimizer_state(optimizer) -> None:
+    """An optimizer that has applied no step yet (fresh, or every step so far skipped as non-finite)
+    gets zero Adam state at step 0, what Adam would start from: megatron's distributed optimizer
+    reads the step count out of it to build its state dict, for a save as for a load. No parameter
+    changes; a load overwrites all of it."""
     for part in _parts(optimizer):
         inner = getattr(part, "optimizer", None)
         if inner is None or inner.state or not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
@@ -120,7 +115,7 @@ def build_scheduler(cfg: JobConfig, optimizer) -> OptimizerParamScheduler:
         init_lr=0.0,
         max_lr=o.lr,
         min_lr=o.min_lr,
-        lr_warmup_steps=warmup_iters(cfg) * samples_per_step,
+        lr_warmup_steps=cfg.warmup_iters() * samples_per_step,
         lr_decay_steps=t.train_iters * samples_per_step,
         lr_decay_style=o.lr_decay_style,
         start_wd=o.weight_decay,

@@ -59,14 +59,16 @@ class TrainingConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 128
     train_iters: int = 1000  # the schedule's length (warm-up and decay are fractions of it)
-    stop_after_step: int | None = None  # save and exit after this step, schedule unchanged (rerun resumes)
+    # Save and exit after this step (1..train_iters), schedule unchanged (a rerun resumes).
+    stop_after_step: int | None = None
     seed: int = 1234
     device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     fp8: str | None = None  # None | hybrid | e4m3  (Transformer Engine only)
     fp8_recipe: str = "delayed"  # delayed | tensorwise
     recompute: str = "none"  # none | selective | full
-    recompute_num_layers: int = 1  # full recompute: layers per recompute block (uniform method)
+    # Full recompute: layers per recompute block (uniform method); must divide the layers of a pipeline stage.
+    recompute_num_layers: int = 1
     # Non-finite loss or grad norm: skip the update; stop after this many in a row.
     max_consecutive_skips: int = 5
     # How instruction data's loss is averaged over the global batch (data/sft/batch.py): token (every
@@ -102,10 +104,11 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    save_interval: int = 1000  # steps; also saved at the end and on SIGTERM / SIGUSR1
+    # Steps between saves (above train_iters: only at the end); also saved at the end and on SIGTERM / SIGUSR1.
+    save_interval: int = 1000
     resume: bool = True  # continue from <output_dir>/checkpoints when it holds a complete checkpoint
     init_from: str | None = None  # weights-only start (a Hugging Face import, or a run: its latest); ignored on resume
-    keep_last: int | None = None  # delete older complete checkpoints beyond this many
+    keep_last: int | None = None  # delete older complete checkpoints beyond this many (>= 1; None: keep all)
     on_save_failure: str = "stop"  # stop | continue (a warning per failure; the last good one stays latest)
     # Seconds between SIGTERM/SIGUSR1 and the hard kill (SLURM --signal=TERM@N, torchrun --shutdown-timeout).
     # None: finish the current step, then save. Set: with pipeline_parallel=1, a step that would not
@@ -145,7 +148,7 @@ class PeftConfig:
 class LoggingConfig:
     log_interval: int = 1
     eval_interval: int = 0  # 0: only at the end
-    eval_iters: int = 10
+    eval_iters: int = 10  # global batches per validation; 0: no validation
     tensorboard: bool = True
     peak_tflops: float | None = None  # per GPU; default from the device table in components/metrics.py
 
@@ -165,6 +168,13 @@ class JobConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def warmup_iters(self) -> int:
+        """Learning-rate warm-up steps: optimizer.lr_warmup_iters, else warmup_fraction of the run."""
+        o = self.optimizer
+        if o.lr_warmup_iters is not None:
+            return o.lr_warmup_iters
+        return int(round(o.warmup_fraction * self.training.train_iters))
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

@@ -6,8 +6,10 @@ bad recipe fails in seconds with one message listing every problem and what to c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Any, get_type_hints
 
 import torch
 
@@ -72,18 +74,51 @@ def data_parallel_size(cfg: JobConfig, world_size: int) -> int:
     return world_size // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
 
 
+def _unset_keys(section: Any, prefix: str = "") -> list[str]:
+    """Keys given no value (`key=` on the command line, `key:` in YAML) although they need one. A
+    string whose default is empty (data.tokenizer) is reported by its user, as missing."""
+    hints, unset = get_type_hints(type(section)), []
+    for f in dataclasses.fields(section):
+        value, hint = getattr(section, f.name), hints[f.name]
+        if dataclasses.is_dataclass(value):
+            unset += _unset_keys(value, f"{prefix}{f.name}.")
+        elif value is None and hint is not Any and type(None) not in getattr(hint, "__args__", ()) and f.default != "":
+            unset.append(prefix + f.name)
+    return unset
+
+
 def validate(cfg: JobConfig, arch: LlamaArch, env: Environment, problems: list[str] = ()) -> None:
     """Raise one ConfigError listing every problem (the caller's `problems` first), each with what
-    to change."""
-    t, p, o = cfg.training, cfg.parallel, cfg.optimizer
+    to change: every value that would otherwise fail, hang or loop inside megatron or the trainer."""
+    t, p, o, c, lg = cfg.training, cfg.parallel, cfg.optimizer, cfg.checkpoint, cfg.logging
     problems = list(problems)
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             problems.append(message)
 
+    def fail() -> None:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    unset = _unset_keys(cfg)
+    if unset:  # nothing below can be checked with a value missing
+        problems += [f"{key} has no value: give it one, or leave it out for the default" for key in unset]
+        fail()
+
+    # Sizes everything else divides by (a zero here would end in ZeroDivisionError or an endless loop).
+    known = len(problems)
     tp, pp, vp = p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline
     need(tp >= 1 and pp >= 1, "parallel.tensor_parallel and parallel.pipeline_parallel must be >= 1")
+    need(t.micro_batch_size >= 1 and t.global_batch_size >= 1, "batch sizes must be >= 1")
+    sizes = {"num_layers": arch.num_layers, "hidden_size": arch.hidden_size, "num_attention_heads":
+             arch.num_attention_heads, "num_query_groups": arch.num_query_groups, "ffn_hidden_size":
+             arch.ffn_hidden_size, "vocab_size": arch.vocab_size,
+             "make_vocab_size_divisible_by": cfg.model.make_vocab_size_divisible_by}
+    for key, value in sizes.items():
+        need(value >= 1, f"model.{key} must be >= 1, got {value}")
+    if len(problems) > known:
+        fail()
+
     need(env.world_size % (tp * pp) == 0,
          f"world size {env.world_size} is not divisible by tensor_parallel x pipeline_parallel = {tp * pp}: "
          f"launch a multiple of {tp * pp} processes or change the layout")
@@ -100,6 +135,12 @@ def validate(cfg: JobConfig, arch: LlamaArch, env: Environment, problems: list[s
          f"ffn_hidden_size {arch.ffn_hidden_size} is not divisible by tensor_parallel={tp}")
     need(arch.hidden_size % arch.num_attention_heads == 0,
          f"hidden_size {arch.hidden_size} is not divisible by {arch.num_attention_heads} heads")
+    need(arch.head_dim % 2 == 0,
+         f"head size hidden_size / num_attention_heads = {arch.head_dim} is odd: rotary embeddings rotate "
+         "pairs of channels; choose model.hidden_size and num_attention_heads with an even quotient")
+    need(arch.norm_eps > 0 and arch.rope_base > 0,
+         f"model.norm_eps ({arch.norm_eps}) and model.rope_base ({arch.rope_base}) must be > 0")
+    need(cfg.model.init_method_std >= 0, f"model.init_method_std must be >= 0, got {cfg.model.init_method_std}")
     stages = pp * (vp or 1)
     need(arch.num_layers % stages == 0,
          f"{arch.num_layers} layers cannot be split into pipeline_parallel x virtual_pipeline = {stages} "
@@ -111,7 +152,6 @@ def validate(cfg: JobConfig, arch: LlamaArch, env: Environment, problems: list[s
          "parallel.sequence_parallel needs tensor_parallel > 1: set sequence_parallel=false or raise tensor_parallel")
     need(not p.sequence_parallel or t.seq_length % tp == 0,
          f"sequence_parallel needs seq_length ({t.seq_length}) divisible by tensor_parallel={tp}")
-    need(t.micro_batch_size >= 1 and t.global_batch_size >= 1, "batch sizes must be >= 1")
     need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
          f"global_batch_size {t.global_batch_size} is not divisible by micro_batch_size x data_parallel = "
          f"{t.micro_batch_size} x {dp} = {t.micro_batch_size * dp}: make it a multiple of {t.micro_batch_size * dp}")
@@ -120,10 +160,33 @@ def validate(cfg: JobConfig, arch: LlamaArch, env: Environment, problems: list[s
         need(num_micro % pp == 0,
              f"the interleaved schedule needs the number of micro-batches per step ({num_micro}) to be a "
              f"multiple of pipeline_parallel={pp}: change global_batch_size or micro_batch_size")
+    need(t.seq_length >= 1, f"training.seq_length must be >= 1, got {t.seq_length}")
     need(t.seq_length <= arch.max_position_embeddings or cfg.model.preset.startswith("llama2"),
          f"seq_length {t.seq_length} exceeds the preset's {arch.max_position_embeddings} positions")
     need(t.train_iters >= 1, "training.train_iters must be >= 1")
+    if t.train_iters >= 1:
+        need(t.stop_after_step is None or 1 <= t.stop_after_step <= t.train_iters,
+             f"training.stop_after_step={t.stop_after_step} is never reached: use a step from 1 to "
+             f"training.train_iters ({t.train_iters}), or null")
+
+        need(cfg.warmup_iters() < t.train_iters,  # megatron's scheduler asserts it
+             f"the learning-rate warm-up ({cfg.warmup_iters()} steps) must end before training.train_iters "
+             f"({t.train_iters}): lower optimizer.lr_warmup_iters or optimizer.warmup_fraction")
+    need(0 <= t.seed < 2 ** 32, f"training.seed must be in [0, 2**32), got {t.seed}")
+    need(t.max_consecutive_skips >= 1,
+         f"training.max_consecutive_skips must be >= 1 (non-finite steps in a row before stopping), "
+         f"got {t.max_consecutive_skips}")
     need(t.recompute in ("none", "selective", "full"), "training.recompute must be none, selective or full")
+    if t.recompute == "full":
+        # megatron recomputes groups of recompute_num_layers layers of each model chunk: 0 loops forever,
+        # a group past the chunk's last layer fails with an IndexError.
+        chunk_layers = arch.num_layers // (pp * (vp or 1))
+        need(t.recompute_num_layers >= 1 and chunk_layers % t.recompute_num_layers == 0,
+             f"training.recompute_num_layers={t.recompute_num_layers} must divide the {chunk_layers} layers of "
+             f"each pipeline stage (model chunk): choose a divisor of {chunk_layers}")
+    need(t.recompute == "none" or t.device != "cpu" or cfg.model.backend != "local",
+         "training.recompute with model.backend=local does not run on CPU (megatron's local attention asks "
+         "CUDA for its causal mask when recomputing): use model.backend=native or training.recompute=none")
     need(t.device in ("cpu", "cuda"), f"training.device must be auto, cpu or cuda, got {t.device!r}")
     need(t.device != "cuda" or env.cuda, "training.device=cuda but no CUDA device is visible")
     need(t.precision in ("bf16", "fp32"), f"training.precision must be auto, bf16 or fp32, got {t.precision!r}")
@@ -134,9 +197,28 @@ def validate(cfg: JobConfig, arch: LlamaArch, env: Environment, problems: list[s
     need(o.lr_decay_style in ("cosine", "linear", "constant"), "optimizer.lr_decay_style must be cosine, linear or constant")
     need(0 <= o.min_lr <= o.lr, f"optimizer.min_lr ({o.min_lr}) must be between 0 and lr ({o.lr})")
     need(0 <= o.warmup_fraction < 1, "optimizer.warmup_fraction must be in [0, 1)")
+    need(o.lr_warmup_iters is None or o.lr_warmup_iters >= 0, "optimizer.lr_warmup_iters must be >= 0 or null")
+    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1,
+         f"optimizer.beta1 ({o.beta1}) and optimizer.beta2 ({o.beta2}) must be in [0, 1)")
+    need(o.eps >= 0 and o.weight_decay >= 0 and o.clip_grad >= 0,
+         f"optimizer.eps ({o.eps}), weight_decay ({o.weight_decay}) and clip_grad ({o.clip_grad}; 0: no "
+         "clipping) must be >= 0")
     need(cfg.data.loader in ("default", "dali"), "data.loader must be default or dali")
-    need(cfg.checkpoint.on_save_failure in ("stop", "continue"), "checkpoint.on_save_failure must be stop or continue")
-    need(cfg.checkpoint.optimizer_format in ("dp_reshardable", "fully_reshardable"),
+    need(c.on_save_failure in ("stop", "continue"), "checkpoint.on_save_failure must be stop or continue")
+    need(c.save_interval >= 1,
+         f"checkpoint.save_interval must be >= 1 step, got {c.save_interval} (a value above "
+         "training.train_iters saves only at the end)")
+    need(c.keep_last is None or c.keep_last >= 1,
+         f"checkpoint.keep_last must be >= 1, or null to keep every checkpoint; got {c.keep_last}")
+    need(c.preemption_grace_s is None or c.preemption_grace_s > 0,
+         f"checkpoint.preemption_grace_s must be > 0 seconds, or null (finish the step, then save); "
+         f"got {c.preemption_grace_s}")
+    need(lg.log_interval >= 1, f"logging.log_interval must be >= 1 step, got {lg.log_interval}")
+    need(lg.eval_interval >= 0, f"logging.eval_interval must be >= 0 (0: only at the end), got {lg.eval_interval}")
+    need(lg.eval_iters >= 0, f"logging.eval_iters must be >= 0 (0: no validation), got {lg.eval_iters}")
+    need(lg.peak_tflops is None or lg.peak_tflops > 0,
+         f"logging.peak_tflops must be > 0, or null for the device table's value; got {lg.peak_tflops}")
+    need(c.optimizer_format in ("dp_reshardable", "fully_reshardable"),
          "checkpoint.optimizer_format must be dp_reshardable or fully_reshardable")
 
     if t.device == "cpu":
@@ -182,4 +264,4 @@ def validate(cfg: JobConfig, arch: LlamaArch, env: Environment, problems: list[s
              "(Transformer Engine's fused modules are not supported)")
 
     if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        fail()

@@ -22,7 +22,10 @@ it. What it does, and why:
 
 What still cannot run on CPU (the config checks refuse it, naming the reason): Transformer
 Engine and FP8 (CUDA libraries), NCCL-specific settings, CUDA graphs, and the fused CUDA kernels
-(the native backend uses their torch references on CPU).
+(the native backend uses their torch references on CPU). And activation recompute with the
+`local` backend: torch switches a function mode off while it runs the function it intercepted, so
+the forward that recompute replays inside `autograd.backward` escapes the device rewrite and meets
+megatron's `device="cuda"` causal mask (the native backend builds no such mask).
 """
 
 from __future__ import annotations

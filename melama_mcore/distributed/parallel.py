@@ -19,7 +19,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.transformer.module import Float16Module
 
 from melama_mcore.config.job_config import JobConfig
-from melama_mcore.distributed import cpu_compat
+from melama_mcore.distributed import cpu_compat, watchdog
 from melama_mcore.distributed.launch import LaunchEnv
 
 
@@ -32,6 +32,12 @@ def _free_port() -> int:
 def initialize(cfg: JobConfig, launch: LaunchEnv) -> None:
     """Start torch.distributed (NCCL on GPU, gloo on CPU) and megatron's model-parallel groups."""
     rank, world, local_rank = launch.rank, launch.world_size, launch.local_rank
+    # From here a rank waits on its peers: orphaned by torchrun it would wait forever. Under srun the
+    # ranks are children of slurmstepd, not srun, and SLURM itself kills every process of a step when it
+    # ends; one process waits on nobody (and `nohup melama train` must outlive its shell).
+    if launch.agent_pid is not None:
+        watchdog.exit_with_parent(launch.agent_pid, f"rank {rank}: exiting, its launcher (torchrun, pid "
+                                                    f"{launch.agent_pid}) is gone")
     if world == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -106,6 +112,12 @@ def wrap_for_training(cfg: JobConfig, chunks: list) -> list[DistributedDataParal
         config.param_sync_func = hook("start_param_sync")
     config.finalize_model_grads_func = finalize_model_grads
     return model
+
+
+def wrap_for_inference(cfg: JobConfig, chunks: list) -> list:
+    """Model chunks for forward-only use (evaluation): in bf16 wrapped in megatron's Float16Module,
+    as for training, so the numbers are the trainer's; no DDP, no gradient buffers."""
+    return [Float16Module(chunk.config, chunk) if chunk.config.bf16 else chunk for chunk in chunks]
 
 
 def shutdown() -> None:

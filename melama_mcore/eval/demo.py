@@ -93,15 +93,16 @@ def print_results_table(out_dir: Path) -> None:
     print((Path(out_dir) / "results.md").read_text(encoding="utf-8"), end="")
 
 
-def run_demo_evaluation(model: Path, out: Path) -> Path:
-    """The demo's step: records into out/mibe_data, `melama eval` of `model` (the demo's run folder)
-    into out/eval with plain prompts (a base model) and the demo's short generations; prints the table.
-    Returns the results folder."""
+def run_demo_evaluation(model: Path, out: Path, adapter: Path | None = None) -> Path:
+    """The demo's step: records into out/mibe_data, `melama eval` of `model` (the demo's run folder,
+    or an HF folder with a PEFT `adapter`: then in the Me-LLaMA chat format) into out/eval with the
+    demo's short generations; prints the table. Returns the results folder."""
     from melama_mcore.eval.command import EvalOptions, evaluate
 
     out = Path(out)
     write_demo_records(out / "mibe_data")
     evaluate(EvalOptions(model=Path(model), tasks=list(DEMO_TASKS), out=out / "eval", data_dir=out / "mibe_data",
-                         chat=False, log_samples=True, max_new_tokens=DEMO_NEW_TOKENS))
+                         adapter=adapter, chat=adapter is not None, log_samples=True,
+                         max_new_tokens=DEMO_NEW_TOKENS))
     print_results_table(out / "eval")
     return out / "eval"

@@ -29,19 +29,29 @@ def framework_logits(ckpt: Path, arch: LlamaArch, tokens: torch.Tensor, tp: int 
 
     from melama_mcore.checkpoint.checkpointer import Checkpointer
     from melama_mcore.checkpoint.integrity import model_identity
+    from melama_mcore.checkpoint.layout import read_config
     from melama_mcore.distributed import parallel
+    from melama_mcore.models.llama.lora import apply_lora
     from melama_mcore.models.llama.model import build_model_chunks
     from melama_mcore.startup import start
 
     cfg = sda.arch_config(arch, tp, pp, vp, divisible_by)
+    if adapter is not None:
+        _, peft = read_config(adapter)
+        if peft is None:
+            raise CheckpointError(f"{adapter} is not an adapter checkpoint (its config.yaml has no peft.method: lora)")
+        cfg.peft, cfg.checkpoint.init_from = peft, str(ckpt)
     cfg.model.backend = "native"
     cfg.training.device, cfg.training.precision, cfg.training.seq_length = "cpu", "fp32", tokens.shape[1]
     runtime = start(cfg)
     try:
         chunks = build_model_chunks(cfg, arch, runtime.backend)
-        Checkpointer(cfg, chunks, None, None, identity=model_identity(arch, None)).load_weights(str(ckpt))
+        checkpointer = Checkpointer(cfg, chunks, None, None, identity=model_identity(arch, None))
+        if adapter is not None:  # as the trainer: adapters added, then the base loaded, then the adapters
+            apply_lora(chunks, cfg.peft, seed=cfg.training.seed)
+        checkpointer.load_weights(str(ckpt))
         if adapter is not None:
-            _load_adapters(chunks, adapter, cfg.training.seed)
+            checkpointer.load_adapters(adapter)
         for chunk in chunks:
             chunk.eval()
             if round_to is not None:
@@ -64,26 +74,3 @@ def framework_logits(ckpt: Path, arch: LlamaArch, tokens: torch.Tensor, tp: int 
     finally:
         parallel.shutdown()
 
-
-def _load_adapters(chunks: list, folder: Path, seed: int) -> None:
-    """Add the LoRA adapters an adapter checkpoint describes (its config.yaml's `peft:` section) to
-    chunks holding the base weights, and load their tensors from it (saved at any TP/PP)."""
-    from megatron.core import dist_checkpointing
-
-    from melama_mcore.checkpoint.integrity import check_no_code, verify_checksums
-    from melama_mcore.checkpoint.layout import read_config
-    from melama_mcore.models.llama.lora import adapter_sharded_state_dict, apply_lora
-
-    _, peft = read_config(folder)
-    if peft is None:
-        raise CheckpointError(f"{folder} is not an adapter checkpoint (its config.yaml has no peft.method: lora)")
-    apply_lora(chunks, peft, seed=seed)
-    verify_checksums(folder)
-    check_no_code(folder)
-    try:
-        loaded = dist_checkpointing.load({f"model{i}": adapter_sharded_state_dict(c) for i, c in enumerate(chunks)},
-                                         str(folder))
-    except Exception as err:  # megatron raises several types for a mismatched or corrupt checkpoint
-        raise CheckpointError(f"cannot load the adapters of {folder}: {type(err).__name__}: {err}") from err
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded[f"model{i}"], strict=False)  # the base's keys are the missing ones

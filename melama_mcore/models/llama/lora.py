@@ -26,17 +26,20 @@ the base weights), so the fused output gets one matmul and one add.
 LoRA, and PEFT's own megatron integration puts one adapter on the fused module, forces fp32 adapters
 and does not gather the sequence for a column-parallel adapter under sequence parallelism):
 * column-parallel base (output rows sharded): A is replicated, B is sharded on its output rows
-  like the base weight. The adapter sees the whole sequence (under SP it gathers it, as the base
-  does inside its matmul); the rank-sized A(x) is all-reduced in backward, so A's gradient and
-  the input gradient of the adapter path are complete on every rank.
+  like the base weight. Without SP the adapter sees the whole sequence and the rank-sized A(x) is
+  all-reduced in backward, so A's gradient and the adapter path's input gradient are complete on
+  every rank. Under SP, A runs on this rank's positions and only A(x) (rank-sized) is gathered
+  over the sequence: the adapter keeps no gathered sequence x hidden input (the base keeps its own
+  input sharded, too). Backward reduce-scatters dL/dA(x); A's gradient covers this rank's positions
+  and megatron's finalize sums it over TP (A is marked `sequence_parallel`, like the norm weights).
 * row-parallel base (input columns sharded): A is sharded on its input columns, B is replicated.
   A(x) is all-reduced (as the base reduces its output); under SP the adapter's output is scattered
   over the sequence, as the base reduce-scatters its own.
-Replicated adapter tensors therefore get identical, complete gradients on every TP rank: megatron's
-DDP reduces them over data parallelism only and nothing else touches them. Adapters follow the
+Replicated adapter tensors therefore get identical, complete gradients on every TP rank (under SP
+after that sum): megatron's DDP reduces them over data parallelism. Adapters follow the
 pipeline stage of their layer. Dropout on a replicated input uses the default generator (equal
-across TP ranks, as megatron's own dropout on replicated activations); on a TP-sharded input it
-uses megatron's model-parallel RNG fork.
+across TP ranks, as megatron's own dropout on replicated activations); on a TP- or SP-sharded input
+it uses megatron's model-parallel RNG fork.
 
 **Checkpoints.** The base keeps its parameters, names and dist-checkpoint keys (the layer's class
 is swapped for a subclass that adds the adapters, instead of wrapping it): a base checkpoint loads
@@ -238,12 +241,19 @@ class LoraColumnParallelLinear(_LoraLinear, ColumnParallelLinear):
     def forward(self, input_, weight=None, runtime_gather_output=None):
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         output, bias = super().forward(input_, weight, runtime_gather_output=False)
-        x = input_
-        if self.sequence_parallel:  # the base gathers the sequence inside its matmul; the adapter here.
-            # Backward: a plain split, as the adapter path's input grad is complete on every rank.
-            x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=self.tp_group)
-        # Each rank's B shard gives part of dL/du: summed over TP in backward, before A and x see it.
-        u = copy_to_tensor_model_parallel_region(self._lora_down(x), group=self.tp_group)
+        if self.sequence_parallel:
+            # A on this rank's part of the sequence, then the rank-sized A(x) gathered, not the input:
+            # the adapter keeps no sequence x hidden activation of its own. Backward reduce-scatters
+            # dL/du (each rank's B shard gives part of it); A's gradient is then this rank's positions'
+            # share, summed over TP by megatron's finalize (lora_A.sequence_parallel, as for the norms).
+            # Positions differ per rank: dropout draws from megatron's model-parallel RNG.
+            with tensor_parallel.get_cuda_rng_tracker().fork() if self.training and self.lora_dropout \
+                    else contextlib.nullcontext():
+                u = self._lora_down(input_)
+            u = gather_from_sequence_parallel_region(u, tensor_parallel_output_grad=True, group=self.tp_group)
+        else:
+            # Each rank's B shard gives part of dL/du: summed over TP in backward, before A and x see it.
+            u = copy_to_tensor_model_parallel_region(self._lora_down(input_), group=self.tp_group)
         output = output + self._lora_up(u)
         if gather:
             output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
@@ -307,6 +317,8 @@ def _add_adapters(module, target: str, layer: int | None, peft, seed: int) -> No
         set_defaults_if_not_set_tensor_model_parallel_attributes(getattr(adapter, replicated))
         for param in adapter.parameters():
             param.allreduce = True  # reduced over data parallelism, like every non-expert weight
+        if column and config.sequence_parallel:  # A sees this rank's positions only: grads summed over TP
+            adapter.lora_A.sequence_parallel = True
         adapters[piece] = adapter
     module.__class__ = LoraColumnParallelLinear if column else LoraRowParallelLinear
     module.lora = torch.nn.ModuleDict(adapters)
