@@ -374,6 +374,9 @@ def worker(root: Path, peft_dir: Path, name: str) -> None:
     cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.sequence_parallel = tp, pp, sp
     cfg.training.device, cfg.training.precision, cfg.training.seq_length = "cpu", "fp32", 12
     cfg.optimizer.lr = 1e-2
+    # The plain optimizer: its param groups are the model's own parameters, counted below by identity
+    # (the distributed optimizer's are fp32 shard copies; tests/test_convert_lora.py trains with it).
+    cfg.parallel.use_distributed_optimizer = False
     start(cfg)
     rank = dist.get_rank()
     padded = output_vocab_size(cfg, a)
