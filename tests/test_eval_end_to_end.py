@@ -33,8 +33,8 @@ def world(tmp_path_factory, tiny_bert) -> dict:  # noqa: F811
 
     from melama_mcore.checkpoint.hf_folder import copy_tokenizer
     from melama_mcore.commands.convert import import_hf
-    from melama_mcore.config.job_config import dump_config, load_config
     from melama_mcore.commands.demo_corpus import write_demo_corpus
+    from melama_mcore.config.job_config import dump_config, load_config
     from melama_mcore.data.train_tokenizer import train_sentencepiece
     from melama_mcore.eval.demo import write_demo_records
 
