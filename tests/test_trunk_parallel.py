@@ -164,7 +164,7 @@ def test_bf16_distributed_optimizer_stop_resume_and_reshard(bf16_run, tmp_path):
     _assert_continues(tmp_path / "dp1", straight, 1e-6, "dp2 -> dp1")
 
     refused = run_train(tmp_path / "dp2", common + ["training.train_iters=4", TP2], nproc=2, check=False)
-    assert refused.returncode == 2
+    assert refused.returncode != 0  # each rank exits 2; torchrun reports 1
     assert "dp_reshardable format, saved at TP 1 x PP 1; this run is TP 2 x PP 1" in refused.stdout
     assert "checkpoint.optimizer_format=fully_reshardable" in refused.stdout
     assert "Traceback" not in refused.stdout

@@ -53,19 +53,12 @@ def _writer_helper_init() -> None:
     preemption save it serves fails with a broken pipe. It exits when its rank dies instead (a rank
     killed with SIGKILL would otherwise leave it running forever)."""
     import signal
-    import threading
-    import time
+
+    from melama_mcore.distributed.watchdog import exit_with_parent
 
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    parent = os.getppid()
-
-    def exit_with_parent() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=exit_with_parent, daemon=True).start()
+    exit_with_parent(os.getppid(), exit_code=0)
 
 
 def _start_writer_helper() -> None:
