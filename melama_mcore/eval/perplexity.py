@@ -29,13 +29,10 @@ log = logging.getLogger("melama")
 def evaluation_config(ckpt: Path, args):
     """The run's settings from the checkpoint's config.yaml (model, tokenizer, sequence length,
     batch sizes, seed, split, precision), with the blend, layout and sample count asked for."""
-    from melama_mcore.config.job_config import load_config
+    from melama_mcore.checkpoint.layout import read_config
 
-    if not (ckpt / "config.yaml").is_file():
-        raise CheckpointError(f"{ckpt} has no config.yaml: eval-ppl scores this project's training checkpoints "
-                              "and imports (melama convert import-hf writes one)")
-    cfg = load_config(ckpt / "config.yaml")
-    if not cfg.data.tokenizer:
+    cfg, _ = read_config(ckpt)
+    if not cfg.data.tokenizer and not args.tokenizer:
         raise CheckpointError(f"{ckpt}: its config.yaml names no tokenizer (data.tokenizer); set it with "
                               "--tokenizer")
     cfg.data.blend = args.blend
