@@ -3,8 +3,9 @@
 * Library warnings that ask nothing of the user (megatron announcing that Transformer Engine or apex
   is absent and it falls back to torch, deprecations inside libraries) are silenced when the
   package is imported, before megatron is, so they never precede a command's own output.
-* Logging: INFO from rank 0 and from the last rank (which holds the loss under pipeline
-  parallelism), WARNING from the others; each line names its rank when there are several.
+* Logging: INFO from rank 0; the last rank (which holds the loss under pipeline parallelism) adds
+  the step and validation metrics; every rank says its warnings; each line names its rank when
+  there are several.
 """
 
 from __future__ import annotations
@@ -33,9 +34,14 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
 
 
+METRICS_LOGGER = "melama_mcore.components.metrics"
+
+
 def setup_logging(rank: int = 0, world_size: int = 1) -> None:
     prefix = f"[rank{rank}] " if world_size > 1 else ""
-    level = logging.INFO if rank in (0, world_size - 1) else logging.WARNING
-    logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S", force=True)
+    if rank == world_size - 1:
+        logging.getLogger(METRICS_LOGGER).setLevel(logging.INFO)
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)

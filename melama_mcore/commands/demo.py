@@ -120,8 +120,11 @@ def export_and_answer(run_dir: Path, chat_dir: Path, out: Path, log_path: Path) 
     _run(melama + ["export-peft", "--ckpt", str(chat_dir), "--out", str(adapter)], log_path)
 
     import torch
+    import transformers
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()  # a bar per weight load: noise in the demo's output
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)

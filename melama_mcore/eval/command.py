@@ -217,6 +217,9 @@ def evaluate(options: EvalOptions) -> dict[str, dict[str, float | None]]:
 
     import lm_eval
 
+    # MIBE's tasks wrap their prompts in the Me-LLaMA chat format themselves (--chat): lm-eval's advice
+    # to apply the tokenizer's chat template when a path says "chat" does not apply to them.
+    logging.getLogger("lm_eval.evaluator").addFilter(lambda record: "chat variant" not in record.getMessage())
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     with model_source.hf_folder(options.model, options.out) as hf_dir:
         if options.adapter:
