@@ -25,6 +25,8 @@ Every rank reaches the same verdict from the same files, so no rank is left wait
 
 from __future__ import annotations
 
+from functools import partial
+
 import math
 import os
 import re
@@ -230,7 +232,6 @@ def build_pretraining_datasets(blend: Blend, *, tokenizer: Tokenizer, seq_length
                                cache_dir: str | None = None, data_parallel_size: int = 1
                                ) -> tuple[torch.utils.data.Dataset, dict[str, torch.utils.data.Dataset]]:
     """(train dataset of `train_samples` samples, {source name: valid dataset of `valid_samples`})."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     blend = load_blend(blend)
@@ -238,19 +239,30 @@ def build_pretraining_datasets(blend: Blend, *, tokenizer: Tokenizer, seq_length
                                     train_samples=train_samples, valid_samples=valid_samples, split=split,
                                     cache_dir=cache_dir).tokens
     view = _MegatronTokenizerView(tokenizer)
+    config = partial(GPTDatasetConfig, random_seed=seed, sequence_length=seq_length, tokenizer=view,
+                     path_to_cache=cache_dir, reset_position_ids=False, reset_attention_mask=False,
+                     eod_mask_loss=False, create_attention_mask=False, data_parallel_size=data_parallel_size)
+    return build_blended(GPTDataset, config, blend, tokens, train_samples=train_samples,
+                         valid_samples=valid_samples, split=split)
+
+
+def build_blended(dataset_class, config, blend: Blend, tokens: dict[str, int], *, train_samples: int,
+                  valid_samples: int, split: str):
+    """megatron's blended builder over a blend: (one train dataset over every train prefix,
+    {source name: a valid dataset of `valid_samples`, from its valid prefixes or its split's valid
+    part}). `config(**blend_fields)` makes the dataset class's config; `tokens` weighs prefixes.
+    For pre-training (GPTDataset) and packed instruction data (data/sft) alike."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 
     def build(sizes, **data):
-        config = GPTDatasetConfig(
-            random_seed=seed, sequence_length=seq_length, tokenizer=view, path_to_cache=cache_dir,
-            reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-            create_attention_mask=False, data_parallel_size=data_parallel_size, **data)
-        if config.split_matrix is not None:
+        cfg = config(**data)
+        if cfg.split_matrix is not None:
             # megatron builds every split with a share, asked for or not (a 0-sample part with no
             # document loops forever); keep only the parts this build asks samples of.
-            config.split_matrix = [bookends if size else None for bookends, size in zip(config.split_matrix, sizes)]
+            cfg.split_matrix = [bookends if size else None for bookends, size in zip(cfg.split_matrix, sizes)]
         # Every rank builds (rank 0 first, then the others, reading rank 0's cache when there is one):
         # each data-parallel rank needs the dataset to draw its own micro-batches.
-        return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+        return BlendedMegatronDatasetBuilder(dataset_class, sizes, lambda: True, cfg).build()
 
     explicit_valid = blend.sources[0].valid is not None
     train_blend = _weighted_prefixes(blend, tokens, "train")
@@ -258,6 +270,8 @@ def build_pretraining_datasets(blend: Blend, *, tokenizer: Tokenizer, seq_length
         train = build([train_samples, 0, 0], blend_per_split=[train_blend, None, None])[0]
     else:
         train = build([train_samples, 0, 0], blend=train_blend, split=split)[0]
+    if train is None:
+        raise DataError(f"split {split!r} leaves no training data: give it a train share")
 
     valid = {}
     if valid_samples > 0:
@@ -268,6 +282,7 @@ def build_pretraining_datasets(blend: Blend, *, tokenizer: Tokenizer, seq_length
             else:
                 dataset = build([0, valid_samples, 0], blend=_source_blend(source.train, tokens),
                                 split=split)[1]
-            # megatron builds whole epochs of a single prefix: keep exactly the samples asked for.
-            valid[source.name] = torch.utils.data.Subset(dataset, range(min(valid_samples, len(dataset))))
+            if dataset is not None:
+                # megatron builds whole epochs of a single prefix: keep exactly the samples asked for.
+                valid[source.name] = torch.utils.data.Subset(dataset, range(min(valid_samples, len(dataset))))
     return train, valid

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import zipfile
+from functools import partial
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatr
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 
 from melama_mcore.data.blend import Blend, load_blend
-from melama_mcore.data.dataset import _MegatronTokenizerView, _source_blend, _weighted_prefixes
+from melama_mcore.data.dataset import _MegatronTokenizerView, build_blended
 from melama_mcore.data.sft.indexed import SFTIndexedData, marker_path
 from melama_mcore.data.sft.packing import PackingPlan, build_plan
 from melama_mcore.data.tokenizer import Tokenizer
@@ -146,37 +147,13 @@ def build_sft_datasets(blend: Blend, *, tokenizer: Tokenizer, seq_length: int, s
     """(train dataset of `train_samples` packed sequences, {source name: valid dataset}), as
     build_pretraining_datasets but for a blend of preprocess-sft prefixes. Each source's weight is
     split over its prefixes in proportion to their tokens."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-
     blend = load_blend(blend)
     tokens = {}
     for source in blend.sources:
         for prefix in source.train + (source.valid or []):
             if prefix not in tokens:
                 tokens[prefix] = SFTIndexedData(prefix, tokenizer.vocab_size).meta["counts"]["tokens"]
-    view = _SFTTokenizerView(tokenizer)
-
-    def build(sizes, **data):
-        config = BlendedMegatronDatasetConfig(random_seed=seed, sequence_length=seq_length, tokenizer=view,
-                                              path_to_cache=cache_dir, **data)
-        return BlendedMegatronDatasetBuilder(PackedSFTDataset, sizes, lambda: True, config).build()
-
-    explicit_valid = blend.sources[0].valid is not None
-    train_blend = _weighted_prefixes(blend, tokens, "train")
-    if explicit_valid:
-        train = build([train_samples, 0, 0], blend_per_split=[train_blend, None, None])[0]
-    else:
-        train = build([train_samples, 0, 0], blend=train_blend, split=split)[0]
-    if train is None:
-        raise DataError(f"split {split!r} leaves no training data")
-    valid = {}
-    if valid_samples > 0:
-        for source in blend.sources:
-            if explicit_valid:
-                dataset = build([0, valid_samples, 0],
-                                blend_per_split=[None, _source_blend(source.valid, tokens), None])[1]
-            else:
-                dataset = build([0, valid_samples, 0], blend=_source_blend(source.train, tokens), split=split)[1]
-            if dataset is not None:
-                valid[source.name] = torch.utils.data.Subset(dataset, range(min(valid_samples, len(dataset))))
-    return train, valid
+    config = partial(BlendedMegatronDatasetConfig, random_seed=seed, sequence_length=seq_length,
+                     tokenizer=_SFTTokenizerView(tokenizer), path_to_cache=cache_dir)
+    return build_blended(PackedSFTDataset, config, blend, tokens, train_samples=train_samples,
+                         valid_samples=valid_samples, split=split)
