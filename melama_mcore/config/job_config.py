@@ -29,6 +29,7 @@ class ModelConfig:
     vocab_size: int | None = None
     norm_eps: float | None = None
     rope_base: float | None = None
+    max_position_embeddings: int | None = None  # the context the model was trained for (HF config.json's)
     # Layer implementation: auto | transformer_engine | native | local (see models/llama/model.py).
     backend: str = "auto"
     # Loss kernel: megatron (its fused vocab-parallel cross-entropy on GPU) | melama (csrc kernel:

@@ -140,11 +140,10 @@ def hf_config(arch: LlamaArch, dtype: torch.dtype) -> dict:
 
 
 def matching_preset(arch: LlamaArch) -> str:
-    """The preset a converted checkpoint's config.yaml names. Every other architecture field is
-    written explicitly beside it, so the preset contributes only what the model section has no key
-    for, the context length: a preset with the architecture's max_position_embeddings (the one of the
-    same shape if there is one), so that the config resolves to the source's architecture; else the
-    preset of the same shape, else llama2-7b. model_identity.json records the positions either way."""
+    """The preset a converted checkpoint's config.yaml names, for its reader: every architecture field
+    (ARCH_FIELDS, the context length included) is written explicitly beside it, so the preset decides
+    nothing. The one of the same shape and context if there is one, else of the same context, else
+    of the same shape, else llama2-7b."""
     def shape(a: LlamaArch) -> tuple:
         return a.num_layers, a.hidden_size, a.num_attention_heads, a.num_query_groups, a.ffn_hidden_size
 
@@ -283,7 +282,7 @@ def hf_layer(arch: LlamaArch, layer: int, tensors: dict[str, torch.Tensor]) -> d
 # The architecture fields a converted checkpoint states in its config.yaml
 # ---------------------------------------------------------------------------------------------
 ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-               "vocab_size", "norm_eps", "rope_base")
+               "vocab_size", "norm_eps", "rope_base", "max_position_embeddings")
 
 
 def arch_config(arch: LlamaArch, tp: int = 1, pp: int = 1, vp: int | None = None, divisible_by: int = 128):
