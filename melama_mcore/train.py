@@ -59,6 +59,9 @@ class Trainer:
         # 1. Start-up: the config checked before any process group, then the groups.
         missing = [f"data.{key} must be set (see examples/configs/)"
                    for key, value in (("tokenizer", cfg.data.tokenizer), ("blend", cfg.data.blend)) if not value]
+        if cfg.checkpoint.init_from and not Path(cfg.checkpoint.init_from).exists():
+            missing.append(f"checkpoint.init_from {cfg.checkpoint.init_from} does not exist: give a `melama convert "
+                           "import-hf` folder, a run folder or one of its checkpoints")
         self.tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
         configure(cfg, self.tokenizer and self.tokenizer.vocab_size, missing)  # fails here, before any group
         ensure_writable_dir(Path(cfg.output_dir), "output_dir")

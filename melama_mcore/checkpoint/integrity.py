@@ -126,8 +126,11 @@ def check_identity(folder: Path, identity: dict | None, with_adapters: bool = Fa
         return
     diffs = identity_differences(saved, identity, with_adapters)
     if diffs:
-        raise CheckpointError(f"checkpoint {folder} does not fit this run: {'; '.join(diffs)}. Use the "
-                              "checkpoint's model settings and tokenizer, or another output_dir")
+        advice = ("It is this run's own checkpoint: resume with the settings it was saved with, or start a new "
+                  "run in another output_dir" if with_adapters else
+                  "Set model.* and data.tokenizer to the checkpoint's, or start from a checkpoint of this model "
+                  "(checkpoint.init_from)")
+        raise CheckpointError(f"checkpoint {folder} does not fit this run: {'; '.join(diffs)}. {advice}")
 
 
 # -- no code in pickles ------------------------------------------------------------------------------

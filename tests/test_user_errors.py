@@ -1,0 +1,107 @@
+"""Issue 14, the trainer's side: ordinary mistakes end in one `error:` line with exit 2 (never a
+traceback, never after training has started), messages say what is true, and the logs stay quiet.
+(The data side is in test_data_hostile.py, the converter's in test_convert.py.)"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from melama_mcore.cli import main as melama
+from trunk_fixtures import TINY, data_overrides, free_port, run_train
+
+
+def _train(tiny_data, tmp_path, *overrides: str) -> int:
+    return melama(["train", f"output_dir={tmp_path / 'out'}", *TINY, *data_overrides(tiny_data), *overrides])
+
+
+def _error(err: str) -> str:
+    """The error message: one `error:` line, or a configuration error's list of problems under it."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[0].startswith("error: "), err
+    assert all(line.startswith("  - ") for line in lines[1:]), err
+    assert "Traceback" not in err
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("where", ["output_dir is a file", "checkpoints is a file", "read-only output_dir"])
+def test_an_unusable_output_folder_is_refused_at_start_up(where, tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    if where == "output_dir is a file":
+        out.write_text("not a folder")
+    elif where == "checkpoints is a file":
+        out.mkdir()
+        (out / "checkpoints").write_text("not a folder")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes anywhere")
+        out.mkdir()
+        out.chmod(0o500)
+    assert _train(tiny_data, tmp_path) == 2
+    line = _error(capsys.readouterr().err)
+    assert "cannot be written" in line
+    assert not dist.is_initialized()  # refused before any process group, so before any step
+
+
+def test_a_missing_init_from_says_it_does_not_exist(tiny_data, tmp_path, capsys):
+    assert _train(tiny_data, tmp_path, f"checkpoint.init_from={tmp_path / 'nowhere'}") == 2
+    line = _error(capsys.readouterr().err)
+    assert f"checkpoint.init_from {tmp_path / 'nowhere'} does not exist" in line
+    assert not dist.is_initialized()
+
+
+def test_train_help_prints_no_warnings():
+    result = subprocess.run([sys.executable, "-m", "melama_mcore.cli", "train", "--help"], capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.startswith("usage: melama train") and result.stderr == ""
+
+
+def test_eta_of_a_resumed_run_counts_from_its_first_step(monkeypatch, tmp_path, caplog):
+    """Resumed at step 50 of 100: after one step of 2 s, 49 steps remain at 2 s each."""
+    from melama_mcore.components import metrics
+
+    clock = itertools.chain([1000.0], itertools.repeat(1002.0))  # the logger's start, then one step later
+    monkeypatch.setattr(metrics.time, "time", lambda: next(clock))
+    logger = metrics.MetricsLogger(str(tmp_path), enabled=True, tensorboard=False, num_gpus=2, flops_per_token=1.0,
+                                   peak_tflops=None, train_iters=100, first_step=50)
+    with caplog.at_level("INFO", logger=metrics.log.name):
+        logger.log_step(metrics.StepStats(step=51, loss=1.0, lr=1e-4, grad_norm=1.0, step_time_s=2.0, tokens=100))
+    logger.close()
+    assert "eta 0:01:38" in caplog.text  # 49 x 2 s
+    assert "tok/s/process" in caplog.text or "tok/s/gpu" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_config_error_under_torchrun_is_printed_once(tiny_data, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "melama_mcore.train", f"output_dir={tmp_path / 'out'}", *TINY, *data_overrides(tiny_data),
+           "parallel.tensor_parallel=3"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, errors  # rank 0's; the other rank says nothing
+    assert output.count("not divisible by tensor_parallel=3") == 1
+
+
+@pytest.mark.slow
+def test_init_from_of_another_model_says_what_to_change(tiny_data, tmp_path):
+    """A weights-only start from a checkpoint of another size: refused, naming the field and what to
+    do -- not "another output_dir", which is a resume's remedy."""
+    seed = tmp_path / "seed"
+    run_train(tmp_path / "init", data_overrides(tiny_data) + [f"--create-seed-checkpoint={seed}"])
+    result = run_train(tmp_path / "run", data_overrides(tiny_data) + [f"checkpoint.init_from={seed}",
+                                                                       "model.num_layers=2"], check=False)
+    assert result.returncode == 2, result.stdout[-2000:]
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
+    assert "model.num_layers: checkpoint 4, this run 2" in line and "checkpoint.init_from" in line
+    assert "another output_dir" not in line and "Traceback" not in result.stdout
+    metrics = Path(tmp_path / "run" / "metrics.jsonl")
+    assert not metrics.exists() or not [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
