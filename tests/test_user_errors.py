@@ -88,7 +88,7 @@ def test_a_config_error_under_torchrun_is_printed_once(tiny_data, tmp_path):
     output = result.stdout + result.stderr
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, errors  # rank 0's; the other rank says nothing
-    assert output.count("not divisible by tensor_parallel=3") == 1
+    assert output.count("world size 2 is not divisible by tensor_parallel x pipeline_parallel = 3") == 1
 
 
 @pytest.mark.slow
