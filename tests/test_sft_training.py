@@ -65,10 +65,10 @@ def _assert_same(got_dir, ref: dict, what: str) -> None:
         assert eval_losses(got_dir)[source] == pytest.approx(expected, rel=1e-5), f"{what}: validation"
 
 
-@pytest.mark.parametrize("layout", ["tp2_sp", "pp2", "dp2"])
+@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "pp2", "dp2"])
 def test_lora_layout_equals_the_single_process_run(layout, sft, tmp_path):
     ref = _reference(sft, "lora_ref", LORA)
-    nproc, extra = {"tp2_sp": (2, [TP2, SP]), "pp2": (2, [PP2]), "dp2": (2, [])}[layout]
+    nproc, extra = {"tp2": (2, [TP2]), "tp2_sp": (2, [TP2, SP]), "pp2": (2, [PP2]), "dp2": (2, [])}[layout]
     run_train(tmp_path / layout, sft["common"] + LORA + extra, nproc=nproc)
     _assert_same(tmp_path / layout, ref, f"lora {layout}")
 
