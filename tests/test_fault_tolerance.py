@@ -66,8 +66,8 @@ class Run:
 def launch(out: Path, args: list[str], *, nproc: int = 1, faults: dict | None = None, record: Path | None = None,
            timeout: float = 180, during=None) -> Run:
     """Run the trainer in its own process group (so a whole-job kill hits it, not pytest); `during(proc)`
-    runs while it trains. Leftover processes of the group (a killed rank's checkpoint-writer children)
-    are killed afterwards."""
+    runs while it trains. Leftover processes of the group (children of a killed rank) are killed
+    afterwards."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MELAMA_FAULTS=json.dumps(faults or {}),
                PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
     env.pop("MELAMA_FAULT_DIR", None)
@@ -219,7 +219,7 @@ def test_sigterm_saves_within_grace_even_when_the_step_is_too_long(data, referen
     assert [p.read_text() for p in exits] == ["0", "0"], run.output[-4000:]
     done_after = max(p.stat().st_mtime for p in exits) - sent["at"]
     assert done_after < grace, f"saved and returned {done_after:.1f} s after SIGTERM (grace {grace} s)"
-    # Process teardown (megatron's writer helper, gloo, torchrun) adds a few seconds: documented margin.
+    # Process teardown (gloo, torchrun) adds a few seconds: documented margin.
     assert sent["job_exit_after"] < grace + 8, f"job exited {sent['job_exit_after']:.1f} s after SIGTERM"
     assert "step 4 abandoned" in run.output
     assert latest(out) == 3 and saved_state(out, 3)["consumed_samples"] == 3 * 8

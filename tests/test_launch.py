@@ -120,7 +120,7 @@ def test_ranks_exit_when_torchrun_is_killed(tiny_data, tmp_path):
             assert _alive(ranks[1]), "rank 1 should still be stopped (else the next check proves nothing)"
             os.kill(ranks[1], signal.SIGCONT)
             _wait_until(lambda: not _alive(ranks[1]), 15, "rank 1 outlived torchrun")
-            # The ranks' own children (megatron's checkpoint-writer helper) follow their rank.
+            # Nothing the ranks started outlives them.
             _wait_until(lambda: not any(map(_alive, job)), 10, "a process of the job outlived its rank")
         finally:
             _kill_all([*job, *ranks.values()])

@@ -13,7 +13,7 @@ state is restored only when the layout is unchanged (it has no meaning across la
 from __future__ import annotations
 
 import logging
-import os
+import queue
 import random
 import shutil
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from torch.distributed.checkpoint.api import CheckpointException
 
 from melama_mcore.checkpoint.integrity import (check_identity, check_no_code, file_checksums, first_line,
@@ -47,36 +48,14 @@ class TrainState:
         return dict(self.__dict__)
 
 
-def _writer_helper_init() -> None:
-    """Runs in megatron's checkpoint-writer helper process (a spawned multiprocessing Manager). SLURM
-    signals every process of a job at preemption; the helper must survive SIGTERM/SIGUSR1 or the
-    preemption save it serves fails with a broken pipe. It exits when its rank dies instead (a rank
-    killed with SIGKILL would otherwise leave it running forever)."""
-    import signal
-
-    from melama_mcore.distributed.watchdog import exit_with_parent
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-    exit_with_parent(os.getppid(), exit_code=0)
-
-
-def _start_writer_helper() -> None:
-    """Start megatron's results-queue helper ourselves, once, with _writer_helper_init (megatron
-    starts it lazily with default signal handling)."""
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-    except ImportError:
-        return
-    if getattr(filesystem_async, "_results_queue", "absent") is not None:
-        return  # already started, or a megatron version without it
-    import multiprocessing as mp
-    from multiprocessing.managers import SyncManager
-
-    manager = SyncManager(ctx=mp.get_context("spawn"))
-    manager.start(initializer=_writer_helper_init)
-    filesystem_async._results_queue = manager.Queue()
-    filesystem_async._melama_manager = manager  # keep it referenced for the life of the process
+def _use_in_process_results_queue() -> None:
+    """megatron's file writer hands its results back through a queue that it creates, lazily, in a
+    spawned multiprocessing Manager, because an asynchronous save writes from another process. Saves
+    here are synchronous: megatron writes and reads the results in this process, so a plain queue
+    does. The Manager would re-import the training module in a new process at the first save (seconds
+    of CPU per rank) and be one more process for SLURM's preemption signal to kill mid-save."""
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 # -- integrity: checksums over all ranks (integrity.py has the checks) -----------------------------------
@@ -243,7 +222,7 @@ class Checkpointer:
 
         _agreed("preparing the checkpoint folder", prepare if rank0 else None)
         state = self._full_state(train_state, loading=False, with_rng=True)
-        _start_writer_helper()
+        _use_in_process_results_queue()
         _megatron_save(state, partial, self._optimizer_metadata())
         self._publish(partial, final)
 

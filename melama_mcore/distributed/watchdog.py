@@ -18,8 +18,7 @@ SIGKILL is what is wanted. A rank can only arm it itself, after exec, and it the
 agent's *thread* that forked the rank exits, not the agent: correct only while torchrun happens to
 start ranks from its main thread (2.13 does; a wrapper between agent and rank breaks it either way).
 Its SIGKILL also leaves no word of why the rank died. The watchdog needs no assumption about the
-agent's threads and prints why. The checkpoint writer's helper process (a child of each rank) watches
-its rank the same way: `exit_with_parent(os.getppid(), exit_code=0)` is that watch.
+agent's threads and prints why.
 """
 
 from __future__ import annotations
