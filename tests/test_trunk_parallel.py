@@ -6,8 +6,8 @@ a global batch of 16 micro-batches (8 per rank at DP 2; 4x the stages at PP 4), 
 loss falling, and validation per blend source after the last step.
 
 * fp32: every layout equals the single-process run within 1e-5 (losses and per-source validation):
-  TP, TP+SP, PP (1F1B), interleaved PP x VP at PP 2 and PP 4, TP x PP, DP, the distributed
-  optimizer against plain DDP, recompute, melama's cross-entropy. (TP 2 x PP 4 x VP 2 matched too,
+  TP+SP, TP x PP (1F1B), interleaved PP x VP at PP 2 and PP 4, DP, the distributed optimizer against
+  plain DDP, full and selective recompute, melama's cross-entropy. (TP 2 x PP 4 x VP 2 matched too,
   but 8 processes take CI's 2 cores 2 minutes: benchmarks/RESULTS.md records the run.)
 * bf16 with the distributed optimizer and overlapped grad reduce / param gather (the production
   path): every layout within BF16_RTOL of the single-process bf16 run. Splitting the work changes
@@ -21,6 +21,7 @@ loss falling, and validation per blend source after the last step.
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -41,13 +42,12 @@ PP2, PP4, VP2 = "parallel.pipeline_parallel=2", "parallel.pipeline_parallel=4", 
 
 FP32_LAYOUTS = {
     "tp2_sp": (2, [TP2, SP]),
-    "pp2": (2, [PP2]),
     "pp2_vp2": (2, [PP2, VP2]),  # both pipeline neighbours are one rank: overlapped p2p must pair them
     "pp4_vp2": (4, [PP4, VP2]),
     "tp2_pp2": (4, [TP2, PP2]),
     "dp2_plain_ddp": (2, PLAIN_DDP),
     "dp2_distributed_optimizer": (2, []),
-    "tp2_full_recompute": (2, [TP2, "training.recompute=full"]),
+    "full_recompute": (1, ["training.recompute=full"]),
     "selective_recompute": (1, ["training.recompute=selective"]),
     "tp2_sp_melama_cross_entropy": (2, [TP2, SP, "model.cross_entropy=melama"]),
 }
@@ -55,7 +55,6 @@ BF16_LAYOUTS = {
     "tp2_sp": (2, [TP2, SP]),
     "pp2_vp2": (2, [PP2, VP2]),
     "tp2_pp2": (4, [TP2, PP2]),
-    "pp2_dp2": (4, [PP2]),
 }
 
 
@@ -167,7 +166,8 @@ def test_bf16_distributed_optimizer_stop_resume_and_reshard(bf16_run, tmp_path):
     assert refused.returncode != 0  # each rank exits 2; torchrun reports 1
     assert "dp_reshardable format, saved at TP 1 x PP 1; this run is TP 2 x PP 1" in refused.stdout
     assert "checkpoint.optimizer_format=fully_reshardable" in refused.stdout
-    assert "Traceback" not in refused.stdout
+    # torchrun prints a traceback of its own (ChildFailedError) whenever a rank exits non-zero.
+    assert not re.search(r'File "[^"]*melama_mcore', refused.stdout), "a traceback from melama"
 
     full = ["checkpoint.optimizer_format=fully_reshardable"]
     _stop_at_2(tmp_path / "full", common, 2, full)
