@@ -59,7 +59,6 @@ import math
 import os
 import platform
 import sys
-import time
 from functools import partial
 
 import numpy as np

@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # the guard matters: megatron's checkpoint writer spawns into this module
+if __name__ == "__main__":
     from melama_mcore.cli import run_main
 
     sys.exit(run_main(main, sys.argv[1:]))

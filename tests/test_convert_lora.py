@@ -13,7 +13,6 @@ framework's logits, read by peft and transformers, within 1e-5.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -41,16 +40,14 @@ def adapter_run(tmp_path_factory) -> dict[str, Path]:
     """{"base": the imported base, "run": the adapter run's output folder, "logits": its logits file,
     "tokens": the tokens they were computed on}."""
     from melama_mcore.commands.convert import import_hf
-    from trunk_fixtures import free_port
+    from rank_launcher import run_ranks
 
     root = tmp_path_factory.mktemp("lora_export")
     random_llama(root / "hf")
     import_hf(root / "hf", root / "base", 1, 1, None, 128)
     torch.save(torch.randint(0, HF_CONFIG["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1)),
                root / "tokens.pt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", str(free_port()),
-           __file__, str(root)]
-    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, timeout=600)
+    result = run_ranks(4, __file__, [str(root)], ENV, timeout=600, log_path=root / "adapter_run.log")
     assert result.returncode == 0, result.stdout[-5000:]
     return {"base": root / "base", "run": root / "run", "logits": root / "logits.pt", "tokens": root / "tokens.pt"}
 

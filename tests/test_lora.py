@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +119,7 @@ def reference(hf_dir, peft_dir, inputs) -> dict:
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runs(hf_dir, peft_dir, inputs, tmp_path_factory) -> dict[str, Path]:
-    from trunk_fixtures import free_port  # here: the torchrun workers need none of its imports
+    from rank_launcher import run_ranks  # here: the ranks need none of its imports
 
     from melama_mcore.commands.convert import import_hf
 
@@ -131,10 +130,8 @@ def runs(hf_dir, peft_dir, inputs, tmp_path_factory) -> dict[str, Path]:
     for name, (tp, pp, sp) in LAYOUTS.items():
         out = root / name
         out.mkdir()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * pp), "--master-port",
-               str(free_port()), __file__, str(root), str(peft_dir), name]
-        result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
-                                timeout=600)
+        result = run_ranks(tp * pp, __file__, [str(root), str(peft_dir), name], ENV, timeout=600,
+                           log_path=root / f"{name}.log")
         assert result.returncode == 0, result.stdout[-5000:]
         folders[name] = out
     return folders

@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from melama_mcore.config.job_config import PeftConfig, load_config
 from melama_mcore.config.validate import Environment, resolve, validate
 from melama_mcore.models.llama.config_registry import PRESETS, parameter_count
 from melama_mcore.models.llama.config_registry import padded_vocab_size
-from trunk_fixtures import free_port
+from rank_launcher import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "throughput.py"
@@ -36,10 +34,8 @@ def plan_70b():
 def bench(tmp_path: Path, args: list[str], nproc: int) -> dict:
     out = tmp_path / "bench.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), str(BENCH), *args, "--json", str(out)]
-    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            timeout=300, cwd=tmp_path)
+    result = run_ranks(nproc, str(BENCH), [*args, "--json", str(out)], env, timeout=300,
+                       log_path=tmp_path / "bench.log", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-4000:]
     return json.loads(out.read_text())
 

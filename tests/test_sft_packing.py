@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from melama_mcore.data.loader import build_loader
-from melama_mcore.data.sft import packing
 from melama_mcore.data.sft.batch import loss_weights, packing_efficiency
 from melama_mcore.data.sft.dataset import PackedSFTDataset, build_sft_datasets
 from melama_mcore.data.sft.indexed import SFTIndexedData

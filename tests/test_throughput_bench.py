@@ -8,15 +8,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from melama_mcore.models.llama.config_registry import flops_per_token
 from melama_mcore.models.llama.config_registry import PRESETS, padded_vocab_size
-from trunk_fixtures import free_port
+from rank_launcher import run_ranks
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 VOCAB = 300  # not a multiple of 128: the padded output layer counts
@@ -26,11 +24,9 @@ TINY = ["--preset", "nano", "--seq", "64", "--mbs", "2", "--gbs", "4", "--warmup
 
 def run_bench(tmp_path: Path, args: list[str], nproc: int = 1) -> tuple[dict, str]:
     out = tmp_path / "bench.json"
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    result = subprocess.run([*launcher, str(BENCH), *args, "--json", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, timeout=300, cwd=tmp_path)
+    result = run_ranks(nproc, str(BENCH), [*args, "--json", str(out)], env, timeout=300,
+                       log_path=tmp_path / "bench.log", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-4000:]
     return json.loads(out.read_text()), result.stdout
 

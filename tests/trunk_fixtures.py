@@ -1,15 +1,17 @@
-"""Helpers for tests of the training path: a runner that launches `melama_mcore.train` as a user
-would (torchrun for several processes) and reads back its metrics. The tiny three-domain datasets
+"""Helpers for tests of the training path: a runner that launches `melama_mcore.train` (its ranks as
+torchrun starts them) and reads back its metrics; the torchrun command line for tests of the launch. The tiny three-domain datasets
 (`tiny_data`) are a fixture in conftest.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from rank_launcher import free_port, run_ranks
 
 # A 4-layer GQA model small enough for 4 CPU processes on 2 cores, yet splittable 4 ways
 # (TP 2: 4 heads / 2 KV groups; PP 2 x VP 2: one layer per virtual stage).
@@ -34,12 +36,6 @@ def data_overrides(tiny_data: dict) -> list[str]:
     return [f"data.tokenizer={tiny_data['tokenizer']}", f"data.blend={json.dumps(tiny_data['blend'])}"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_command(nproc: int, args: list[str], module: str = "melama_mcore.train") -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", module, *args]
@@ -49,11 +45,15 @@ def train_command(nproc: int, args: list[str], module: str = "melama_mcore.train
 
 def run_train(output_dir: Path, overrides: list[str], nproc: int = 1, *, check: bool = True,
               timeout: float = 300, module: str = "melama_mcore.train") -> subprocess.CompletedProcess:
-    """Run a training job to completion; its combined output is in the result's .stdout."""
+    """Run a training job to completion; its combined output is in the result's .stdout. The ranks are
+    started as torchrun starts them, from an interpreter that has already imported the trainer
+    (rank_launcher.py: the launch itself is tested with torchrun in test_launch.py)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = train_command(nproc, [f"output_dir={output_dir}", *TINY, *overrides], module)
-    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, timeout=timeout)
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    log_path = output_dir.parent / f"{output_dir.name}.{time.monotonic_ns()}.log"
+    result = run_ranks(nproc, module, [f"output_dir={output_dir}", *TINY, *overrides], env, timeout=timeout,
+                       log_path=log_path)
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-6000:]}")
     return result

@@ -1,6 +1,6 @@
 """The embedded default: the three Me-LLaMA stages on a tiny LLaMA and data this project writes itself.
 
-    melama demo                # a few minutes on 2 CPU cores, outputs under outputs/demo/
+    melama demo                # about 3 minutes on 2 CPU cores, outputs under outputs/demo/
 
 Each step is the real tool a user runs on real data:
   Continual pre-training

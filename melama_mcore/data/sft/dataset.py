@@ -36,7 +36,7 @@ from megatron.core.datasets.megatron_dataset import MegatronDataset
 
 from melama_mcore.data.blend import Blend, load_blend
 from melama_mcore.data.dataset import _MegatronTokenizerView, build_blended
-from melama_mcore.data.sft.indexed import SFTIndexedData, marker_path
+from melama_mcore.data.sft.indexed import SFTIndexedData
 from melama_mcore.data.sft.packing import PackingPlan, build_plan
 from melama_mcore.data.tokenizer import Tokenizer
 from melama_mcore.errors import DataError

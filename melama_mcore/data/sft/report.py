@@ -18,7 +18,7 @@ from melama_mcore.errors import DataError
 def sft_blend_report(blend, samples: int, seq_length: int) -> list[dict]:
     rows = []
     for source, share in zip(blend.sources, blend.normalized_weights()):
-        conversations = sequences = positions = unpacked = 0
+        conversations = sequences = positions = 0
         for prefix in source.train:
             lengths = SFTIndexedData(prefix).lengths - 1
             if len(lengths) and lengths.max() > seq_length:
