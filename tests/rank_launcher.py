@@ -77,9 +77,8 @@ def run_ranks(nproc: int, target: str, argv: list[str], env: dict[str, str], *, 
     procs = []
     for rank in range(nproc):
         rank_env = {k: v for k, v in env.items() if k != "TORCHELASTIC_RUN_ID"}
-        if nproc > 1:
-            rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                            LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         args = (target, list(argv), rank_env, str(log_path), None if cwd is None else str(cwd))
         proc = ctx.Process(target=_rank, args=args, name=f"rank{rank}")
         proc.start()

@@ -22,7 +22,8 @@ import torch
 
 from convert_fixtures import (ENV, HF_CONFIG, assert_refused, cli, convert, hf_logits, random_llama,
                               relative_error, safetensors_dict)
-from trunk_fixtures import data_overrides, free_port, run_train
+from rank_launcher import run_ranks
+from trunk_fixtures import data_overrides, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +35,10 @@ MODEL_OVERRIDES = ["model.num_layers=4", "model.hidden_size=64", "model.num_atte
 
 
 def framework_logits(ckpt: Path, tmp: Path, tokens: torch.Tensor, tp: int = 1, pp: int = 1) -> torch.Tensor:
-    """The trunk's logits, from a torchrun of this file; every last-stage rank's gathered copy must agree."""
+    """The trunk's logits, from ranks running this file; every last-stage rank's gathered copy must agree."""
     torch.save(tokens, tmp / "tokens.pt")
-    nproc = tp * pp
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(free_port()), __file__, str(ckpt), str(tmp), str(tp), str(pp)]
-    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, timeout=300)
+    result = run_ranks(tp * pp, __file__, [str(ckpt), str(tmp), str(tp), str(pp)], ENV, timeout=300,
+                       log_path=tmp / "logits.log")
     assert result.returncode == 0, result.stdout[-4000:]
     outputs = [torch.load(p) for p in sorted(tmp.glob("logits_rank*.pt"))]
     assert len(outputs) == tp  # the TP ranks of the last stage

@@ -4,12 +4,11 @@ cache, every rank gets the same samples as a single-process build."""
 from __future__ import annotations
 
 import os
-import sys
-import subprocess
 
 import pytest
 
 from melama_mcore.data.preprocess import preprocess
+from rank_launcher import run_ranks
 
 WORKER = r"""
 import sys, torch, torch.distributed as dist
@@ -41,12 +40,10 @@ def test_gloo_two_ranks_match_single_process(tmp_path, corpus, spm_model):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    common = [str(script), spm_model]
-    subprocess.run([sys.executable, *common, "-", str(tmp_path / "single"), *prefixes], check=True, env=env,
-                   capture_output=True, timeout=60)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    *common, str(tmp_path / "cache"), str(tmp_path / "dist"), *prefixes],
-                   check=True, env=env, capture_output=True, timeout=60)
+    for nproc, cache, out in ((1, "-", "single"), (2, str(tmp_path / "cache"), "dist")):
+        result = run_ranks(nproc, str(script), [spm_model, cache, str(tmp_path / out), *prefixes], env, timeout=60,
+                           log_path=tmp_path / f"{out}.log")
+        assert result.returncode == 0, result.stdout[-3000:]
     single = torch.load(tmp_path / "single.0")
     assert any((tmp_path / "cache").iterdir())  # rank 0 wrote megatron's index cache
     for rank in range(2):

@@ -24,6 +24,7 @@ import torch
 from melama_mcore.data.preprocess import preprocess
 from melama_mcore.commands.demo_corpus import write_demo_corpus
 from melama_mcore.data.train_tokenizer import train_sentencepiece
+from rank_launcher import run_ranks
 from trunk_fixtures import TINY, losses, step_records, train_command
 
 pytestmark = pytest.mark.slow
@@ -75,8 +76,12 @@ def launch(out: Path, args: list[str], *, nproc: int = 1, faults: dict | None = 
         env["MELAMA_FAULT_DIR"] = str(record)
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = out.parent / f"{out.name}.{time.monotonic_ns()}.log"
-    cmd = train_command(nproc, [f"output_dir={out}", *TINY, *args], module="fault_inject")
+    argv = [f"output_dir={out}", *TINY, *args]
     start = time.monotonic()
+    if nproc == 1 and during is None:  # no launcher to test: the cheap start (rank_launcher.py)
+        result = run_ranks(1, "fault_inject", argv, env, timeout=timeout, log_path=log_path)
+        return Run(result.returncode, result.stdout, time.monotonic() - start)
+    cmd = train_command(nproc, argv, module="fault_inject")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
