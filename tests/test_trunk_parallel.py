@@ -6,9 +6,9 @@ a global batch of 16 micro-batches (8 per rank at DP 2; 4x the stages at PP 4), 
 loss falling, and validation per blend source after the last step.
 
 * fp32: every layout equals the single-process run within 1e-5 (losses and per-source validation):
-  TP+SP, TP x PP (1F1B), interleaved PP x VP at PP 2 and PP 4, DP, the distributed optimizer against
-  plain DDP, full and selective recompute, melama's cross-entropy. (TP 2 x PP 4 x VP 2 matched too,
-  but 8 processes take CI's 2 cores 2 minutes: benchmarks/RESULTS.md records the run.)
+  TP+SP, TP x PP (1F1B), interleaved PP x VP at PP 2 and PP 4, TP 2 x PP 4 x VP 2 (8 processes),
+  DP, the distributed optimizer against plain DDP, full and selective recompute, melama's
+  cross-entropy.
 * bf16 with the distributed optimizer and overlapped grad reduce / param gather (the production
   path): every layout within BF16_RTOL of the single-process bf16 run. Splitting the work changes
   the order of bf16 sums, and one bf16 ulp is 2^-8 relative: over 3 steps the losses of this model
@@ -45,16 +45,18 @@ FP32_LAYOUTS = {
     "pp2_vp2": (2, [PP2, VP2]),  # both pipeline neighbours are one rank: overlapped p2p must pair them
     "pp4_vp2": (4, [PP4, VP2]),
     "tp2_pp2": (4, [TP2, PP2]),
+    "tp2_pp4_vp2": (8, [TP2, PP4, VP2]),  # the 70B recipe's kind of layout (TP 8 x PP 4 x VP 5)
     "dp2_plain_ddp": (2, PLAIN_DDP),
     "dp2_distributed_optimizer": (2, []),
-    "full_recompute": (1, ["training.recompute=full"]),
+    "tp2_full_recompute": (2, [TP2, "training.recompute=full"]),
     "selective_recompute": (1, ["training.recompute=selective"]),
     "tp2_sp_melama_cross_entropy": (2, [TP2, SP, "model.cross_entropy=melama"]),
 }
 BF16_LAYOUTS = {
     "tp2_sp": (2, [TP2, SP]),
     "pp2_vp2": (2, [PP2, VP2]),
-    "tp2_pp2": (4, [TP2, PP2]),
+    "pp2_dp2": (4, [PP2]),
+    "tp2_pp4_vp2": (8, [TP2, SP, PP4, VP2]),
 }
 
 
