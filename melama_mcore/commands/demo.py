@@ -39,8 +39,8 @@ from melama_mcore.errors import UserError
 DEFAULT_RECIPE = Path(__file__).with_name("tiny_cpu.yaml")
 DOMAINS = {"biomedical": 15, "clinical": 1, "general": 4}
 CHAT = ["peft.method=lora", "peft.rank=8", "peft.alpha=16", "optimizer.lr=2e-3", "optimizer.min_lr=2e-4",
-        "training.train_iters=40", "training.global_batch_size=16", "checkpoint.save_interval=1000",
-        "logging.log_interval=10"]
+        "training.global_batch_size=16", "checkpoint.save_interval=1000"]
+CHAT_STEPS_PER_PRETRAINING_STEP = 0.4  # 40 LoRA steps after the recipe's 100
 PROMPT = "What is the usual first-line treatment for type 2 diabetes?"
 STEPS = 9
 
@@ -91,8 +91,8 @@ def run_training(config: Path, overrides: list[str], nproc: int, log_path: Path)
 
 def _run(cmd: list[str], log_path: Path, show: tuple[str, ...] = ("error",)) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    with open(log_path, "a") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    with open(log_path, "a") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      text=True, env=env) as proc:
         for line in proc.stdout:
             log.write(line)
             if any(word in line for word in show) or line.startswith("error"):
@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--docs-per-source", type=int, default=1500, help="synthetic documents per domain")
     parser.add_argument("--vocab-size", type=int, default=2000, help="tokenizer vocabulary size")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (TP=2 needs 2)")
-    parser.add_argument("overrides", nargs="*", help="pre-training overrides, e.g. training.train_iters=100")
+    parser.add_argument("overrides", nargs="*",
+                        help="pre-training overrides, e.g. training.train_iters=10 for a quick run (LoRA then "
+                             "trains 2/5 as many steps)")
     return parser
 
 
@@ -211,10 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     # Instruction tuning: LoRA adapters on the pretrained model.
     chat_blend = prepare_instructions(out, tokenizer, cfg.training.seq_length)
     chat_dir = out / "chat"
-    _say(7, "training LoRA adapters on the pretrained model (packed conversations, loss on answers)")
+    lora_steps = max(1, round(cfg.training.train_iters * CHAT_STEPS_PER_PRETRAINING_STEP))
+    _say(7, f"training LoRA adapters on the pretrained model for {lora_steps} steps (packed conversations, "
+            "loss on answers)")
     run_training(Path(args.config), [f"output_dir={chat_dir}", f"data.tokenizer={tokenizer}",
                                      f"data.blend={json.dumps(chat_blend)}", f"checkpoint.init_from={run_dir}",
-                                     *CHAT], args.nproc, log_path)
+                                     *CHAT, f"training.train_iters={lora_steps}",
+                                     f"logging.log_interval={max(1, lora_steps // 4)}"], args.nproc, log_path)
 
     answer = None
     missing = [m for m in ("transformers", "peft", "lm_eval") if importlib.util.find_spec(m) is None]

@@ -18,6 +18,7 @@ import argparse
 import difflib
 import importlib.util
 import logging
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,7 +217,11 @@ def evaluate(options: EvalOptions) -> dict[str, dict[str, float | None]]:
              ", ".join(f"{n} {c}" for n, c in counts.items()))
 
     import lm_eval
+    import lm_eval.evaluator
 
+    # lm-eval records the git commit of the working directory with a `git describe` whose stderr
+    # reaches the console ("fatal: not a git repository" outside one): the same, quietly.
+    lm_eval.evaluator.get_git_commit_hash = _git_commit_of_working_directory
     # MIBE's tasks wrap their prompts in the Me-LLaMA chat format themselves (--chat): lm-eval's advice
     # to apply the tokenizer's chat template when a path says "chat" does not apply to them.
     logging.getLogger("lm_eval.evaluator").addFilter(lambda record: "chat variant" not in record.getMessage())
@@ -254,6 +259,14 @@ def evaluate(options: EvalOptions) -> dict[str, dict[str, float | None]]:
     report.write_outputs(options.out, table, report.markdown(table, header, general),
                          results.get("samples") if options.log_samples else None)
     return table
+
+
+def _git_commit_of_working_directory() -> str | None:
+    try:
+        return subprocess.run(["git", "describe", "--always"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
