@@ -17,12 +17,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import runpy
-import socket
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
+
+from melama_mcore.distributed.launch import free_local_port
 
 PRELOAD = ["melama_mcore.train"]
 FAILURE_GRACE_S = 10.0
@@ -35,12 +36,6 @@ def _forkserver():
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(PRELOAD)
     return _context
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(target: str, argv: list[str], env: dict[str, str], log_path: str, cwd: str | None) -> None:
@@ -73,7 +68,7 @@ def run_ranks(nproc: int, target: str, argv: list[str], env: dict[str, str], *, 
               log_path: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the job to its end; every rank's output goes to `log_path` (appended) and comes back as
     `.stdout`. The return code is the first non-zero rank exit code (a signal as -N), else 0."""
-    ctx, port = _forkserver(), free_port()
+    ctx, port = _forkserver(), free_local_port()
     procs = []
     for rank in range(nproc):
         rank_env = {k: v for k, v in env.items() if k != "TORCHELASTIC_RUN_ID"}

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from trunk_fixtures import TINY, data_overrides, free_port, losses, step_records, train_command
+from melama_mcore.distributed.launch import free_local_port
+from trunk_fixtures import TINY, data_overrides, losses, step_records, train_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
 
@@ -147,7 +148,7 @@ def test_pretrain_70b_script_runs_as_two_nodes_on_one_machine(tiny_data, tmp_pat
     out = tmp_path / "out"
     overrides = [f"output_dir={out}", "training.train_iters=3", "training.seq_length=32", "logging.log_interval=1",
                  "logging.tensorboard=false", *data_overrides(tiny_data)]
-    env = _env(NNODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+    env = _env(NNODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_local_port()),
                CONFIG="examples/configs/tiny_cpu.yaml")
     env.pop("WORLD_SIZE", None)
     nodes, logs = [], [tmp_path / f"node{rank}.log" for rank in range(2)]

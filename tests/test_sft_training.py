@@ -130,6 +130,6 @@ def test_eval_ppl_equals_the_runs_own_validation_at_another_layout(sft, tiny_dat
 
 
 def _port() -> str:
-    from trunk_fixtures import free_port
+    from melama_mcore.distributed.launch import free_local_port
 
-    return str(free_port())
+    return str(free_local_port())

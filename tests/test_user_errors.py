@@ -15,7 +15,8 @@ import pytest
 import torch.distributed as dist
 
 from melama_mcore.cli import main as melama
-from trunk_fixtures import TINY, data_overrides, free_port, run_train
+from melama_mcore.distributed.launch import free_local_port
+from trunk_fixtures import TINY, data_overrides, run_train
 
 
 def _train(tiny_data, tmp_path, *overrides: str) -> int:
@@ -80,7 +81,7 @@ def test_eta_of_a_resumed_run_counts_from_its_first_step(monkeypatch, tmp_path, 
 
 @pytest.mark.slow
 def test_a_config_error_under_torchrun_is_printed_once(tiny_data, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_local_port()),
            "-m", "melama_mcore.train", f"output_dir={tmp_path / 'out'}", *TINY, *data_overrides(tiny_data),
            "parallel.tensor_parallel=3"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from rank_launcher import free_port, run_ranks
+from melama_mcore.distributed.launch import free_local_port
+from rank_launcher import run_ranks
 
 # A 4-layer GQA model small enough for 4 CPU processes on 2 cores, yet splittable 4 ways
 # (TP 2: 4 heads / 2 KV groups; PP 2 x VP 2: one layer per virtual stage).
@@ -40,7 +41,7 @@ def train_command(nproc: int, args: list[str], module: str = "melama_mcore.train
     if nproc == 1:
         return [sys.executable, "-m", module, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(free_port()), "-m", module, *args]
+            "--master-port", str(free_local_port()), "-m", module, *args]
 
 
 def run_train(output_dir: Path, overrides: list[str], nproc: int = 1, *, check: bool = True,

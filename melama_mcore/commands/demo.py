@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from melama_mcore.distributed.launch import free_local_port
 from melama_mcore.errors import UserError
 
 # Shipped in the package (examples/configs/tiny_cpu.yaml links here), so an installed copy finds it too.
@@ -85,7 +86,7 @@ def prepare_instructions(out: Path, tokenizer: Path, seq_length: int) -> list[di
 def run_training(config: Path, overrides: list[str], nproc: int, log_path: Path) -> None:
     """One torchrun launch of `melama train`; its output goes to the console and to log_path."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(_free_port()), "-m", "melama_mcore.train", "--config", str(config), *overrides]
+           "--master-port", str(free_local_port()), "-m", "melama_mcore.train", "--config", str(config), *overrides]
     _run(cmd, log_path, show=("step ", "resumed", "validation", "stopped", "trainable", "error"))
 
 
@@ -100,14 +101,6 @@ def _run(cmd: list[str], log_path: Path, show: tuple[str, ...] = ("error",)) -> 
         if proc.wait() != 0:
             raise UserError(f"{Path(cmd[-1]).name if cmd else 'a step'} failed (exit {proc.returncode}); "
                             f"the full log is {log_path}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def export_and_answer(run_dir: Path, chat_dir: Path, out: Path, log_path: Path) -> tuple[Path, Path, str]:

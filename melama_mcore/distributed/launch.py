@@ -4,6 +4,7 @@ reader of the launch environment. Light on purpose: the CLI reads it before impo
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 from melama_mcore.errors import ConfigError
@@ -42,3 +43,10 @@ def launch_env() -> LaunchEnv:
                               "examples/pretrain_70b.slurm does")
         return launch
     return LaunchEnv(0, 1, 0)
+
+
+def free_local_port() -> int:
+    """A TCP port free on this machine now: the rendezvous of a job whose ranks all run here."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import os
 import random
-import socket
 
 import numpy as np
 import torch
@@ -20,13 +19,7 @@ from megatron.core.transformer.module import Float16Module
 
 from melama_mcore.config.job_config import JobConfig
 from melama_mcore.distributed import cpu_compat, watchdog
-from melama_mcore.distributed.launch import LaunchEnv
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from melama_mcore.distributed.launch import LaunchEnv, free_local_port
 
 
 def initialize(cfg: JobConfig, launch: LaunchEnv) -> None:
@@ -40,7 +33,7 @@ def initialize(cfg: JobConfig, launch: LaunchEnv) -> None:
                                                     f"{launch.agent_pid}) is gone")
     if world == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_local_port()))
     gpu = cfg.training.device == "cuda"
     if gpu:
         torch.cuda.set_device(local_rank)
