@@ -7,6 +7,7 @@ one-line message (no traceback) and the process exits with its exit code.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -27,6 +28,13 @@ SUBCOMMANDS = {
     "eval": ("melama_mcore.eval.command", "score a checkpoint or HF model on MIBE and lm-eval tasks"),
     "eval-ppl": ("melama_mcore.eval.perplexity", "loss and perplexity of a checkpoint per blend source (torchrun-aware)"),
 }
+
+
+def positive_int(text: str) -> int:
+    """argparse type of the subcommands' counts and sizes."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return int(text)
 
 
 def run_main(main, argv) -> int:

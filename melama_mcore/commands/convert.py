@@ -34,6 +34,7 @@ from melama_mcore.checkpoint.hf_folder import HFCheckpoint, copy_tokenizer, writ
 from melama_mcore.checkpoint.integrity import (file_checksums, identity_differences, model_identity, read_identity,
                                                verify_checksums)
 from melama_mcore.checkpoint.layout import CONFIG, atomic_dir, find_checkpoint, read_config, seal
+from melama_mcore.cli import positive_int
 from melama_mcore.config.job_config import JobConfig, PeftConfig, dump_config
 from melama_mcore.errors import CheckpointError, ConfigError, UserError
 from melama_mcore.models.llama import state_dict_adapter as sda
@@ -386,12 +387,6 @@ def _size(text: str) -> int:
     raise argparse.ArgumentTypeError(f"{text!r}: expected a size like 5GB or 500MB")
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
-    return int(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="melama convert",
@@ -410,10 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "pads its own way). Pickled .bin weights are read with torch's weights_only loader.")
     imp.add_argument("--hf-dir", required=True, type=Path, help="folder with config.json and *.safetensors or *.bin")
     imp.add_argument("--out", required=True, type=Path, help="new folder for the checkpoint (must not exist)")
-    imp.add_argument("--tp", type=_positive, default=1, help="tensor-parallel size to validate and pad for (default 1)")
-    imp.add_argument("--pp", type=_positive, default=1, help="pipeline-parallel size to validate for (default 1)")
-    imp.add_argument("--vp", type=_positive, default=None, help="virtual pipeline stages per rank (default none)")
-    imp.add_argument("--make-vocab-size-divisible-by", type=_positive, default=128, metavar="N",
+    imp.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size to validate and pad for (default 1)")
+    imp.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size to validate for (default 1)")
+    imp.add_argument("--vp", type=positive_int, default=None, help="virtual pipeline stages per rank (default none)")
+    imp.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128, metavar="N",
                      help="pad the vocabulary to a multiple of N x TP, as the trunk does (default 128)")
     imp.add_argument("--verify", action="store_true",
                      help="before publishing, compare fp32 logits of transformers and the framework on a few "

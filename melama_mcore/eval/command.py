@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from melama_mcore.cli import positive_int
 from melama_mcore.errors import DataError, UserError
 from melama_mcore.eval import model_source, report
 from melama_mcore.eval.extraction import EXTRACTORS
@@ -270,12 +271,6 @@ def _git_commit_of_working_directory() -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    def positive(text: str) -> int:
-        value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{text}: expected a positive integer")
-        return value
-
     def non_negative(text: str) -> int:
         value = int(text)
         if value < 0:
@@ -296,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "DIR/<task>_train.jsonl for few-shot examples (default: the public sets on the Hub)")
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                         help="hf: transformers on CPU or GPU (default); vllm: GPUs, tensor parallel")
-    parser.add_argument("--limit", type=positive, help="evaluate only the first N records of each task")
+    parser.add_argument("--limit", type=positive_int, help="evaluate only the first N records of each task")
     parser.add_argument("--num-fewshot", type=non_negative,
                         help="few-shot examples per prompt (default 0; MIBE draws them from training records)")
     parser.add_argument("--extractor", choices=EXTRACTORS, default="strict",
