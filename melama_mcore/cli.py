@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "plan": ("melama_mcore.commands.plan", "parallel layouts that fit, with predicted memory and MFU"),
     "eval": ("melama_mcore.eval.command", "score a checkpoint or HF model on MIBE and lm-eval tasks"),
     "eval-ppl": ("melama_mcore.eval.perplexity", "loss and perplexity of a checkpoint per blend source (torchrun-aware)"),
+    "report": ("melama_mcore.commands.report", "runs, perplexities and scores side by side: report.html/.md with pictures"),
 }
 
 
