@@ -4,7 +4,7 @@ of dim 128 and the 32000-token vocabulary (padded as megatron pads it) split ove
 ranks. The cross-entropy is also timed against megatron's fused vocab-parallel cross-entropy
 (what `model.cross_entropy=megatron` runs), on one rank: the TP collectives are not timed.
 
-    python benchmarks/kernels.py [--tp 1 2 4 8] [--iters 50] [--warmup 10]
+    python benchmarks/kernels.py [--tp 1 2 4 8] [--iters 50] [--warmup 10] [--impls ...] [--json PATH]
 
 Prints a markdown table: median time (CUDA events), achieved GB/s of the bytes each op must move
 (inputs read once, outputs written once), and that as % of this device's copy bandwidth, measured
@@ -14,6 +14,7 @@ in the same run with a large `copy_`. Without CUDA it says so and exits 0.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from melama_mcore.models.llama.config_registry import padded_vocab_size
 SEQ, HIDDEN, FFN, Q_HEADS, KV_HEADS, HEAD_DIM, VOCAB = 4096, 8192, 28672, 64, 8, 128, 32000
 DTYPE = torch.bfloat16  # weights too: megatron's bf16 params
 EPS = 1e-5
+IMPLS = ("melama", "eager", "compiled", "megatron")
 
 
 def median_ms(fn, iters: int, warmup: int) -> float:
@@ -142,6 +144,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS),
+                        help="implementations to time (default all; megatron: the cross-entropy only)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: no CUDA device; nothing to measure.")
@@ -154,9 +159,10 @@ def main(argv=None) -> int:
           f"copy_ bandwidth {copy_gbs:.0f} GB/s\n")
     print("| op | TP | shape | pass | impl | median ms | GB/s | % of copy |")
     print("|---|---|---|---|---|---|---|---|")
+    rows = []
     for case in cases(args.tp):
-        impls = {"melama": case.ours, "eager": case.ref, "compiled": torch.compile(case.ref),
-                 **(case.others or {})}
+        impls = {"melama": case.ours, "eager": case.ref, "compiled": case.ref, **(case.others or {})}
+        impls = {k: torch.compile(fn) if k == "compiled" else fn for k, fn in impls.items() if k in args.impls}
         for label, make, moved in (("fwd", forward, case.fwd_bytes),
                                    ("fwd+bwd", forward_backward, case.fwd_bytes + case.bwd_bytes)):
             for impl, fn in impls.items():
@@ -164,6 +170,12 @@ def main(argv=None) -> int:
                 gbs = moved / ms / 1e6
                 print(f"| {case.op} | {case.tp} | {case.shape} | {label} | {impl} | {ms:.3f} "
                       f"| {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% |")
+                rows.append({"op": case.op, "tp": case.tp, "shape": case.shape, "pass": label, "impl": impl,
+                             "median_ms": ms, "gb_per_s": gbs, "of_copy": gbs / copy_gbs})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "kernels": kernels.backend(), "copy_gb_per_s": copy_gbs, "rows": rows}, f, indent=1)
     return 0
 
 
