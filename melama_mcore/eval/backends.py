@@ -11,9 +11,12 @@ through unchanged.
 from __future__ import annotations
 
 import functools
+import logging
 
 from melama_mcore.eval.prompts import PromptFormat
 from melama_mcore.eval.tasks import TASKS
+
+log = logging.getLogger(__name__)
 
 
 class _MibeGeneration:
@@ -29,12 +32,18 @@ class _MibeGeneration:
             context, gen_kwargs = request.args
             request.arguments = (self.prompt_format.apply(context), gen_kwargs)  # the samples log this prompt
         outputs = super().generate_until(requests, disable_tqdm=disable_tqdm)
+        unmatched = 0
         for request in mibe:
             prompt, gen_kwargs = request.args
             room = self.max_length - int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
             ids = self.tok_encode(prompt)
+            ended = self._ended.get(tuple(ids[-room:]))
+            unmatched += ended is None
             self.generation_stats[(request.task_name, request.doc_id)] = {
-                "prompt_tokens_cut": max(0, len(ids) - room), "hit_max_new_tokens": self._ended.get(tuple(ids[-room:]))}
+                "prompt_tokens_cut": max(0, len(ids) - room), "hit_max_new_tokens": ended}
+        if unmatched:
+            log.warning("%d generation(s) could not be matched to their prompt's tokens: hit_max_new_tokens is "
+                        "not known for their tasks (null)", unmatched)
         return outputs
 
 

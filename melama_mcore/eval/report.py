@@ -20,6 +20,7 @@ from melama_mcore.eval.tasks import ALL_METRICS, MULTILABEL, NER, SUMMARY, TASKS
 
 GENERAL_NAMES = {"acc": "accuracy", "acc_norm": "accuracy_norm"}  # lm-eval's names -> ours
 PROTOCOL = "protocol"  # results.json's one key that is not a task
+UNKNOWN_TEMPLATE = {"name": None, "source": "unknown (rescored from samples files alone)"}
 NER_DETAIL = ("entity_precision", "entity_recall", "entity_f1",
               "entity_precision_overlap", "entity_recall_overlap", "entity_f1_overlap")
 
@@ -158,14 +159,16 @@ def bertscore_protocol(table: dict) -> dict | None:
 def protocol_lines(protocol: dict) -> list[str]:
     """results.md's lines on how the numbers were made."""
     extractor, template = protocol["extractor"], protocol.get("template") or {}
-    why = ("the released scorer's rules: comparable with Me-LLaMA's tables" if extractor == "mibe-compat"
-           else "this project's answer parser; not comparable with the paper's tables")
+    why = ("the released scorer's rules, for numbers comparable with Me-LLaMA's tables; what still differs: "
+           "docs/evaluation.md" if extractor == "mibe-compat" else "an answer parser; not the paper's rules")
+    unknown = template.get("source") == UNKNOWN_TEMPLATE["source"]
     lines = [f"- extractor: {extractor} ({why}); the {other_extractor(extractor)} extractor's numbers are in "
              f"their own table",
-             "- prompts: " + ("plain" if template.get("name") is None else f"chat template {template['name']}")
-             + f" ({template.get('source', 'unknown')})",
-             f"- generation: backend {protocol.get('backend')}, greedy, at most {protocol.get('max_new_tokens')} new "
-             f"tokens, {protocol.get('num_fewshot') or 0}-shot; {protocol.get('selection')}"]
+             "- prompts: " + (f"chat template {template['name']}" if template.get("name") else
+                              "unknown" if unknown else "plain") + f" ({template.get('source')})",
+             "- generation: " + ("unknown" if protocol.get("backend") is None else
+                                 f"backend {protocol['backend']}, greedy, at most {protocol['max_new_tokens']} new "
+                                 f"tokens, {protocol.get('num_fewshot') or 0}-shot; {protocol.get('selection')}")]
     bertscore = protocol.get("bertscore")
     if bertscore:
         lines.append(f"- BERTScore: {bertscore['model'] or bertscore['path']}, layer {bertscore['layer']} "

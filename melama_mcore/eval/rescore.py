@@ -59,7 +59,7 @@ def run_protocol(run_dir: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     log.info("%s has no results.json with a protocol: the generation settings are recorded as unknown", run_dir)
-    return {"template": {"name": None, "source": "unknown (rescored from samples files alone)"}, "limit": None,
+    return {"template": dict(report.UNKNOWN_TEMPLATE), "limit": None,
             "selection": None, "max_new_tokens": None, "num_fewshot": None, "backend": None, "model": None}
 
 
