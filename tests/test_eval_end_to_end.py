@@ -224,13 +224,21 @@ def test_peft_adapter_and_the_models_chat_template(world, tmp_path):
     assert table["pubmedqa"]["hit_max_new_tokens"] == int(with_adapter["hit"])
 
 
-def test_counts_of_a_generation_that_ends(world, tmp_path):
+def test_counts_of_a_generation_that_ends(world, tmp_path, monkeypatch):
     """A model made to end one record's generation early (end-of-sequence wherever a token that only
     that record generates wins): it is not counted as stopped by the budget (8 tokens here), the other
-    record is."""
+    record is. Both records in one batch: prompts of different lengths, left-padded (as on a GPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from melama_mcore.eval import command
     from melama_mcore.eval.command import EvalOptions, evaluate
+
+    def batched(*args, **kwargs):
+        model_args, run_args = model_arguments(*args, **kwargs)
+        return model_args, {**run_args, "batch_size": 2}
+
+    model_arguments = command.model_arguments
+    monkeypatch.setattr(command, "model_arguments", batched)
 
     records = [json.loads(line) for line in (world["data"] / "pubmedqa.jsonl").read_text().splitlines()]
     tokens = [r["tokens"] for r in greedy(world["hf"], [r["query"] for r in records], new_tokens=8)]
@@ -251,6 +259,8 @@ def test_counts_of_a_generation_that_ends(world, tmp_path):
     assert [s["generation"] for s in logged] == [r["generation"] for r in reference]
     assert [s["hit_max_new_tokens"] for s in logged] == [r["hit"] for r in reference] == [i != ends for i in (0, 1)]
     assert table["pubmedqa"]["hit_max_new_tokens"] == 1 and table["pubmedqa"]["truncated_prompts"] == 0
+    ids = AutoTokenizer.from_pretrained(ending)([r["query"] for r in records]).input_ids
+    assert len(ids[0]) != len(ids[1])  # so the shorter prompt was padded
 
 
 def test_checkpoint_without_a_tokenizer(world, tmp_path):

@@ -14,12 +14,13 @@ from __future__ import annotations
 from melama_mcore.errors import UserError
 from melama_mcore.eval import scoring
 from melama_mcore.eval.data import load_splits, prepared, released_order
-from melama_mcore.eval.extraction import check_extractor
+from melama_mcore.eval.extraction import DEFAULT_EXTRACTOR, check_extractor
 from melama_mcore.eval.tasks import TASKS
 
 
-def dataset(mibe_task: str, data_dir: str | None = None, extractor: str = "mibe-compat", **_other_metadata):
-    """`custom_dataset` of every MIBE task: {"test", "train"} splits of checked, prompted records."""
+def dataset(mibe_task: str, data_dir: str | None = None, extractor: str = DEFAULT_EXTRACTOR, **_other_metadata):
+    """`custom_dataset` of every MIBE task: {"test", "train"} splits of checked, prompted records, the
+    test records in the order `--limit` takes them from (see the module doc)."""
     import datasets
 
     if mibe_task not in TASKS:
