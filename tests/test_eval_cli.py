@@ -1,5 +1,6 @@
 """`melama eval` refusals: each user mistake ends in one `error:` line and exit code 2, before any
-model is loaded and without results.json; and the lm-eval model arguments each backend gets."""
+model is loaded and without results.json; the lm-eval model arguments each backend gets; results.md;
+and `melama eval rescore` on samples files written by hand (no model)."""
 
 from __future__ import annotations
 
@@ -51,9 +52,14 @@ def setup(tmp_path) -> dict:
 
 
 def test_help():
-    with pytest.raises(SystemExit) as info, contextlib.redirect_stdout(io.StringIO()) as out:
-        main(["--help"])
-    assert info.value.code == 0 and "--extractor {strict,mibe-compat}" in out.getvalue()
+    for argv, phrases in ((["--help"], ["--extractor {strict,mibe-compat}", "--chat-template NAME|FILE",
+                                        "melama eval rescore RUN_DIR --out DIR"]),
+                          (["rescore", "--help"], ["usage: melama eval rescore [-h] --out OUT", "RUN_DIR"])):
+        with pytest.raises(SystemExit) as info, contextlib.redirect_stdout(io.StringIO()) as out:
+            main(argv)
+        assert info.value.code == 0
+        text = " ".join(out.getvalue().split())
+        assert all(" ".join(p.split()) in text for p in phrases), text
 
 
 def test_data_errors(setup, tmp_path):
@@ -87,6 +93,7 @@ def test_model_and_output_errors(setup, tmp_path):
 def test_small_context_and_vllm_missing(setup):
     common = ["--model", setup["model"], "--tasks", "pubmedqa", "--data-dir", setup["data"]]
     refused([*common, "--backend", "vllm"], setup["out"], "--backend vllm needs vLLM")
+    refused([*common, "--chat-template", "llama-2"], setup["out"], "--chat-template 'llama-2': not one of")
     (setup["model"] / "config.json").write_text(json.dumps({**CONFIG, "max_position_embeddings": 256}))
     refused(common, setup["out"], "context (256 tokens", "256 new tokens")
 
@@ -141,21 +148,82 @@ def test_results_table_and_markdown():
     from melama_mcore.eval.report import collect, markdown
 
     lm_results = {"results": {
-        "pubmedqa": {"alias": "pubmedqa", "sample_len": 3, "accuracy,none": 0.5, "accuracy_stderr,none": "N/A",
-                     "macro_f1,none": 0.4, "missing_rate,none": 0.125},
-        "pubmedsum": {"rouge_1,none": 0.3, "rouge_2,none": 0.1, "rouge_l,none": 0.2, "bertscore_f1,none": float("nan")},
+        "pubmedqa": {"alias": "pubmedqa", "accuracy,none": 0.5},  # MIBE: scored by scoring.task_result instead
         "mibe": {"alias": "mibe"},  # a group without metrics of its own
         "gsm8k": {"exact_match,strict-match": 0.2, "exact_match_stderr,strict-match": 0.01,
                   "exact_match,flexible-extract": 0.3},
         "arc_easy": {"acc,none": 0.6, "acc_norm,none": 0.55}}}
-    table = collect(lm_results)
-    assert table == {"pubmedqa": {"accuracy": 0.5, "macro_f1": 0.4, "missing_rate": 0.125},
-                     "pubmedsum": {"rouge_1": 0.3, "rouge_2": 0.1, "rouge_l": 0.2, "bertscore_f1": None},
-                     "gsm8k": {"exact_match_strict-match": 0.2, "exact_match_flexible-extract": 0.3},
-                     "arc_easy": {"accuracy": 0.6, "accuracy_norm": 0.55}}
-    text = markdown(table, ["- model: `m`"], ["gsm8k", "arc_easy"])
-    columns = "accuracy | macro_f1 | rouge_1 | rouge_2 | rouge_l | bertscore_f1 | missing_rate"
-    assert f"| Task | Dataset | {columns} |" in text
-    assert "| QA | PubMedQA | 0.5000 | 0.4000 |  |  |  |  | 0.1250 |" in text
-    assert "| summarisation | PubMed |  |  | 0.3000 | 0.1000 | 0.2000 | n/a |  |" in text
+    general = collect(lm_results)
+    assert general == {"gsm8k": {"exact_match_strict-match": 0.2, "exact_match_flexible-extract": 0.3},
+                       "arc_easy": {"accuracy": 0.6, "accuracy_norm": 0.55}}
+    counts = {"records": 8, "truncated_prompts": 1, "max_prompt_tokens_cut": 12, "empty_generations": 0,
+              "hit_max_new_tokens": 2, "extractor_disagreement": 0.25}
+    table = {"pubmedqa": {"accuracy": 0.5, "macro_f1": 0.4, "missing_rate": 0.125, "accuracy@strict": 0.25,
+                          "macro_f1@strict": 0.2, "missing_rate@strict": 0.5, **counts},
+             "pubmedsum": {"rouge_1": 0.3, "rouge_2": 0.1, "rouge_l": 0.2, "bertscore_f1": None,
+                           "rouge_1@strict": 0.3, "rouge_2@strict": 0.1, "rouge_l@strict": 0.2,
+                           "bertscore_f1@strict": None, **counts},
+             "i2b2": {"entity_f1": 0.5, "entity_precision": 0.4, "entity_recall": 2 / 3, "entity_f1.problem": 0.75,
+                      "entity_f1@strict": 0.25, "entity_f1.test@strict": 0.125, **counts},
+             **general}
+    text = markdown(table, ["- model: `m`"], ["gsm8k", "arc_easy"], "mibe-compat")
+    assert "## MIBE, mibe-compat extractor (this run's protocol)" in text
+    assert "## MIBE, strict extractor (results.json: `<metric>@strict`)" in text
+    columns = "accuracy | macro_f1 | entity_f1 | rouge_1 | rouge_2 | rouge_l | bertscore_f1 | missing_rate"
+    assert text.count(f"| Task | Dataset | {columns} |") == 2
+    assert "| QA | PubMedQA | 0.5000 | 0.4000 |  |  |  |  |  | 0.1250 |" in text
+    assert "| QA | PubMedQA | 0.2500 | 0.2000 |  |  |  |  |  | 0.5000 |" in text
+    assert "| summarisation | PubMed |  |  |  | 0.3000 | 0.1000 | 0.2000 | n/a |  |" in text
+    assert "| PubMedQA | 8 | 1 | 12 | 0 | 2 | 0.2500 |" in text  # the counts
+    assert "| 2010 i2b2 | problem | n/a | n/a | 0.7500 | n/a | n/a | n/a |" in text
+    assert "| 2010 i2b2 | all | 0.4000 | 0.6667 | 0.5000 | n/a | n/a | n/a |" in text
+    assert "## NER by entity type (strict)" in text and "| 2010 i2b2 | test | n/a | n/a | 0.1250 |" in text
     assert "| arc_easy | accuracy | 0.6000 |" in text and "| gsm8k | exact_match_strict-match | 0.2000 |" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# melama eval rescore, from samples files alone
+# ---------------------------------------------------------------------------------------------
+def samples_file(folder: Path, task: str, lines: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"samples_{task}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_rescore_hand_written_samples(tmp_path):
+    """Files written by hand in the samples form: `doc` (a record as in a task file) and `generation`."""
+    run_dir = tmp_path / "run"
+    question = {"query": "Does it help?\nANSWER:", "choices": ["yes", "no", "maybe"]}
+    samples_file(run_dir, "pubmedqa", [{"doc": {**question, "gold": 0}, "generation": "Yes."},
+                                   {"doc": {**question, "gold": 1}, "generation": "It is not clear."},
+                                   {"doc": {**question, "gold": 2}, "generation": "maybe"}])
+    samples_file(run_dir, "emrqa", [{"doc": {"query": "Where?", "answer": "left lobe"}, "generation": "Left lobe.\nmore"}])
+    (run_dir / "samples_gsm8k.jsonl").write_text("not MIBE: ignored\n")
+    code, stderr = run("rescore", run_dir, "--out", tmp_path / "out")
+    assert code == 0, stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results) == ["protocol", "pubmedqa", "emrqa"]
+    assert results["protocol"]["extractor"] == "mibe-compat" and results["protocol"]["rescored_from"] == str(run_dir)
+    assert results["protocol"]["template"] == {"name": None, "source": "unknown (rescored from samples files alone)"}
+    # mibe-compat: yes, no (inside "not"), maybe -> all right; strict: yes, missing, maybe -> 2/3
+    assert results["pubmedqa"]["accuracy"] == 1.0 and results["pubmedqa"]["accuracy@strict"] == pytest.approx(2 / 3)
+    assert results["pubmedqa"]["extractor_disagreement"] == pytest.approx(1 / 3)
+    assert results["pubmedqa"]["truncated_prompts"] is None  # not recorded by hand: unknown
+    # EmrQA, released rule: the whole output as characters, "leftlobemore" (12) vs "leftlobe" (8), 6 distinct
+    # shared (l, e, f, t, o, b) -> P 6/12, R 6/8, F1 2 * 0.5 * 0.75 / 1.25 = 0.6; strict: the first line,
+    # SQuAD-normalised "left lobe": exact match
+    assert results["emrqa"]["token_f1"] == pytest.approx(0.6) and results["emrqa"]["exact_match@strict"] == 1.0
+
+
+def test_rescore_refusals(tmp_path):
+    code, stderr = run("rescore", tmp_path, "--out", tmp_path / "out")
+    assert code == 2 and stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path} has no samples_<task>.jsonl of a MIBE task: run `melama eval` with --log-samples")
+    samples_file(tmp_path, "pubmedqa", [{"doc": {"query": "q", "choices": ["a", "b"], "gold": 5}, "generation": "a"}])
+    code, stderr = run("rescore", tmp_path, "--out", tmp_path / "out")
+    assert code == 2 and stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'samples_pubmedqa.jsonl'}:1 doc: field 'gold' must be an index into 'choices' (0..1) "
+        "(pubmedqa)")
+    samples_file(tmp_path, "pubmedqa", [{"doc": {"query": "q", "choices": ["a", "b"], "gold": 1}}])
+    code, stderr = run("rescore", tmp_path, "--out", tmp_path / "out")
+    assert code == 2 and "samples_pubmedqa.jsonl:1: expected an object with 'doc'" in stderr
+    assert not (tmp_path / "out" / "results.json").exists() and "Traceback" not in stderr

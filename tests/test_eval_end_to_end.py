@@ -1,7 +1,10 @@
 """`melama eval` end to end on a tiny random LLaMA: a megatron checkpoint saved at TP 2 x PP 2 gives
 the same prompts, generations and scores as evaluating its Hugging Face export, and the same
-generations as transformers' own greedy `generate` on prompts built here from the records; a PEFT
-adapter gives what peft's model generates."""
+generations as transformers' own greedy `generate` on prompts built here from the records; both
+extractors in every run, the released record selection for --limit, the counts (prompts cut,
+generations stopped by the budget) against transformers' token counts, and `melama eval rescore`
+reproducing results.json from the samples files. A PEFT adapter on a model folder that carries a chat
+template gives what peft's model generates on that template's training prompt, cut to the context."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sft_fixtures import LLAMA2_JINJA_PLAIN
 from test_eval_metrics import tiny_bert  # noqa: F401  (a fixture)
+from test_eval_tasks import fisher_yates
 
 pytestmark = pytest.mark.slow
 
@@ -69,8 +75,11 @@ def samples(out: Path, task: str) -> list[dict]:
     return [json.loads(line) for line in (out / f"samples_{task}.jsonl").read_text().splitlines()]
 
 
-def greedy(hf_dir: Path, prompts: list[str], adapter: Path | None = None) -> list[str]:
-    """transformers' (and peft's) greedy generation, 256 new tokens, the continuation decoded."""
+def greedy(hf_dir: Path, prompts: list[str], adapter: Path | None = None, room: int | None = None,
+           new_tokens: int = 256) -> list[dict]:
+    """transformers' (and peft's) greedy generation on each prompt's tokens (its BOS written as text, or
+    added by the tokenizer), cut to the last `room`: the continuation decoded, the tokens cut, whether
+    it ran to `new_tokens` tokens without end-of-sequence, the tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
@@ -81,18 +90,24 @@ def greedy(hf_dir: Path, prompts: list[str], adapter: Path | None = None) -> lis
         model = PeftModel.from_pretrained(model, adapter)
     outputs = []
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        ids = tokenizer(prompt, add_special_tokens=not prompt.startswith(tokenizer.bos_token)).input_ids
+        assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+        cut = max(0, len(ids) - room) if room else 0
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=256, do_sample=False)
-        outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            out = model.generate(torch.tensor([ids[cut:]]), max_new_tokens=new_tokens, do_sample=False)
+        new = out[0, len(ids) - cut:].tolist()
+        outputs.append({"generation": tokenizer.decode(new, skip_special_tokens=True), "cut": cut, "tokens": new,
+                        "hit": len(new) == new_tokens and tokenizer.eos_token_id not in new})
     return outputs
 
 
 def test_megatron_checkpoint_matches_its_export_and_transformers(world, tmp_path, monkeypatch):
+    from melama_mcore.cli import run_main
     from melama_mcore.commands.convert import export_hf
-    from melama_mcore.eval.command import EvalOptions, evaluate
+    from melama_mcore.eval.command import EvalOptions, evaluate, main
+    from melama_mcore.eval.scoring import COUNTS
 
-    # 1. The user's command on the TP2 x PP2 checkpoint (exported on the fly).
+    # 1. The user's command on the TP2 x PP2 checkpoint (exported on the fly): the paper's protocol by default.
     out_ckpt = tmp_path / "from_checkpoint"
     args = ["--model", world["ckpt"], "--tasks", ",".join(TASKS), "--data-dir", world["data"], "--out", out_ckpt,
             "--limit", "1", "--log-samples", "--chat"]
@@ -101,38 +116,76 @@ def test_megatron_checkpoint_matches_its_export_and_transformers(world, tmp_path
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert result.returncode == 0, result.stdout[-5000:]
     assert "| QA | PubMedQA |" in result.stdout and "records/s" in result.stdout
+    assert "MIBE prompts: chat template me-llama (--chat, and the model carries no chat template" in result.stdout
     assert sorted(p.name for p in out_ckpt.iterdir()) == sorted(
         ["results.json", "results.md", *(f"samples_{t}.jsonl" for t in TASKS)])  # the export is gone
+    compat = json.loads((out_ckpt / "results.json").read_text())
+    assert compat["protocol"] == {
+        "extractor": "mibe-compat", "template": compat["protocol"]["template"], "limit": 1,
+        "selection": "the first 1 records after the released evaluator's seed-42 shuffle", "max_new_tokens": 256,
+        "num_fewshot": None, "backend": "hf", "model": str(world["ckpt"]), "adapter": None,
+        "data_dir": str(world["data"]), "bertscore": {"model": None, "path": str(world["bert"]), "layer": 2,
+                                                      "identified_by": "unidentified: its last layer"},
+        "lm_eval": compat["protocol"]["lm_eval"]}
+    assert compat["protocol"]["template"]["name"] == "me-llama"
+    from melama_mcore.eval.tasks import TASKS as MIBE  # the paper's order
 
-    # 2. Its Hugging Face export, evaluated the same way.
+    assert list(compat) == ["protocol", *(t for t in MIBE if t in TASKS)]
+    assert list(compat["pubmedqa"])[:3] == ["accuracy", "macro_f1", "missing_rate"]
+
+    # 2. Rescored from its samples files alone: the same results.json (the protocol says it was rescored);
+    # rescored under strict: the two extractors' numbers swap places, the counts stay.
+    monkeypatch.setenv("MELAMA_BERTSCORE_MODEL", str(world["bert"]))
+    assert run_main(main, ["rescore", str(out_ckpt), "--out", str(tmp_path / "rescored")]) == 0
+    rescored = json.loads((tmp_path / "rescored" / "results.json").read_text())
+    assert rescored == {**compat, "protocol": {**compat["protocol"], "rescored_from": str(out_ckpt)}}
+    assert run_main(main, ["rescore", str(out_ckpt), "--out", str(tmp_path / "strict"), "--extractor", "strict"]) == 0
+    strict = json.loads((tmp_path / "strict" / "results.json").read_text())
+    assert strict["protocol"]["extractor"] == "strict"
+    for task in TASKS:
+        assert set(strict[task]) == {m.replace("@strict", "") if "@" in m else m if m in (*COUNTS, "extractor_disagreement")
+                                     else f"{m}@mibe-compat" for m in compat[task]}
+        for metric, value in compat[task].items():
+            name, _, other = metric.partition("@")
+            same = metric in (*COUNTS, "extractor_disagreement")  # properties of the run, not of an extractor
+            assert strict[task][metric if same else f"{name}@mibe-compat" if not other else name] == value, metric
+
+    # 3. Its Hugging Face export, evaluated the same way: the same records, prompts, generations, scores.
     export = tmp_path / "export"
     export_hf(world["ckpt"], export)  # carries the tokenizer the checkpoint's config.yaml names
     out_hf = tmp_path / "from_export"
-    monkeypatch.setenv("MELAMA_BERTSCORE_MODEL", str(world["bert"]))
     table = evaluate(EvalOptions(model=export, tasks=TASKS, out=out_hf, data_dir=world["data"], limit=1,
                                  log_samples=True, chat=True))
-
-    scores = json.loads((out_ckpt / "results.json").read_text())
-    assert scores == table == json.loads((out_hf / "results.json").read_text())
-    assert set(scores) == set(TASKS) and scores["pubmedsum"]["bertscore_f1"] is not None
-    assert list(scores["pubmedqa"]) == ["accuracy", "macro_f1", "missing_rate"]
+    assert {k: v for k, v in compat.items() if k != "protocol"} == table
+    assert json.loads((out_hf / "results.json").read_text()) == {**compat, "protocol": {
+        **compat["protocol"], "model": str(export)}}
     for task in TASKS:
         assert samples(out_ckpt, task) == samples(out_hf, task)
 
-    # 3. transformers on the original model, with prompts built here from the records.
-    records = {t: json.loads((world["data"] / f"{t}.jsonl").read_text().splitlines()[0]) for t in TASKS}
-    prompts = [f"Human: \n{records[t]['query']}\n\nAssistant: \n" for t in TASKS]
+    # 4. transformers on the original model, with prompts built here from the records the released
+    # shuffle takes first (of two), in Me-LLaMA's wrapper after the BOS.
     logged = [samples(out_ckpt, t)[0] for t in TASKS]
+    first = fisher_yates([0, 1], 42)[0]
+    records = {t: json.loads((world["data"] / f"{t}.jsonl").read_text().splitlines()[first]) for t in TASKS}
+    assert [s["doc_id"] for s in logged] == [first] * len(TASKS) and [s["doc"] for s in logged] == list(records.values())
+    prompts = [f"<s>Human: \n{records[t]['query']}\n\nAssistant: \n" for t in TASKS]
     assert [s["prompt"] for s in logged] == prompts
-    generations = [s["generation"] for s in logged]
-    assert generations == greedy(world["hf"], prompts)
-    assert all(g.strip() for g in generations) and len(set(generations)) == len(TASKS)
+    reference = greedy(world["hf"], prompts)
+    assert [s["generation"] for s in logged] == [r["generation"] for r in reference]
+    assert all(r["generation"].strip() for r in reference) and len({r["generation"] for r in reference}) == len(TASKS)
+    for task, sample, ref in zip(TASKS, logged, reference):
+        assert (sample["prompt_tokens_cut"], sample["hit_max_new_tokens"]) == (0, ref["hit"])
+        assert (compat[task]["truncated_prompts"], compat[task]["hit_max_new_tokens"]) == (0, int(ref["hit"]))
+        assert compat[task]["empty_generations"] == 0 and compat[task]["records"] == 1
 
 
-def test_peft_adapter(world, tmp_path):
+def test_peft_adapter_and_the_models_chat_template(world, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from melama_mcore.data.sft.conversations import Conversation
+    from melama_mcore.data.sft.templates import load_template
+    from melama_mcore.data.tokenizer import load_tokenizer
     from melama_mcore.eval.command import EvalOptions, evaluate
 
     base = AutoModelForCausalLM.from_pretrained(world["hf"], dtype=torch.float32)
@@ -144,15 +197,70 @@ def test_peft_adapter(world, tmp_path):
                 p.normal_(0, 0.5)
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
+    # The base as a tuned run's export would carry it: its chat template in the tokenizer files, and
+    # here a 300-token context, so the prompt (context minus 256 new tokens: 44 tokens) is cut.
+    tuned = tmp_path / "tuned"
+    shutil.copytree(world["hf"], tuned)
+    (tuned / "chat_template.jinja").write_text(LLAMA2_JINJA_PLAIN)
+    config = json.loads((tuned / "config.json").read_text())
+    (tuned / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 300}))
 
     out = tmp_path / "out"
-    evaluate(EvalOptions(model=world["hf"], adapter=adapter, tasks=["pubmedqa"], out=out, data_dir=world["data"],
-                         limit=1, log_samples=True))  # chat prompts: the default with an adapter
+    table = evaluate(EvalOptions(model=tuned, adapter=adapter, tasks=["pubmedqa"], out=out, data_dir=world["data"],
+                                 limit=1, log_samples=True))
     logged = samples(out, "pubmedqa")[0]
-    assert logged["prompt"].startswith("Human: \n")
-    with_adapter, = greedy(world["hf"], [logged["prompt"]], adapter)
-    without, = greedy(world["hf"], [logged["prompt"]])
-    assert logged["generation"] == with_adapter != without
+    query = logged["doc"]["query"]
+    text, spans = load_template("hf", load_tokenizer(str(tuned))).render(Conversation([(query, "yes")]))
+    assert logged["prompt"] == text[:spans[0][0]] == "<s>[INST] " + query.strip() + " [/INST]"
+    protocol = json.loads((out / "results.json").read_text())["protocol"]
+    assert protocol["template"]["name"] == "hf"
+    assert protocol["template"]["source"] == f"the model's {tuned / 'chat_template.jinja'}"
+    with_adapter, = greedy(tuned, [logged["prompt"]], adapter, room=300 - 256)
+    without, = greedy(tuned, [logged["prompt"]], room=300 - 256)
+    assert logged["generation"] == with_adapter["generation"] != without["generation"]
+    assert with_adapter["cut"] > 0 and logged["prompt_tokens_cut"] == with_adapter["cut"]
+    assert logged["hit_max_new_tokens"] == with_adapter["hit"]
+    assert table["pubmedqa"]["truncated_prompts"] == 1 and table["pubmedqa"]["max_prompt_tokens_cut"] == with_adapter["cut"]
+    assert table["pubmedqa"]["hit_max_new_tokens"] == int(with_adapter["hit"])
+
+
+def test_counts_of_a_generation_that_ends(world, tmp_path, monkeypatch):
+    """A model made to end one record's generation early (end-of-sequence wherever a token that only
+    that record generates wins): it is not counted as stopped by the budget (8 tokens here), the other
+    record is. Both records in one batch: prompts of different lengths, left-padded (as on a GPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from melama_mcore.eval import command
+    from melama_mcore.eval.command import EvalOptions, evaluate
+
+    def batched(*args, **kwargs):
+        model_args, run_args = model_arguments(*args, **kwargs)
+        return model_args, {**run_args, "batch_size": 2}
+
+    model_arguments = command.model_arguments
+    monkeypatch.setattr(command, "model_arguments", batched)
+
+    records = [json.loads(line) for line in (world["data"] / "pubmedqa.jsonl").read_text().splitlines()]
+    tokens = [r["tokens"] for r in greedy(world["hf"], [r["query"] for r in records], new_tokens=8)]
+    ends, trigger = next((i, t) for i in (0, 1) for t in tokens[i] if t not in tokens[1 - i])
+    model = AutoModelForCausalLM.from_pretrained(world["hf"], dtype=torch.float32)
+    eos = AutoTokenizer.from_pretrained(world["hf"]).eos_token_id
+    with torch.no_grad():  # the same logit as the trigger: end-of-sequence (the lower id) wins their ties
+        model.lm_head.weight[eos] = model.lm_head.weight[trigger]
+    ending = tmp_path / "ending"
+    model.save_pretrained(ending)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(world["hf"] / name, ending / name)
+    out = tmp_path / "out"
+    table = evaluate(EvalOptions(model=ending, tasks=["pubmedqa"], out=out, data_dir=world["data"], log_samples=True,
+                                 max_new_tokens=8))
+    logged = samples(out, "pubmedqa")
+    reference = greedy(ending, [r["query"] for r in records], new_tokens=8)
+    assert [s["generation"] for s in logged] == [r["generation"] for r in reference]
+    assert [s["hit_max_new_tokens"] for s in logged] == [r["hit"] for r in reference] == [i != ends for i in (0, 1)]
+    assert table["pubmedqa"]["hit_max_new_tokens"] == 1 and table["pubmedqa"]["truncated_prompts"] == 0
+    ids = AutoTokenizer.from_pretrained(ending)([r["query"] for r in records]).input_ids
+    assert len(ids[0]) != len(ids[1])  # so the shorter prompt was padded
 
 
 def test_checkpoint_without_a_tokenizer(world, tmp_path):

@@ -1,15 +1,20 @@
-"""`melama eval`: score a model on MIBE (and any lm-evaluation-harness task) with lm-evaluation-harness.
+"""`melama eval`: score a model on MIBE (and any lm-evaluation-harness task) with lm-evaluation-harness;
+`melama eval rescore`: score a run again from its samples files, without a model.
 
     melama eval --model outputs/run --tasks mibe --data-dir mibe_data --out results/run
-    melama eval --model me-llama-13b-hf --adapter lora/ --tasks pubmedqa,medqa,mmlu --out results/lora --chat
+    melama eval --model me-llama-13b-chat-hf --tasks pubmedqa,medqa,mmlu --out results/chat --log-samples
+    melama eval rescore results/chat --out results/chat-strict --extractor strict
 
 --model is a run folder, a checkpoint folder (this project's megatron checkpoint, any TP/PP; exported
 to a temporary Hugging Face folder on the fly) or a Hugging Face folder. Generation is greedy with
-at most 256 new tokens, zero-shot unless --num-fewshot, as in the Me-LLaMA paper.
+at most 256 new tokens, zero-shot unless --num-fewshot, as in the Me-LLaMA paper. Scores follow the
+released scorer (`--extractor mibe-compat`, the default) and are computed under `strict` too. Prompts
+are the model's own chat template when its folder carries one, else plain (--chat-template,
+--chat, --no-chat to choose).
 
-Writes OUT/results.json ({task: {metric: value}}), OUT/results.md (a dataset x metric table) and,
-with --log-samples, OUT/samples_<task>.jsonl for each MIBE task (prompts and generations: test inputs
-may be patient text, so this is opt-in). Scoring: docs/evaluation.md.
+Writes OUT/results.json ({"protocol": {...}, task: {metric: value}}), OUT/results.md (dataset x metric
+tables) and, with --log-samples, OUT/samples_<task>.jsonl for each MIBE task (prompts, generations
+and records: test inputs may be patient text, so this is opt-in). Scoring: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -19,19 +24,21 @@ import difflib
 import importlib.util
 import logging
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from melama_mcore.cli import positive_int
 from melama_mcore.errors import DataError, UserError
-from melama_mcore.eval import model_source, report
-from melama_mcore.eval.extraction import EXTRACTORS
-from melama_mcore.eval.tasks import GROUP, TASK_DIR, TASKS
+from melama_mcore.eval import backends, model_source, prompts, report
+from melama_mcore.eval.extraction import DEFAULT_EXTRACTOR, check_extractor
+from melama_mcore.eval.rescore import add_extractor_argument
+from melama_mcore.eval.scoring import Generated, task_result
+from melama_mcore.eval.tasks import GENERATION_BUDGET, GROUP, TASK_DIR, TASKS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NEW_TOKENS = 256  # the paper's generation budget (the task YAMLs' max_gen_toks)
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # max_lora_rank values vLLM accepts
 
 
@@ -45,10 +52,11 @@ class EvalOptions:
     backend: str = "hf"
     limit: int | None = None
     num_fewshot: int | None = None
-    extractor: str = "strict"
+    extractor: str = DEFAULT_EXTRACTOR
     log_samples: bool = False
-    chat: bool | None = None  # None: chat when an adapter is given or the model path says chat/instruct
-    max_new_tokens: int = DEFAULT_NEW_TOKENS  # the paper's; a smaller budget only from Python (the demo)
+    chat: bool | None = None  # True: chat prompts (--chat); False: plain (--no-chat); None: the model's template, if any
+    chat_template: str | None = None  # a template name or Jinja file (--chat-template); wins over `chat`
+    max_new_tokens: int = GENERATION_BUDGET  # the paper's; a smaller budget only from Python (the demo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,11 +150,6 @@ def check_fewshot(tasks: dict, num_fewshot: int | None, data_dir: Path | None) -
 # ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
-def default_chat(options: EvalOptions) -> bool:
-    name = str(options.model).lower()
-    return options.adapter is not None or "chat" in name or "instruct" in name
-
-
 def check_backend(backend: str) -> None:
     if backend == "vllm":
         if importlib.util.find_spec("vllm") is None:
@@ -189,33 +192,38 @@ def check_context(hf_dir: Path, new_tokens: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+def selection(extractor: str, limit: int | None) -> str:
+    """Which records a run scores, in words (results.json's protocol.selection)."""
+    if limit is None:
+        return "all records"
+    if extractor == "mibe-compat":
+        return f"the first {limit} records after the released evaluator's seed-42 shuffle"
+    return f"the first {limit} records of each file"
+
+
 def evaluate(options: EvalOptions) -> dict[str, dict[str, float | None]]:
-    """Run the evaluation and write its outputs; returns {task: {metric: value}}."""
+    """Run the evaluation and write its outputs; returns {task: {metric: value}} (results.json without
+    its protocol)."""
     import torch
 
     quiet_libraries()
-    if options.extractor not in EXTRACTORS:
-        raise UserError(f"extractor {options.extractor!r}: expected one of {', '.join(EXTRACTORS)}")
+    check_extractor(options.extractor)
     if (options.out / "results.json").exists():
         raise UserError(f"{options.out} already holds results.json: choose a new --out or delete it")
     check_backend(options.backend)
+    prompts.check_choice(options.chat_template)
     megatron = model_source.locate(options.model)
     adapter_config = model_source.read_adapter_config(options.adapter) if options.adapter else None
-    chat = default_chat(options) if options.chat is None else options.chat
-    log.info("model %s (%s), prompts %s%s", options.model,
-             f"megatron checkpoint {megatron}" if megatron else "Hugging Face folder",
-             "in the Me-LLaMA chat format" if chat else "plain",
-             "" if options.chat is not None else " (chosen from the model name/adapter; --chat/--no-chat to set)")
+    log.info("model %s (%s)", options.model, f"megatron checkpoint {megatron}" if megatron else "Hugging Face folder")
 
-    metadata = {"data_dir": str(options.data_dir) if options.data_dir else None, "chat": chat,
-                "extractor": options.extractor}
+    metadata = {"data_dir": str(options.data_dir) if options.data_dir else None, "extractor": options.extractor}
     manager, objects = load_tasks(options.tasks, metadata)
     tasks = leaf_tasks(objects)
     check_fewshot(tasks, options.num_fewshot, options.data_dir)
     counts = {n: len(t.eval_docs) if options.limit is None else min(options.limit, len(t.eval_docs))
               for n, t in tasks.items()}
-    log.info("%d task(s), %d records: %s", len(tasks), sum(counts.values()),
-             ", ".join(f"{n} {c}" for n, c in counts.items()))
+    log.info("%d task(s), %d records (%s): %s", len(tasks), sum(counts.values()),
+             selection(options.extractor, options.limit), ", ".join(f"{n} {c}" for n, c in counts.items()))
 
     import lm_eval
     import lm_eval.evaluator
@@ -223,42 +231,59 @@ def evaluate(options: EvalOptions) -> dict[str, dict[str, float | None]]:
     # lm-eval records the git commit of the working directory with a `git describe` whose stderr
     # reaches the console ("fatal: not a git repository" outside one): the same, quietly.
     lm_eval.evaluator.get_git_commit_hash = _git_commit_of_working_directory
-    # MIBE's tasks wrap their prompts in the Me-LLaMA chat format themselves (--chat): lm-eval's advice
-    # to apply the tokenizer's chat template when a path says "chat" does not apply to them.
+    # MIBE's prompts go through the run's prompt format (prompts.py): lm-eval's advice to apply the
+    # tokenizer's chat template when a path says "chat" does not apply to them.
     logging.getLogger("lm_eval.evaluator").addFilter(lambda record: "chat variant" not in record.getMessage())
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     with model_source.hf_folder(options.model, options.out) as hf_dir:
         if options.adapter:
             model_source.check_adapter_fits(options.adapter, adapter_config, hf_dir)
         check_context(hf_dir, options.max_new_tokens)
+        prompt_format = prompts.resolve(hf_dir, options.chat, options.chat_template)
+        log.info("MIBE prompts: %s", prompt_format)
         model_args, run_args = model_arguments(options.backend, hf_dir, options.adapter, adapter_config, gpus)
         log.info("generating with lm-eval's %s backend (%s), greedy, at most %d new tokens, %s",
                  options.backend, run_args.get("device", f"tensor parallel {model_args.get('tensor_parallel_size')}"),
                  options.max_new_tokens, f"{options.num_fewshot}-shot" if options.num_fewshot else "zero-shot")
-        shorter = None if options.max_new_tokens == DEFAULT_NEW_TOKENS else {"max_gen_toks": options.max_new_tokens}
+        shorter = None if options.max_new_tokens == GENERATION_BUDGET else {"max_gen_toks": options.max_new_tokens}
         start = time.time()
+        model = backends.load_model(options.backend, model_args, run_args, prompt_format)
         results = lm_eval.simple_evaluate(
-            model=options.backend, model_args=model_args, task_manager=manager,
-            tasks=[obj for built in objects.values() for obj in built],
-            num_fewshot=options.num_fewshot, limit=options.limit, log_samples=options.log_samples,
-            bootstrap_iters=0,
-            gen_kwargs=shorter,
-            **run_args)
+            model=model, task_manager=manager, tasks=[obj for built in objects.values() for obj in built],
+            num_fewshot=options.num_fewshot, limit=options.limit, log_samples=True,  # MIBE is scored from them
+            bootstrap_iters=0, gen_kwargs=shorter)
         seconds = time.time() - start
     total = sum(counts.values())
     log.info("evaluated %d records in %.0f s, model loading included (%.2f records/s)", total, seconds,
              total / max(seconds, 1e-9))
 
-    table = report.collect(results)
+    table, samples = {}, {}
+    for name in (n for n in TASKS if n in results.get("samples", {})):
+        logged = results["samples"][name]
+        records = [Generated(s["doc"], s["resps"][0][0], **model.generation_stats[(name, s["doc_id"])])
+                   for s in logged]
+        result = task_result(TASKS[name], records, options.extractor)
+        table[name] = result.row
+        if options.log_samples:
+            prompt_of = {s["doc"]["mibe_index"]: s["arguments"][0][0] for s in logged}
+            samples[name] = report.sample_lines(name, result, options.extractor,
+                                                [prompt_of[r.doc["mibe_index"]] for r in result.records])
+    general_table = report.collect(results)
+    table.update(general_table)
+    protocol = {"extractor": options.extractor, "template": prompt_format.describe(),
+                "limit": options.limit, "selection": selection(options.extractor, options.limit),
+                "max_new_tokens": options.max_new_tokens, "num_fewshot": options.num_fewshot,
+                "backend": options.backend, "model": str(options.model),
+                "adapter": str(options.adapter) if options.adapter else None,
+                "data_dir": str(options.data_dir) if options.data_dir else None,
+                "bertscore": report.bertscore_protocol(table), "lm_eval": lm_eval.__version__}
     header = [f"- model: `{options.model}`" + (f" + adapter `{options.adapter}`" if options.adapter else ""),
-              f"- backend {options.backend}, prompts {'chat' if chat else 'plain'}, extractor {options.extractor}, "
-              f"{options.num_fewshot or 0}-shot, greedy, {options.max_new_tokens} new tokens"
-              + (f", first {options.limit} records per task" if options.limit else "")]
+              *report.protocol_lines(protocol)]
     general = []  # the lm-eval names asked for; a tag or a group without a score of its own by its tasks
     for name in (n for n in objects if n not in TASKS and n != GROUP):
         general += [name] if name in table else sorted(t for t in leaf_tasks({name: objects[name]}) if t in table)
-    report.write_outputs(options.out, table, report.markdown(table, header, general),
-                         results.get("samples") if options.log_samples else None)
+    report.write_outputs(options.out, report.results_json(protocol, table),
+                         report.markdown(table, header, general, options.extractor), samples)
     return table
 
 
@@ -278,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
         return value
 
     parser = argparse.ArgumentParser(prog="melama eval", description=__doc__,
+                                     usage="melama eval --model PATH --tasks NAMES --out DIR [options]\n"
+                                           "       melama eval rescore RUN_DIR --out DIR [--extractor NAME] "
+                                           "(see melama eval rescore --help)",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path,
                         help="run folder, megatron checkpoint folder (any TP/PP) or Hugging Face folder")
@@ -291,29 +319,40 @@ def build_parser() -> argparse.ArgumentParser:
                              "DIR/<task>_train.jsonl for few-shot examples (default: the public sets on the Hub)")
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                         help="hf: transformers on CPU or GPU (default); vllm: GPUs, tensor parallel")
-    parser.add_argument("--limit", type=positive_int, help="evaluate only the first N records of each task")
+    parser.add_argument("--limit", type=positive_int,
+                        help="evaluate N records of each task: under mibe-compat the first N after the released "
+                             "evaluator's seed-42 shuffle (the records it scored), under strict the first N")
     parser.add_argument("--num-fewshot", type=non_negative,
                         help="few-shot examples per prompt (default 0; MIBE draws them from training records)")
-    parser.add_argument("--extractor", choices=EXTRACTORS, default="strict",
-                        help="answer extraction: strict (default, documented parser) or mibe-compat (the "
-                             "paper's first-substring rule, for numbers comparable with the paper)")
+    add_extractor_argument(parser)
     parser.add_argument("--log-samples", action="store_true",
-                        help="also write samples_<task>.jsonl with prompts and generations (may be patient text)")
+                        help="also write samples_<task>.jsonl with prompts, generations and records (may be "
+                             "patient text; what `melama eval rescore` reads)")
     chat = parser.add_mutually_exclusive_group()
+    chat.add_argument("--chat-template", metavar="NAME|FILE",
+                      help="prompts in this instruction-tuning template: me-llama, llama2-chat, hf (the model's "
+                           "own) or a Jinja file (default: the model's own template if its folder carries one, "
+                           "else plain)")
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
-                      help="wrap prompts as Me-LLaMA chat ('Human: ... Assistant:'); default when an adapter is "
-                           "given or the model path contains 'chat' or 'instruct'")
-    chat.add_argument("--no-chat", dest="chat", action="store_false", help="plain prompts (base models)")
+                      help="chat prompts: the model's own template, or Me-LLaMA's wrapper ('Human: ... "
+                           "Assistant:') for a model without one")
+    chat.add_argument("--no-chat", dest="chat", action="store_false",
+                      help="plain prompts (the record's query), even for a model with a chat template")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["rescore"]:
+        from melama_mcore.eval.rescore import main as rescore_main
+
+        return rescore_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     options = EvalOptions(model=args.model, tasks=args.tasks, out=args.out, adapter=args.adapter,
                           data_dir=args.data_dir, backend=args.backend, limit=args.limit,
                           num_fewshot=args.num_fewshot, extractor=args.extractor, log_samples=args.log_samples,
-                          chat=args.chat)
+                          chat=args.chat, chat_template=args.chat_template)
     evaluate(options)
     print((options.out / "results.md").read_text(encoding="utf-8"), end="")
     log.info("wrote %s", options.out / "results.json")
@@ -321,8 +360,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     from melama_mcore.cli import run_main
 
     sys.exit(run_main(main, sys.argv[1:]))

@@ -22,9 +22,17 @@ Two extractors (`--extractor`):
   - HoC: every choice occurring as a whole phrase (case-insensitive) before the first blank line;
     none: "missing" (and no label predicted).
   - EmrQA: the first non-empty line without its answer cue, scored SQuAD-style.
-Both: summaries are the whole output (stripped); NER reads entity spans written as HTML,
-`<span class="problem">chest pain</span>`, aligns the output's words to the record's `token` and
-gives one BIO tag per token (the released scorer re-tokenised both sides with spaCy instead).
+Both: summaries are the whole output (stripped). NER outputs are entity spans written as HTML,
+`<span class="problem">chest pain</span>`:
+  - `strict` aligns the output's words to the record's tokens (its `token` list, or the words of its
+    gold `answer` HTML) and gives one BIO tag per token: every record counts, an empty output misses
+    every gold entity.
+  - `mibe-compat` is the released rule: output and gold HTML are both read the way the released
+    scorer reads them (top-level text split at spaces; each top-level element's text tokenised, its
+    first class the type, counted only for the released types), then aligned greedily token by token;
+    what cannot be aligned drops out of the counts (an empty output removes its record). The released
+    code tokenised element text with spaCy's `en_core_web_lg`; here `WORD` (words and single
+    punctuation marks) stands in for it.
 """
 
 from __future__ import annotations
@@ -35,9 +43,10 @@ import re
 from html.parser import HTMLParser
 
 from melama_mcore.errors import UserError
-from melama_mcore.eval.tasks import CHOICE, EXTRACTIVE_QA, MULTILABEL, NER, MibeTask
+from melama_mcore.eval.tasks import CHOICE, EXTRACTIVE_QA, MULTILABEL, NER, RELEASED_ENTITY_TYPES, MibeTask
 
 EXTRACTORS = ("strict", "mibe-compat")
+DEFAULT_EXTRACTOR = "mibe-compat"  # the released scorer's rules: numbers comparable with the paper
 WORD = re.compile(r"\w+|[^\w\s]")  # words and single punctuation marks: how NER text is aligned
 ANSWER_CUE = re.compile(r"^(?:the\s+)?(?:correct\s+|final\s+|best\s+)?(?:answer|option|choice|label|output)"
                         r"(?:\s+is)?\s*[:\-]?\s*", re.IGNORECASE)
@@ -115,7 +124,7 @@ def strict_multilabel(choices: list[str], text: str) -> list[int] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Entity spans (NER): HTML in, BIO tags over the record's tokens out
+# Entity spans (NER), strict: HTML in, BIO tags over the record's tokens out
 # ---------------------------------------------------------------------------------------------
 class _SpanReader(HTMLParser):
     """Words of an HTML fragment, each with the entity type of the innermost enclosing tag that has a
@@ -187,10 +196,118 @@ def html_to_bio(text: str, tokens: list[str]) -> list[str]:
     return tags
 
 
+def html_to_tokens(text: str) -> tuple[list[str], list[str]]:
+    """The words of an HTML answer and their BIO tags: the gold of a record in the released form
+    (`answer` only, no `token`/`label`)."""
+    reader = _SpanReader()
+    reader.feed(text)
+    reader.close()
+    tokens, tags, previous = [], [], (None, None)
+    for word, kind, span in reader.words:
+        tokens.append(word)
+        tags.append("O" if kind is None else f"I-{kind}" if (kind, span) == previous else f"B-{kind}")
+        previous = (kind, span)
+    return tokens, tags
+
+
+# ---------------------------------------------------------------------------------------------
+# Entity spans (NER), mibe-compat: the released scorer's reading and alignment
+# ---------------------------------------------------------------------------------------------
+_VOID_ELEMENTS = frozenset("area base br col embed hr img input link meta param source track wbr".split())
+
+
+class _ReleasedReader(HTMLParser):
+    """(word, tag) pairs as the released scorer reads an HTML answer: text outside any element is
+    split at whitespace, tagged O; each top-level element's whole text is tokenised (WORD standing in
+    for spaCy) and tagged B-/I-<its first class> when that class is a released entity type, else O."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.pairs: list[tuple[str, str]] = []
+        self.open: list[str] = []  # the element names open now; the first is the top-level element
+        self.entity, self.text = None, []
+
+    def handle_starttag(self, tag, attrs):
+        if not self.open:
+            classes = (dict(attrs).get("class") or "").split()
+            self.entity, self.text = (classes[0] if classes else None), []
+        if tag not in _VOID_ELEMENTS:
+            self.open.append(tag)
+        elif not self.open:
+            self._close_element()
+
+    def handle_endtag(self, tag):
+        if tag in self.open:  # closes the elements opened inside it too; a stray end tag is ignored
+            del self.open[len(self.open) - 1 - self.open[::-1].index(tag):]
+            if not self.open:
+                self._close_element()
+
+    def handle_data(self, data):
+        if self.open:
+            self.text.append(data)
+        else:
+            self.pairs += [(word, "O") for word in data.split()]
+
+    def close(self):
+        super().close()
+        if self.open:  # an element left open runs to the end, as the parser closes it
+            self.open = []
+            self._close_element()
+
+    def _close_element(self):
+        counted = self.entity in RELEASED_ENTITY_TYPES
+        words = WORD.findall("".join(self.text))
+        self.pairs += [(w, (f"B-{self.entity}" if i == 0 else f"I-{self.entity}") if counted else "O")
+                       for i, w in enumerate(words)]
+
+
+def released_pairs(text: str) -> list[tuple[str, str]]:
+    reader = _ReleasedReader()
+    reader.feed(text)
+    reader.close()
+    return reader.pairs
+
+
+def _continued(tag: str) -> str:
+    return "I-" + tag[2:] if tag.startswith("B-") else tag
+
+
+def released_alignment(predicted: list[tuple[str, str]], gold: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """The released greedy alignment: walk both token lists; equal tokens pair up; when one token is a
+    prefix of the other, the shorter pairs with the longer's head and the rest of the longer stays
+    (its tag continued); otherwise both tokens are skipped. Stops at the end of either list.
+    Returns (token, predicted tag, gold tag) triples."""
+    predicted, gold = list(predicted), list(gold)
+    aligned, i, j = [], 0, 0
+    while i < len(predicted) and j < len(gold):
+        (p_word, p_tag), (g_word, g_tag) = predicted[i], gold[j]
+        if p_word == g_word:
+            aligned.append((p_word, p_tag, g_tag))
+            i, j = i + 1, j + 1
+        elif g_word.startswith(p_word):
+            aligned.append((p_word, p_tag, g_tag))
+            gold[j] = (g_word[len(p_word):], _continued(g_tag))
+            i += 1
+        elif p_word.startswith(g_word):
+            aligned.append((g_word, p_tag, g_tag))
+            predicted[i] = (p_word[len(g_word):], _continued(p_tag))
+            j += 1
+        else:
+            i, j = i + 1, j + 1
+    return aligned
+
+
+def compat_ner(output: str, gold_html: str) -> tuple[list[str], list[str]]:
+    """(predicted tags, gold tags) over the aligned tokens, as the released scorer builds them."""
+    aligned = released_alignment(released_pairs(output), released_pairs(gold_html))
+    return [p for _, p, _ in aligned], [g for _, _, g in aligned]
+
+
 # ---------------------------------------------------------------------------------------------
 def extract(task: MibeTask, doc: dict, generation: str, extractor: str):
     """What is scored for one generated output: a choice index (None when missing) for one-label
-    tasks, a sorted list of indices (None when missing) for HoC, BIO tags for NER, text otherwise."""
+    tasks, a sorted list of indices (None when missing) for HoC, (predicted BIO tags, gold BIO tags)
+    of equal length for NER, text otherwise. `doc` is a checked record (data.check_record)."""
     compat = check_extractor(extractor) == "mibe-compat"
     if task.kind == CHOICE:
         if compat:
@@ -199,7 +316,9 @@ def extract(task: MibeTask, doc: dict, generation: str, extractor: str):
     if task.kind == MULTILABEL:
         return (compat_multilabel if compat else strict_multilabel)(doc["choices"], generation)
     if task.kind == NER:
-        return html_to_bio(generation, doc["token"])
+        if compat:
+            return compat_ner(generation, doc["answer"])
+        return html_to_bio(generation, doc["token"]), list(doc["label"])
     if task.kind == EXTRACTIVE_QA:
         return generation if compat else answer_line(generation)
     return generation.strip()

@@ -169,6 +169,14 @@ def _check(template: JinjaTemplate, spec: str) -> None:
         raise DataError(f"{spec}: the chat template's answers could not be located in its output")
 
 
+def render_prompt(template, prompt: str) -> str:
+    """The text a model tuned with `template` is shown before it answers `prompt` (one user turn, no
+    system prompt): the conversation rendered up to where the answer's trained span begins. What
+    `melama eval` sends to a model tuned in this format."""
+    text, spans = template.render(Conversation([(prompt, "")]))
+    return text[:spans[-1][0]]
+
+
 def template_identity(template) -> dict:
     """What the output's metadata records about the template."""
     identity = {"name": template.name}
