@@ -9,5 +9,4 @@
     model_source.py    --model/--adapter -> a Hugging Face folder (megatron checkpoints exported on the fly)
     report.py          results.json, results.md and samples_<task>.jsonl
     command.py         the `melama eval` command
-    demo.py            synthetic records and the results table for `melama demo`
 """
