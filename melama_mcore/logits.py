@@ -5,7 +5,6 @@ builds and loads (ready_model.py), run through megatron's pipeline schedule."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from melama_mcore.checkpoint.convert import Conversion
 from melama_mcore.checkpoint.integrity import model_identity
 from melama_mcore.checkpoint.opened import ADAPTERS, open_checkpoint
 from melama_mcore.distributed import parallel
-from melama_mcore.errors import CheckpointError, UserError
+from melama_mcore.errors import CheckpointError
 from melama_mcore.models.llama import state_dict_adapter as sda
 from melama_mcore.models.llama.config_registry import LlamaArch
 from melama_mcore.startup import start
@@ -78,17 +77,6 @@ def framework_logits(ckpt: Path, arch: LlamaArch, tokens: torch.Tensor, tp: int 
 # ---------------------------------------------------------------------------------------------
 # --verify: the framework's logits against transformers'
 # ---------------------------------------------------------------------------------------------
-def check_verify_possible() -> None:
-    """--verify loads the result with transformers and runs the framework's model on CPU: refuse
-    before converting when either cannot happen here."""
-    if importlib.util.find_spec("transformers") is None:
-        raise UserError("--verify compares the logits with transformers', which is not installed: "
-                        "pip install melama-mcore[hf] (or drop --verify)")
-    if torch.cuda.is_available():
-        raise UserError("--verify runs the framework's model on CPU, which megatron allows only with CUDA hidden: "
-                        "prefix the command with CUDA_VISIBLE_DEVICES= (or drop --verify)")
-
-
 def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM  # the hf extra: only for --verify
 

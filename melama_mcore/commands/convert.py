@@ -14,10 +14,13 @@ logits against transformers' (melama_mcore/logits.py), run before the output is 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import resource
 import sys
 from pathlib import Path
+
+import torch
 
 from melama_mcore.checkpoint.convert import DEFAULT_SHARD_BYTES, DTYPES, export_hf, export_peft, import_hf
 from melama_mcore.cli import positive_int
@@ -28,6 +31,17 @@ log = logging.getLogger(__name__)
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def check_verify_possible() -> None:
+    """--verify loads the result with transformers and runs the framework's model on CPU: refuse
+    before converting when either cannot happen here."""
+    if importlib.util.find_spec("transformers") is None:
+        raise UserError("--verify compares the logits with transformers', which is not installed: "
+                        "pip install melama-mcore[hf] (or drop --verify)")
+    if torch.cuda.is_available():
+        raise UserError("--verify runs the framework's model on CPU, which megatron allows only with CUDA hidden: "
+                        "prefix the command with CUDA_VISIBLE_DEVICES= (or drop --verify)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,10 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     verify = None
     if getattr(args, "verify", False):
-        # megatron and transformers load only for --verify: a plain conversion starts in a second
-        from melama_mcore.logits import check_verify_possible, verify_conversion
-
         check_verify_possible()  # before converting
+        from melama_mcore.logits import verify_conversion  # megatron loads only for --verify
+
         verify = verify_conversion
     if args.command == "import-hf":
         import_hf(args.hf_dir, args.out, args.tp, args.pp, args.vp, args.make_vocab_size_divisible_by, verify)
