@@ -18,7 +18,7 @@ class FullTraining:
     megatron_linears_only = None
 
     def __init__(self, peft=None):
-        self.peft = peft
+        """Full training has no settings of its own (the rest of `peft:` does not apply)."""
 
     def describe(self) -> str:
         return self.name
