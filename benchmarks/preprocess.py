@@ -26,7 +26,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from melama_mcore.commands.demo_corpus import write_demo_corpus  # noqa: E402
+from melama_mcore.demo.corpus import write_demo_corpus  # noqa: E402
 from melama_mcore.data.train_tokenizer import train_sentencepiece  # noqa: E402
 
 

@@ -72,8 +72,8 @@ def pack(positions_per_source: dict[str, np.ndarray], capacity: int) -> dict:
 def measured(samples: int, seq_length: int, workers: int, work: Path) -> dict:
     from melama_mcore.data.sft.indexed import SFTIndexedData
     from melama_mcore.data.sft.preprocess import preprocess_sft
-    from melama_mcore.data.sft.synthetic import write_synthetic_instructions
-    from melama_mcore.commands.demo_corpus import write_demo_corpus
+    from melama_mcore.demo.instructions import write_synthetic_instructions
+    from melama_mcore.demo.corpus import write_demo_corpus
     from melama_mcore.data.train_tokenizer import train_sentencepiece
 
     corpus = write_demo_corpus(work / "corpus", docs_per_source=2000)

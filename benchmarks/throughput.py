@@ -14,37 +14,38 @@
     python benchmarks/throughput.py --preset llama2-13b --layers 4 --backends native --peft none lora \
         --data packed unpacked --json sft_13b.json
 
-Each backend: the model is built with the trunk's `build_model_chunks` (a JobConfig whose
-`model.num_layers` is --layers), started, wrapped and optimised exactly as `melama train` does it
-(startup.py, distributed/parallel.py, components/optimizer.py), and trained on random tokens with
-the trainer's own step (step.py: megatron's schedule over the global batch, the masked token loss,
-the optimizer update with its non-finite skip and clipping): --warmup steps, then --steps timed
-ones (synchronised; the slowest rank's time). A step is a whole global batch
-(--gbs / (--mbs x DP) micro-batches), so the optimizer step is amortised as in training.
+Each backend: the model is started, built, given its training strategy, wrapped and optimised
+exactly as `melama train` does it (startup.py, ready_model.build: a JobConfig whose
+`model.num_layers` is --layers), and trained on random tokens with the trainer's own step
+(step.train_step: megatron's schedule over the global batch, the masked token loss, the loss taken
+on the last pipeline stage, the optimizer update with its non-finite skip and clipping): --warmup
+steps, then --steps timed ones (synchronised; the slowest rank's time). A step is a whole global
+batch (--gbs / (--mbs x DP) micro-batches), so the optimizer step is amortised as in training.
 
-FLOPs: the trunk's `flops_per_token` (Megatron convention: 3 x 2 x every GEMM, causal attention
-halved, recompute not counted) of the model actually built, i.e. --layers decoder layers plus the
-output layer over the padded vocabulary (a multiple of model.make_vocab_size_divisible_by x TP, as
-built and as Megatron-LM counts it), never the full preset. TFLOP/s/GPU = tokens/s x FLOPs/token / GPUs;
+FLOPs: the trainer's (step.flops_per_token: the training strategy's count, Megatron convention: 3 x
+2 x every GEMM, causal attention halved, recompute not counted) of the model actually built, i.e.
+--layers decoder layers plus the output layer over the padded vocabulary (a multiple of
+model.make_vocab_size_divisible_by x TP, as built and as Megatron-LM counts it), never the full
+preset. TFLOP/s/GPU = tokens/s x FLOPs/token / GPUs;
 MFU = TFLOP/s/GPU / dense peak (components/metrics.py). Peak memory is
 `torch.cuda.max_memory_allocated` (None on CPU), shown beside the planner's prediction for the same
 layout (melama_mcore/commands/plan.py; it assumes a flash-style attention, so `local`, which stores
 s x s scores, exceeds it).
 
 Instruction tuning (issue 12); each option takes several values, every combination is a row:
-* `--peft lora` applies LoRA to the chunks before the DDP wrap, as `melama train` does
-  (models/llama/lora.py; rank --lora-rank, targets --lora-targets, dropout --lora-dropout, alpha the
-  recipe default): the base is frozen, so main grads and optimizer state are the adapters' only,
-  and TFLOP/s count the FLOPs a LoRA step executes (the planner's `training_flops_per_token`: no
-  weight gradients for frozen linears), not 6N.
+* `--peft lora` trains with the LoRA strategy, as `melama train` does (strategies/lora.py: adapters
+  added before the DDP wrap; rank --lora-rank, targets --lora-targets, dropout --lora-dropout, alpha
+  the recipe default): the base is frozen, so main grads and optimizer state are the adapters' only,
+  and TFLOP/s count the FLOPs a LoRA step executes (the strategy's: no weight gradients for frozen
+  linears), not 6N: the trainer's and the planner's count.
 * `--data packed|unpacked` trains on instruction samples drawn from the Me-LLaMA mix of
   benchmarks/sft_packing.py (source sizes published, lengths ASSUMED, scaled to --seq; loss on the
   last ANSWER_SHARE of each sample). packed: the training datasets' packing plan (data/sft/packing.py
-  `build_plan`: shuffled, first-fit-decreasing) assembled into rows by PackedSFTDataset's own code
-  (cu_seqlens, positions restarting per sample), trained with forward_step(packed=True) (attention
-  confined to each sample). unpacked: one sample per row, padded, trained as plain causal sequences
-  (forward_step(packed=False): no sample boundaries needed, the fastest attention a trainer without
-  packing has). Same model, layout and sample distribution; `tokens_per_s` counts real (non-padding)
+  `build_plan`: shuffled, first-fit-decreasing) assembled into rows as the training datasets assemble
+  them (data/sft/dataset.py `packed_row`: cu_seqlens, positions restarting per sample), trained as
+  instruction data (data/run_data.py INSTRUCTIONS: attention confined to each sample). unpacked: one
+  sample per row, padded, trained as plain causal sequences (PRETRAINING: no sample boundaries
+  needed, the fastest attention a trainer without packing has). Same model, layout and sample distribution; `tokens_per_s` counts real (non-padding)
   tokens, padding_waste = 1 - real tokens / positions; TFLOP/s and MFU count every position, since
   padding is computed too. `--data random` (default): random tokens, every position real.
 """
@@ -52,6 +53,7 @@ Instruction tuning (issue 12); each option takes several values, every combinati
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import itertools
 import json
@@ -66,20 +68,21 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from melama_mcore import step
+from melama_mcore import ready_model, step
 from melama_mcore.commands import plan as planner
 from melama_mcore.components.metrics import peak_tflops
-from melama_mcore.components.optimizer import build_optimizer
 from melama_mcore.config.job_config import JobConfig, PeftConfig, load_config
-from melama_mcore.data.sft.dataset import PackedSFTDataset
+from melama_mcore.data.run_data import INSTRUCTIONS, PRETRAINING
+from melama_mcore.data.sft.dataset import packed_row
 from melama_mcore.data.sft.packing import PackingPlan, build_plan
 from melama_mcore.distributed import parallel
 from melama_mcore.distributed.launch import launch_env
 from melama_mcore.errors import UserError
-from melama_mcore.models.llama import lora
 from melama_mcore.models.llama.config_registry import PRESETS
-from melama_mcore.models.llama.model import build_model_chunks, output_vocab_size
-from melama_mcore.startup import start
+from melama_mcore.models.llama.lora_tensors import TARGETS
+from melama_mcore.models.llama.model import output_vocab_size
+from melama_mcore.startup import Runtime, start
+from melama_mcore.strategies import METHODS, strategy_for
 from sft_packing import me_llama_sample  # benchmarks/: the running script's folder, on sys.path
 
 SLICE_LAYERS = 2  # 70B width: ~14 GB of weights + grads + Adam state per layer in bf16
@@ -106,13 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cross-entropy", nargs="+", choices=["megatron", "melama"], default=["megatron"],
                    help="loss kernels to time with each backend (model.cross_entropy); melama rows are "
                         "labelled <backend>+melama-xent")
-    p.add_argument("--peft", nargs="+", choices=lora.METHODS, default=["none"],
+    p.add_argument("--peft", nargs="+", choices=METHODS, default=["none"],
                    help="full fine-tuning (none) and/or LoRA adapters on a frozen base (lora), each a row "
                         "labelled <backend>+lora")
     p.add_argument("--lora-rank", type=int, default=PeftConfig.rank, help=f"LoRA rank (default {PeftConfig.rank})")
     p.add_argument("--lora-dropout", type=float, default=PeftConfig.dropout,
                    help=f"LoRA dropout (default {PeftConfig.dropout}, the recipe default)")
-    p.add_argument("--lora-targets", nargs="+", choices=list(lora.TARGETS), default=PeftConfig().target_modules,
+    p.add_argument("--lora-targets", nargs="+", choices=list(TARGETS), default=PeftConfig().target_modules,
                    help="modules given adapters (default: the four linears of every layer)")
     p.add_argument("--data", nargs="+", choices=["random", "packed", "unpacked"], default=["random"],
                    help="random tokens, or Me-LLaMA-like instruction samples packed several per row or one per "
@@ -197,21 +200,6 @@ def random_batch(cfg: JobConfig, vocab_size: int, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-class _PlanRows:
-    """Rows of a packing plan over in-memory samples, assembled by PackedSFTDataset's own
-    `__getitem__` (the attributes it reads: plan, dataset.sample, seq_length, pad_id), so that the
-    benchmark trains on exactly the trainer's row format."""
-
-    __getitem__ = PackedSFTDataset.__getitem__
-
-    def __init__(self, samples: list[tuple[np.ndarray, np.ndarray]], plan: PackingPlan, seq_length: int):
-        self.dataset, self.plan, self.seq_length, self.pad_id = self, plan, seq_length, 0
-        self._samples = samples
-
-    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._samples[i]
-
-
 def instruction_batches(cfg: JobConfig, vocab_size: int, packed: bool, count: int, device: torch.device):
     """`count` global batches of Me-LLaMA-like instruction samples (module docstring): this rank's
     micro-batches of each, and every global batch's real tokens and samples (the same on all ranks)."""
@@ -230,7 +218,6 @@ def instruction_batches(cfg: JobConfig, vocab_size: int, packed: bool, count: in
     else:
         order = np.random.RandomState(t.seed).permutation(len(ids))
         plan = PackingPlan(np.arange(rows + 1), np.resize(order, rows), epochs=-(-rows // len(ids)))
-    source = _PlanRows(samples, plan, seq)
     share = gbs // parallel_state.get_data_parallel_world_size()
     first_mine = parallel_state.get_data_parallel_rank() * share
     batches, real, counts = [], [], []
@@ -238,52 +225,46 @@ def instruction_batches(cfg: JobConfig, vocab_size: int, packed: bool, count: in
         members = [plan.sequence(i) for i in range(b * gbs, (b + 1) * gbs)]
         real.append(int(sum(positions[m].sum() for m in members)))
         counts.append(sum(len(m) for m in members))
-        mine = [source[b * gbs + first_mine + i] for i in range(share)]
+        mine = [packed_row((samples[c] for c in plan.sequence(b * gbs + first_mine + i)), seq, pad_id=0)
+                for i in range(share)]
         batches.append([{k: torch.stack([row[k] for row in mine[j:j + t.micro_batch_size]]).to(device)
                          for k in mine[0]} for j in range(0, share, t.micro_batch_size)])
     return batches, real, counts
 
 
-def measure(cfg: JobConfig, arch, backend: str, device: torch.device, warmup: int, steps: int, label: str,
-            peft: PeftConfig, data: str) -> dict:
-    """One row: build, warm up, time the trainer's own step (step.py). Returns this rank's measurements."""
+def measure(cfg: JobConfig, runtime: Runtime, warmup: int, steps: int, label: str, data: str) -> dict:
+    """One row: build as the trainer does (the runtime's backend and training strategy), warm up, time
+    the trainer's own step (step.train_step). Returns this rank's measurements."""
+    device = runtime.device
     gpu = device.type == "cuda"
     if gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t = cfg.training
-    chunks = build_model_chunks(cfg, arch, backend)
-    if peft.method == "lora":  # before the DDP wrap, as the trainer: grads and optimizer state for adapters only
-        lora.apply_lora(chunks, peft, seed=t.seed)
-    model = parallel.wrap_for_training(cfg, chunks)
-    optimizer = build_optimizer(cfg, model)
+    ready = ready_model.build(cfg, runtime, training=True)
+    model, optimizer = ready.model, ready.optimizer
     schedule = step.Schedule(cfg, model, device)
+    vocab_size = runtime.arch.vocab_size
     if data == "random":
-        batch = random_batch(cfg, arch.vocab_size, device)
+        batch = random_batch(cfg, vocab_size, device)
         feed = lambda i: [itertools.repeat(batch) for _ in model]  # noqa: E731
         real, samples, step_fn = [t.global_batch_size * t.seq_length] * (warmup + steps), None, step.forward_step
     else:
         packed = data == "packed"
-        batches, real, samples = instruction_batches(cfg, arch.vocab_size, packed, warmup + steps, device)
+        batches, real, samples = instruction_batches(cfg, vocab_size, packed, warmup + steps, device)
         feed = lambda i: [iter(batches[i]) for _ in model]  # noqa: E731
-        step_fn = partial(step.forward_step, packed=packed, loss_normalization=t.loss_normalization)
-
-    def train_step(i: int):
-        step.zero_grads(model, optimizer)
-        totals = schedule.run(feed(i), step_fn)
-        loss = step.data_parallel_mean(totals)
-        return step.optimizer_step(optimizer, cfg.optimizer.clip_grad, loss, device), totals
+        step_fn = partial(step.forward_step, data=INSTRUCTIONS if packed else PRETRAINING,
+                          loss_normalization=t.loss_normalization)
 
     for i in range(warmup):
-        train_step(i)
+        step.train_step(schedule, optimizer, feed(i), step_fn, cfg.optimizer.clip_grad)
     timed = torch.zeros(step.TOTALS, device=device)
     began = step.synchronized_time(device)
     for i in range(warmup, warmup + steps):
-        (updated, grad_norm), totals = train_step(i)
-        timed += totals
+        result = step.train_step(schedule, optimizer, feed(i), step_fn, cfg.optimizer.clip_grad)
+        timed += result.totals  # [loss sum, weight, real tokens, positions] over DP (last stage)
     elapsed = step.synchronized_time(device) - began
-    timed = step.data_parallel_totals(timed)  # [loss sum, weight, real tokens, positions] (last stage)
-    result = {
+    out = {
         "backend": label,
         "rank": dist.get_rank(),
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
@@ -294,34 +275,28 @@ def measure(cfg: JobConfig, arch, backend: str, device: torch.device, warmup: in
         # the same count as the trainer's loss reduction sees it (packed rows carry real_tokens)
         "step_real_tokens_per_step": timed[2].item() / steps
         if data == "packed" and parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None,
-        "last_step_ok": bool(updated),
-        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "last_step_ok": bool(result.updated),
+        "grad_norm": float(result.grad_norm) if result.grad_norm is not None else None,
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if gpu else None,
-        **state_bytes(chunks, optimizer),
+        **state_bytes(ready.chunks, optimizer),
     }
-    del model, chunks, optimizer, schedule, feed
+    del ready, model, optimizer, schedule, feed
     gc.collect()
-    return result
-
-
-def trainable_parameters(arch, padded_vocab: int, peft: PeftConfig) -> int:
-    """Trained parameters of the model as built, all ranks together (replicas counted once)."""
-    if peft.method == "lora":
-        return sum(math.prod(shape) for shape in lora.adapter_shapes(arch, peft, padded_vocab).values())
-    return planner.stage_parameter_count(arch, padded_vocab, 1, 1, None, 0)
+    return out
 
 
 def summarise(cfg: JobConfig, arch, backend: str, ranks: list[dict], world: int, peft: PeftConfig,
               data: str) -> dict:
+    strategy = strategy_for(peft)
     errors = sorted({r["error"] for r in ranks if "error" in r})
     if errors:
-        return {"backend": backend, "peft": peft.method, "data": data, "error": "; ".join(errors)}
+        return {"backend": backend, "peft": strategy.method, "data": data, "error": "; ".join(errors)}
     t = cfg.training
     step_time = max(r["step_time_s"] for r in ranks)  # the step ends when the slowest rank ends
     positions = t.global_batch_size * t.seq_length
     real = ranks[0]["real_tokens_per_step"]
     vocab = output_vocab_size(cfg, arch)
-    fpt = planner.training_flops_per_token(arch, t.seq_length, vocab, peft)
+    fpt = step.flops_per_token(cfg, arch, strategy)  # the trainer's count
     tflops = positions / step_time * fpt / world / 1e12
     peak = peak_tflops(t.precision, False, None)
     measured = [r["peak_memory_bytes"] for r in ranks if r["peak_memory_bytes"] is not None]
@@ -333,8 +308,8 @@ def summarise(cfg: JobConfig, arch, backend: str, ranks: list[dict], world: int,
     counted = [r["step_real_tokens_per_step"] for r in ranks if r["step_real_tokens_per_step"] is not None]
     return {
         "backend": backend,
-        "peft": peft.method,
-        "lora_rank": peft.rank if peft.method == "lora" else None,
+        "peft": strategy.method,
+        "lora_rank": strategy.adapters.rank if strategy.adapters is not None else None,
         "data": data,
         "step_time_s": step_time,
         "tokens_per_s": real / step_time,
@@ -345,7 +320,7 @@ def summarise(cfg: JobConfig, arch, backend: str, ranks: list[dict], world: int,
         "samples_per_step": ranks[0]["samples_per_step"],
         "padding_waste": 1 - real / positions,
         "step_real_tokens_per_step": counted[0] if counted else None,
-        "trainable_params": trainable_parameters(arch, vocab, peft),
+        "trainable_params": sum(math.prod(shape) for shape in strategy.trainable_shapes(arch, vocab).values()),
         "flops_per_token": fpt,
         "tflops_per_gpu": tflops,
         "mfu": tflops / peak if peak else None,
@@ -389,8 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--steps and --layers must be >= 1 and --warmup >= 0")
     pefts = [PeftConfig(method=method, rank=args.lora_rank, dropout=args.lora_dropout,
                         target_modules=list(args.lora_targets)) for method in args.peft]
-    for peft in pefts:
-        lora.check_peft_config(peft)
+    strategies = [strategy_for(peft) for peft in pefts]  # settings checked before any process group
     cfg = job_config(args, launch_env().world_size)
     runtime = start(cfg)
     arch, world = runtime.arch, runtime.launch.world_size
@@ -398,12 +372,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         results = []
-        for backend, loss_kernel, peft, data in itertools.product(backends, args.cross_entropy, pefts, args.data):
-            suffixes = ["melama-xent"] * (loss_kernel == "melama") + ["lora"] * (peft.method == "lora")
+        rows = itertools.product(backends, args.cross_entropy, zip(pefts, strategies), args.data)
+        for backend, loss_kernel, (peft, strategy), data in rows:
+            suffixes = ["melama-xent"] * (loss_kernel == "melama") + ["lora"] * (strategy.adapters is not None)
             label = "+".join([backend] + suffixes + [data] * (data != "random"))
-            cfg.model.cross_entropy = loss_kernel
+            cfg.model.cross_entropy, cfg.peft = loss_kernel, peft
             try:
-                mine = measure(cfg, arch, backend, runtime.device, args.warmup, args.steps, label, peft, data)
+                mine = measure(cfg, dataclasses.replace(runtime, backend=backend, strategy=strategy), args.warmup,
+                               args.steps, label, data)
             # One backend failing (out of memory, a fused kernel missing outside NVIDIA's container)
             # must not hide the others' figures; the failure is reported in its row.
             except Exception as err:  # noqa: BLE001
@@ -431,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                    "gbs": t.global_batch_size, "seq": t.seq_length, "recompute": t.recompute, "precision": t.precision},
         "warmup_steps": args.warmup, "timed_steps": args.steps,
         "peak_tflops": peak_tflops(t.precision, False, None),
-        "flops_per_token": planner.training_flops_per_token(arch, t.seq_length, output_vocab_size(cfg, arch)),
+        "flops_per_token": step.flops_per_token(cfg, arch, strategy_for(None)),  # full training's
         "flop_convention": "Megatron: 3 x 2 x GEMM FLOPs, causal attention halved, recompute not counted; "
                            "for the layers actually built, output layer over the padded vocabulary",
         "results": results,

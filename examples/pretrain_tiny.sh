@@ -4,4 +4,4 @@
 #   bash examples/pretrain_tiny.sh [--output-dir DIR] [training overrides...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python -m melama_mcore.commands.demo "$@"
+exec python -m melama_mcore.demo.command "$@"

@@ -17,12 +17,12 @@ from melama_mcore.logs import setup_logging
 
 SUBCOMMANDS = {
     "train": ("melama_mcore.train", "pretrain / continue pre-training a LLaMA model (torchrun-aware)"),
-    "demo": ("melama_mcore.commands.demo", "the tiny CPU demo: corpus -> tokenizer -> datasets -> train -> resume"),
+    "demo": ("melama_mcore.demo.command", "the tiny CPU demo: corpus -> tokenizer -> datasets -> train -> resume"),
     "preprocess": ("melama_mcore.data.preprocess", "tokenise JSONL/text into Megatron .bin/.idx"),
     "preprocess-sft": ("melama_mcore.data.sft.preprocess", "tokenise instruction JSONL into token ids + loss masks"),
     "train-tokenizer": ("melama_mcore.data.train_tokenizer", "train a LLaMA-style sentencepiece model"),
     "verify-data": ("melama_mcore.data.verify", "check a .bin/.idx pair (sizes, offsets, token range)"),
-    "blend-report": ("melama_mcore.data.blend", "per-source token shares and epochs for a blend"),
+    "blend-report": ("melama_mcore.commands.blend_report", "per-source token shares and epochs for a blend"),
     "convert": ("melama_mcore.commands.convert", "Hugging Face <-> megatron checkpoints, LoRA adapters to PEFT"),
     "plan": ("melama_mcore.commands.plan", "parallel layouts that fit, with predicted memory and MFU"),
     "eval": ("melama_mcore.eval.command", "score a checkpoint or HF model on MIBE and lm-eval tasks"),

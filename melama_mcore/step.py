@@ -2,13 +2,13 @@
 
 A step is megatron's pipeline schedule running forward and backward over the global batch's
 micro-batches (`forward_step` is called once per micro-batch and model chunk), then the optimizer
-update, skipped as a whole when the loss or the gradient norm is not finite:
+update, skipped as a whole when the loss or the gradient norm is not finite (`train_step`):
 
     schedule = Schedule(cfg, model, device)
     zero_grads(model, optimizer)
-    totals = schedule.run(data_iterators)                         # [loss sum, token count] of this rank
-    loss = data_parallel_mean(totals)                             # token-weighted over DP
-    updated, grad_norm = optimizer_step(optimizer, clip_grad, loss)
+    totals = data_parallel_totals(schedule.run(data_iterators))   # [loss sum, weight, ...] over DP
+    loss = totals[0] / totals[1]                                  # on the last pipeline stage
+    updated, grad_norm = optimizer_step(optimizer, clip_grad, loss, device)
 
 The loss is the mean over unmasked tokens of the whole global batch (every micro-batch and data-
 parallel rank weighted by its token count), so it does not depend on how the batch is split.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
@@ -29,8 +30,10 @@ from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from melama_mcore.config.job_config import JobConfig
-from melama_mcore.data.sft.batch import loss_weights
-from melama_mcore.models.llama.model import BACKENDS
+from melama_mcore.data.run_data import PRETRAINING, DataKind
+from melama_mcore.models.llama.config_registry import LlamaArch
+from melama_mcore.models.llama.model import BACKENDS, output_vocab_size
+from melama_mcore.strategies import TrainingStrategy
 
 TOTALS = 4  # what masked_token_loss reduces per micro-batch
 
@@ -56,22 +59,19 @@ def masked_token_loss(weights: torch.Tensor, real_tokens: torch.Tensor, per_toke
     return loss_sum, weight.round().to(torch.int), {"loss": reduced}
 
 
-def forward_step(data_iterator, model, *, packed: bool = False, loss_normalization: str = "token"):
+def forward_step(data_iterator, model, *, data: DataKind = PRETRAINING, loss_normalization: str = "token"):
     """Called by megatron's schedule once per micro-batch and model chunk. The first and last
     pipeline stages read the micro-batch (tokens in, labels and mask out); a middle stage gets its
-    input from the previous stage, but with `packed` samples (instruction data) every stage reads
-    the micro-batch for its sample boundaries, which its layer backend turns into attention confined
-    to each sample (BACKENDS[...].pack)."""
+    input from the previous stage, but with `packed` data (instruction data) every stage reads the
+    micro-batch for its sample boundaries, which its layer backend turns into attention confined to
+    each sample (BACKENDS[...].pack)."""
     chunk = unwrap(model)
-    if not (packed or chunk.pre_process or chunk.post_process):
+    if not (data.packed or chunk.pre_process or chunk.post_process):
         return model(None, None, None), partial(masked_token_loss, None, None)
     batch, extra = next(data_iterator), {}
-    if packed:
+    if data.packed:
         batch, extra = BACKENDS[chunk.backend].pack(batch)
-        weights, real = loss_weights(batch, loss_normalization), batch["real_tokens"]
-    else:
-        weights = batch["loss_mask"]
-        real = torch.tensor(float(weights.numel()))
+    weights, real = data.loss_weights(batch, loss_normalization)
     output = model(batch["tokens"], batch["position_ids"], extra.pop("attention_mask", None),
                    labels=batch["labels"], **extra)
     return output, partial(masked_token_loss, weights, real)
@@ -152,6 +152,36 @@ class Schedule:
                 yield
         finally:
             config.no_sync_func, config.grad_sync_func, config.finalize_model_grads_func = saved
+
+
+@dataclass
+class StepResult:
+    totals: torch.Tensor  # [loss sum, weight, real tokens, positions] summed over DP (last pipeline stage)
+    loss: float  # the global batch's loss on the last pipeline stage, NaN elsewhere
+    updated: bool  # False: skipped (a non-finite loss or gradient norm)
+    grad_norm: float | None
+
+
+def train_step(schedule: Schedule, optimizer, data_iterators: list, step_fn=forward_step, clip_grad: float = 0.0,
+               groups: list[int] | None = None, go_on: Callable[[int], bool] | None = None) -> StepResult | None:
+    """One optimizer step over a global batch (see the module docstring); None when `go_on` abandoned
+    it (Schedule.run)."""
+    zero_grads(schedule.model, optimizer)
+    totals = schedule.run(data_iterators, step_fn, groups=groups, go_on=go_on)
+    if totals is None:
+        return None
+    totals = data_parallel_totals(totals)
+    last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    loss = (totals[0] / totals[1].clamp(min=1)).item() if last_stage else float("nan")
+    updated, grad_norm = optimizer_step(optimizer, clip_grad, loss, schedule.device)
+    return StepResult(totals, loss, updated, grad_norm)
+
+
+def flops_per_token(cfg: JobConfig, arch: LlamaArch, strategy: TrainingStrategy) -> float:
+    """Model FLOPs of one trained token as this run executes them (the strategy's count: LoRA computes
+    no weight gradients for its frozen base), over the padded vocabulary the output layer is built
+    with (as Megatron-LM): what MFU is computed from, in the trainer and the benchmark alike."""
+    return strategy.flops_per_token(arch, cfg.training.seq_length, output_vocab_size(cfg, arch))
 
 
 def zero_grads(model: list, optimizer) -> None:

@@ -3,20 +3,20 @@
     torchrun --nproc-per-node 8 -m melama_mcore.train --config examples/configs/llama2_7b.yaml \
         training.train_iters=100 parallel.tensor_parallel=4
 
-Order of work, each in one place: start-up (startup.py: config resolved and checked before any
-process group, then the groups), the model (models/llama/model.py) wrapped in megatron's DDP
-(distributed/parallel.py), optimizer and schedule (components/optimizer.py), resume or initialise
-from a checkpoint (checkpoint/checkpointer.py), the data (data/), then the loop: one step
-(step.py: megatron's pipeline schedule over the global batch's micro-batches, then the optimizer
-update unless the loss or grad norm is non-finite), metrics, validation per blend source, and
-checkpoints every N steps, at the end, and when SIGTERM/SIGUSR1 (cluster preemption) arrives.
+Order of work, each in one place: start-up (startup.py: the training strategy chosen, the config
+resolved and checked before any process group, then the groups), the ready model (ready_model.py:
+built, the strategy applied, wrapped in megatron's DDP with its optimizer and schedule, then resumed
+or initialised from a checkpoint), the data (data/run_data.py: its kind decided once), then the
+loop: one step (step.py: megatron's pipeline schedule over the global batch's micro-batches, then
+the optimizer update unless the loss or grad norm is non-finite), metrics, validation per blend
+source, and checkpoints every N steps, at the end, and when SIGTERM/SIGUSR1 (cluster preemption)
+arrives.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import signal
 import sys
 import time
@@ -26,23 +26,17 @@ from pathlib import Path
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from melama_mcore import step
-from melama_mcore.checkpoint.checkpointer import Checkpointer, TrainState
+from melama_mcore import ready_model, step
 from melama_mcore.checkpoint.integrity import model_identity
 from melama_mcore.checkpoint.layout import ensure_writable_dir
 from melama_mcore.components.metrics import MetricsLogger, StepStats, peak_tflops
-from melama_mcore.components.optimizer import build_optimizer, build_scheduler
 from melama_mcore.config.job_config import JobConfig, dump_config, load_config
 from melama_mcore.data.blend import load_blend
-from melama_mcore.data.run_data import build_run_datasets, check_run_data
-from melama_mcore.data.sft.indexed import is_sft_blend
 from melama_mcore.data.loader import build_loader
+from melama_mcore.data.run_data import build_run_datasets, check_run_data, data_kind
 from melama_mcore.data.tokenizer import load_tokenizer
 from melama_mcore.distributed import parallel
 from melama_mcore.errors import UserError
-from melama_mcore.models.llama.config_registry import flops_per_token
-from melama_mcore.models.llama.lora import adapter_shapes, apply_lora
-from melama_mcore.models.llama.model import build_model_chunks, output_vocab_size
 from melama_mcore.startup import configure, start
 
 log = logging.getLogger("melama")
@@ -67,11 +61,11 @@ class Trainer:
         ensure_writable_dir(Path(cfg.output_dir), "output_dir")
         ensure_writable_dir(Path(cfg.output_dir) / "checkpoints", "the checkpoint folder")
         self.blend = load_blend(cfg.data.blend)
-        self.instruction_data = is_sft_blend(self.blend)  # prefixes written by preprocess-sft: packed samples
+        self.data_kind = data_kind(self.blend)  # pre-training text, or packed instruction data
         t = cfg.training
-        check_run_data(cfg, self.blend, self.tokenizer.vocab_size)
+        check_run_data(cfg, self.blend, self.data_kind, self.tokenizer)
         runtime = start(cfg, self.tokenizer.vocab_size)
-        self.cfg, self.arch, self.device = cfg, runtime.arch, runtime.device
+        self.cfg, self.arch, self.device, self.strategy = cfg, runtime.arch, runtime.device, runtime.strategy
         self.rank, world = dist.get_rank(), dist.get_world_size()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -81,47 +75,32 @@ class Trainer:
                  self.dp_size, f" x VP {p.virtual_pipeline}" if p.virtual_pipeline else "", t.device, t.precision,
                  ", distributed optimizer" if p.use_distributed_optimizer else "")
 
-        # 2. Model chunks (one per virtual pipeline stage), wrapped for training; optimizer, schedule.
-        self.chunks = build_model_chunks(cfg, self.arch, runtime.backend)
-        self.lora = cfg.peft.method == "lora"
-        if self.lora:  # before DDP: only the adapters get gradient buffers and optimizer state
-            apply_lora(self.chunks, cfg.peft, seed=t.seed)
-            shapes = adapter_shapes(self.arch, cfg.peft, output_vocab_size(cfg, self.arch)).values()
-            log.info("trainable parameters: %s (LoRA adapters)", f"{sum(math.prod(s) for s in shapes):,}")
-        self.model = parallel.wrap_for_training(cfg, self.chunks)
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.scheduler = build_scheduler(cfg, self.optimizer)
+        # 2. The model, ready: chunks (one per virtual pipeline stage) with the training strategy applied,
+        # wrapped for training with optimizer and schedule, then this run resumed, or started from
+        # checkpoint.init_from's weights, or from scratch.
+        ready = ready_model.for_training(cfg, runtime, identity=model_identity(self.arch, self.tokenizer, cfg))
+        self.chunks, self.model = ready.chunks, ready.model
+        self.optimizer, self.scheduler = ready.optimizer, ready.scheduler
+        self.checkpointer, self.state = ready.checkpointer, ready.state
         self.schedule = step.Schedule(cfg, self.model, self.device)
 
-        # 3. Resume this run, or start from a checkpoint's weights, or from scratch.
-        # With LoRA a checkpoint holds the adapters only: the frozen base always comes from init_from.
-        self.checkpointer = Checkpointer(cfg, self.chunks, self.optimizer, self.scheduler,
-                                         identity=model_identity(self.arch, self.tokenizer, cfg))
-        if self.lora:
-            self.checkpointer.load_weights(cfg.checkpoint.init_from)
-        self.state = self.checkpointer.resume() if cfg.checkpoint.resume else None
-        if self.state is None:
-            self.checkpointer.clean_partial()
-            self.state = TrainState()
-            if cfg.checkpoint.init_from and not self.lora:
-                self.checkpointer.load_weights(cfg.checkpoint.init_from)
-
-        # 4. Data: each rank reads its data-parallel share; every model chunk gets its own iterator
+        # 3. Data: each rank reads its data-parallel share; every model chunk gets its own iterator
         # because the interleaved schedule pulls micro-batches per chunk.
-        self.train_ds, self.valid_ds = build_run_datasets(cfg, self.blend, self.tokenizer, self.dp_size)
-        self._step_fn = partial(step.forward_step, packed=self.instruction_data,
-                                loss_normalization=t.loss_normalization)
+        self.train_ds, self.valid_ds = build_run_datasets(cfg, self.blend, self.data_kind, self.tokenizer,
+                                                          self.dp_size)
+        self._step_fn = partial(step.forward_step, data=self.data_kind, loss_normalization=t.loss_normalization)
         self.train_iters = [self._loader(self.train_ds, self.state.consumed_samples) for _ in self.model]
 
-        # 5. Metrics. FLOPs over the padded vocabulary the output layer is built with (as Megatron-LM).
+        # 4. Metrics. FLOPs as the strategy trains (LoRA: no weight gradients for the frozen base), over
+        # the padded vocabulary the output layer is built with (as Megatron-LM).
         self.metrics = MetricsLogger(
             cfg.output_dir, enabled=self.is_logging_rank, tensorboard=cfg.logging.tensorboard, num_gpus=world,
-            flops_per_token=flops_per_token(self.arch, t.seq_length, output_vocab_size(cfg, self.arch)),
+            flops_per_token=step.flops_per_token(cfg, self.arch, self.strategy),
             peak_tflops=peak_tflops(t.precision, t.fp8 is not None, cfg.logging.peak_tflops),
             train_iters=t.train_iters, first_step=self.state.step,
         )
 
-        # 6. Preemption: SIGTERM/SIGUSR1 ask for a save at the end of the step. With a grace period,
+        # 5. Preemption: SIGTERM/SIGUSR1 ask for a save at the end of the step. With a grace period,
         # a step is run as groups of micro-batches, and between groups all ranks agree whether the
         # rest of the step plus a save would still fit (see _groups).
         self.stop_signal: int | None = None
@@ -182,24 +161,21 @@ class Trainer:
             self._group_s = (time.perf_counter() - started) / done
             return self._fits_before_deadline(len(groups) - done)
 
-        step.zero_grads(self.model, self.optimizer)
-        totals = self.schedule.run(self.train_iters, self._forward_step, groups=groups, go_on=go_on)
-        if totals is None:
-            return None
-        last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-        totals = step.data_parallel_totals(totals)
-        loss = (totals[0] / totals[1].clamp(min=1)).item() if last_stage else float("nan")
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        updated, grad_norm = step.optimizer_step(self.optimizer, o.clip_grad, loss, self.device)
-        self.state.consecutive_skips = 0 if updated else self.state.consecutive_skips + 1
+        result = step.train_step(self.schedule, self.optimizer, self.train_iters, self._forward_step, o.clip_grad,
+                                 groups=groups, go_on=go_on)
+        if result is None:
+            return None
+        self.state.consecutive_skips = 0 if result.updated else self.state.consecutive_skips + 1
         # Samples are consumed either way: a skipped step does not replay its data.
         self.scheduler.step(increment=t.global_batch_size)
         self.state.step += 1
         self.state.consumed_samples += t.global_batch_size
-        return StepStats(step=self.state.step, loss=loss, lr=lr, grad_norm=grad_norm,
+        totals = result.totals
+        return StepStats(step=self.state.step, loss=result.loss, lr=lr, grad_norm=result.grad_norm,
                          step_time_s=step.synchronized_time(self.device) - started,
-                         tokens=t.global_batch_size * t.seq_length, skipped=not updated,
-                         packing_efficiency=(totals[2] / totals[3]).item() if self.instruction_data else None)
+                         tokens=t.global_batch_size * t.seq_length, skipped=not result.updated,
+                         packing_efficiency=(totals[2] / totals[3]).item() if self.data_kind.packed else None)
 
     # -- validation --------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from data_fixtures import VOCAB_SIZE
-from melama_mcore.commands.demo_corpus import write_demo_corpus
+from melama_mcore.demo.corpus import write_demo_corpus
 from melama_mcore.data.preprocess import preprocess
 from melama_mcore.data.train_tokenizer import train_sentencepiece
 from sft_fixtures import LLAMA2_JINJA_PLAIN

@@ -59,7 +59,7 @@ def tokens() -> torch.Tensor:
 
 
 def import_hf(hf: Path, out: Path, tp: int = 1, pp: int = 1):
-    from melama_mcore.commands.convert import import_hf as run
+    from melama_mcore.checkpoint.convert import import_hf as run
 
     return run(hf, out, tp, pp, None, 128)
 
@@ -359,7 +359,7 @@ from pathlib import Path
 # Everything the conversion imports, so that only its data is measured.
 import megatron.core.dist_checkpointing, safetensors.torch, torch.distributed.checkpoint
 import melama_mcore.checkpoint.checkpointer, melama_mcore.config.validate, melama_mcore.data.tokenizer
-from melama_mcore.commands import convert
+from melama_mcore.checkpoint import convert
 
 def status(field):
     return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
@@ -422,7 +422,7 @@ def test_streaming_peak_rss(tmp_path):
 # ---------------------------------------------------------------------------------------------
 if __name__ == "__main__":  # torchrun worker: the framework's logits at a TP x PP layout
     from melama_mcore.models.llama import state_dict_adapter as sda
-    from melama_mcore.models.llama.logits import framework_logits as run_forward
+    from melama_mcore.logits import framework_logits as run_forward
 
     ckpt, tmp, tp, pp = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     arch = sda.arch_from_hf_config(dict(HF_CONFIG, model_type="llama"))

@@ -39,7 +39,7 @@ def arch():
 def adapter_run(tmp_path_factory) -> dict[str, Path]:
     """{"base": the imported base, "run": the adapter run's output folder, "logits": its logits file,
     "tokens": the tokens they were computed on}."""
-    from melama_mcore.commands.convert import import_hf
+    from melama_mcore.checkpoint.convert import import_hf
     from rank_launcher import run_ranks
 
     root = tmp_path_factory.mktemp("lora_export")
@@ -126,7 +126,8 @@ def worker(root: Path) -> None:
     from melama_mcore.components.optimizer import build_optimizer, build_scheduler
     from melama_mcore.distributed import parallel
     from melama_mcore.models.llama import state_dict_adapter as sda
-    from melama_mcore.models.llama.lora import adapter_shapes, adapter_sharded_state_dict, apply_lora
+    from melama_mcore.models.llama.lora import adapter_sharded_state_dict, apply_lora
+    from melama_mcore.models.llama.lora_tensors import adapter_shapes
     from melama_mcore.models.llama.model import build_model_chunks, output_vocab_size
     from melama_mcore.startup import start
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from melama_mcore.eval.command import EvalOptions, main, model_arguments
-from melama_mcore.eval.demo import write_demo_records
+from melama_mcore.demo.mibe import write_demo_records
 
 CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=400, hidden_size=48,
               intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -38,11 +38,11 @@ def world(tmp_path_factory, tiny_bert) -> dict:  # noqa: F811
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from melama_mcore.checkpoint.hf_folder import copy_tokenizer
-    from melama_mcore.commands.convert import import_hf
-    from melama_mcore.commands.demo_corpus import write_demo_corpus
+    from melama_mcore.checkpoint.convert import import_hf
+    from melama_mcore.demo.corpus import write_demo_corpus
     from melama_mcore.config.job_config import dump_config, load_config
     from melama_mcore.data.train_tokenizer import train_sentencepiece
-    from melama_mcore.eval.demo import write_demo_records
+    from melama_mcore.demo.mibe import write_demo_records
 
     root = tmp_path_factory.mktemp("eval_e2e")
     corpus = write_demo_corpus(root / "corpus", docs_per_source=60, seed=0)
@@ -102,8 +102,8 @@ def greedy(hf_dir: Path, prompts: list[str], adapter: Path | None = None, room: 
 
 
 def test_megatron_checkpoint_matches_its_export_and_transformers(world, tmp_path, monkeypatch):
+    from melama_mcore.checkpoint.convert import export_hf
     from melama_mcore.cli import run_main
-    from melama_mcore.commands.convert import export_hf
     from melama_mcore.eval.command import EvalOptions, evaluate, main
     from melama_mcore.eval.scoring import COUNTS
 
@@ -265,7 +265,7 @@ def test_counts_of_a_generation_that_ends(world, tmp_path, monkeypatch):
 
 def test_checkpoint_without_a_tokenizer(world, tmp_path):
     from melama_mcore.cli import run_main
-    from melama_mcore.commands.convert import import_hf
+    from melama_mcore.checkpoint.convert import import_hf
     from melama_mcore.eval.command import main
 
     ckpt = tmp_path / "imported"

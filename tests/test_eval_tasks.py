@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from melama_mcore.errors import DataError
+from melama_mcore.demo.mibe import DEMO_TASKS, write_demo_records
 from melama_mcore.eval.data import load_splits, prepared, read_records, released_order
-from melama_mcore.eval.demo import DEMO_TASKS, write_demo_records
 from melama_mcore.eval.tasks import GROUP, TASK_DIR, TASKS
 
 SECRET = "Mr. Example-Patient-4711"  # stands for patient text: must never appear in an error

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from melama_mcore.data.preprocess import preprocess
-from melama_mcore.commands.demo_corpus import write_demo_corpus
+from melama_mcore.demo.corpus import write_demo_corpus
 from melama_mcore.data.train_tokenizer import train_sentencepiece
 from rank_launcher import run_ranks
 from trunk_fixtures import TINY, losses, step_records, train_command

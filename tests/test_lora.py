@@ -121,7 +121,7 @@ def reference(hf_dir, peft_dir, inputs) -> dict:
 def runs(hf_dir, peft_dir, inputs, tmp_path_factory) -> dict[str, Path]:
     from rank_launcher import run_ranks  # here: the ranks need none of its imports
 
-    from melama_mcore.commands.convert import import_hf
+    from melama_mcore.checkpoint.convert import import_hf
 
     root = tmp_path_factory.mktemp("lora_runs")
     import_hf(hf_dir, root / "base", 1, 1, None, 128)
@@ -240,7 +240,7 @@ def read_dist_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_trained_adapters_export_to_peft(runs, hf_dir, inputs, tmp_path):
     """The TP2 x PP2 run's adapters after a step (not the reference's), written as a PEFT folder."""
-    from melama_mcore.models.llama.peft_adapter import write_peft_adapter
+    from melama_mcore.checkpoint.convert import write_peft_adapter
 
     adapters = read_dist_checkpoint(runs["2x2"] / "adapter_ckpt")
     assert adapters["output_layer.lora.lm_head.lora_B"].shape == (768, Peft.rank)  # saved padded for TP 2
@@ -261,7 +261,8 @@ def test_trained_adapters_export_to_peft(runs, hf_dir, inputs, tmp_path):
 def test_peft_tensors_round_trip_and_load_in_peft(hf_dir, peft_dir, reference, inputs, tmp_path):
     from safetensors.torch import load_file
 
-    from melama_mcore.models.llama.peft_adapter import from_peft, to_peft, write_peft_adapter
+    from melama_mcore.checkpoint.convert import write_peft_adapter
+    from melama_mcore.models.llama.peft_adapter import from_peft, to_peft
 
     original = load_file(peft_dir / "adapter_model.safetensors")
     adapters = from_peft(original, arch(), Peft(), padded_vocab=768)
@@ -280,9 +281,9 @@ def test_merge_equals_peft_merge_and_unload(hf_dir, peft_dir, tmp_path):
     from safetensors.torch import load_file
 
     from melama_mcore.checkpoint.dcp_stream import DistCheckpointReader
-    from melama_mcore.commands.convert import import_hf
+    from melama_mcore.checkpoint.convert import import_hf
     from melama_mcore.models.llama import state_dict_adapter as sda
-    from melama_mcore.models.llama.lora import merge_lora
+    from melama_mcore.models.llama.lora_tensors import merge_lora
     from melama_mcore.models.llama.peft_adapter import from_peft
 
     a = arch()
@@ -314,7 +315,7 @@ def test_merge_equals_peft_merge_and_unload(hf_dir, peft_dir, tmp_path):
 ])
 def test_bad_peft_config_is_a_config_error(change, phrase):
     from melama_mcore.errors import ConfigError
-    from melama_mcore.models.llama.lora import check_peft_config
+    from melama_mcore.strategies import strategy_for as check_peft_config
 
     with pytest.raises(ConfigError) as err:
         check_peft_config(Peft(**change))
@@ -325,7 +326,8 @@ def test_write_refuses_incomplete_adapters_and_existing_folder(hf_dir, peft_dir,
     from safetensors.torch import load_file
 
     from melama_mcore.errors import CheckpointError, UserError
-    from melama_mcore.models.llama.peft_adapter import from_peft, write_peft_adapter
+    from melama_mcore.checkpoint.convert import write_peft_adapter
+    from melama_mcore.models.llama.peft_adapter import from_peft
 
     adapters = from_peft(load_file(peft_dir / "adapter_model.safetensors"), arch(), Peft(), padded_vocab=640)
     out = tmp_path / "out"

@@ -116,7 +116,7 @@ def test_failure_while_publishing_leaves_nothing_usable(failing, tmp_path, spm_m
 
 @pytest.mark.slow
 def test_sigterm_mid_run_cleans_up(tmp_path, spm_model):
-    from melama_mcore.data.sft.synthetic import write_synthetic_instructions
+    from melama_mcore.demo.instructions import write_synthetic_instructions
 
     paths = write_synthetic_instructions(tmp_path / "syn", samples=4000)
     big = tmp_path / "big.jsonl"

@@ -18,7 +18,7 @@ from melama_mcore.data.sft.dataset import PackedSFTDataset, build_sft_datasets
 from melama_mcore.data.sft.indexed import SFTIndexedData
 from melama_mcore.data.sft.packing import build_plan, first_fit_decreasing
 from melama_mcore.data.sft.preprocess import preprocess_sft
-from melama_mcore.data.sft.synthetic import write_synthetic_instructions
+from melama_mcore.demo.instructions import write_synthetic_instructions
 from melama_mcore.data.tokenizer import load_tokenizer
 from melama_mcore.errors import DataError
 from melama_mcore.models.llama.packed_attention import (apply_rotary_at, block_causal_mask, packed_causal_attention,

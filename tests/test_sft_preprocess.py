@@ -146,7 +146,7 @@ def test_too_long_dropped_or_truncated_and_counted(tmp_path, spm_model, sp):
 
 
 def test_workers_compressed_inputs_and_format(tmp_path, corpus, spm_model):
-    from melama_mcore.data.sft.synthetic import write_synthetic_instructions
+    from melama_mcore.demo.instructions import write_synthetic_instructions
 
     paths = write_synthetic_instructions(tmp_path / "syn", samples=200, seed=1)
     gz = tmp_path / "chat.jsonl.gz"
@@ -186,7 +186,7 @@ def _ffd_bins(sizes, capacity) -> int:
 
 
 def test_blend_report_on_sft_prefixes(tmp_path, spm_model, corpus, capsys):
-    from melama_mcore.data.sft.synthetic import write_synthetic_instructions
+    from melama_mcore.demo.instructions import write_synthetic_instructions
 
     paths = write_synthetic_instructions(tmp_path / "syn", samples=300, seed=2)
     preprocess_sft([str(paths["medical_qa"])], str(tmp_path / "qa"), spm_model, seq_length=512, progress=False)

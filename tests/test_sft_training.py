@@ -9,6 +9,7 @@ one seed checkpoint (the base model), so runs differ only in how megatron splits
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,8 +19,8 @@ import textwrap
 import pytest
 import torch
 
-from melama_mcore.data.sft.synthetic import write_synthetic_instructions
-from trunk_fixtures import data_overrides, eval_losses, losses, run_train
+from melama_mcore.demo.instructions import write_synthetic_instructions
+from trunk_fixtures import data_overrides, eval_losses, losses, run_train, step_records
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +110,22 @@ def test_lora_trains_adapters_only_and_its_checkpoint_resumes_at_another_layout(
                                      check=True).stdout.strip().splitlines()[-1])
     weights = [k for k in keys if not k.startswith("optimizer") and k.endswith(("weight", "lora_A", "lora_B"))]
     assert weights and all(".lora." in k for k in weights), [k for k in weights if ".lora." not in k][:3]
+
+
+def test_the_trainer_counts_the_flops_lora_executes(sft):
+    """The trainer's TFLOP/s (and so its MFU) of a LoRA run count LoRA's FLOPs per token, as the
+    benchmark and the planner do (test_mfu.py): full training's Megatron count minus the weight
+    gradients of the frozen linears (2 FLOPs per weight and token), plus 6 per adapter parameter."""
+    from melama_mcore.models.llama.config_registry import PRESETS, flops_per_token
+
+    ref = _reference(sft, "lora_ref", LORA)
+    arch = dataclasses.replace(PRESETS["nano"], num_layers=8, vocab_size=512)
+    h, f, kv, layers, rank, padded, seq = 64, 176, 32, 8, 4, 512, 64  # 512 tokens: no padding at TP 1
+    linear_weights = layers * (h * (h + 2 * kv) + h * h + 3 * h * f) + padded * h
+    adapters = layers * rank * ((h + h) + (h + kv) * 2 + (h + h) + (h + f) * 2 + (f + h)) + rank * (h + padded)
+    lora_flops = flops_per_token(arch, seq, padded) - 2 * linear_weights + 6 * adapters
+    for record in step_records(ref["dir"]):  # one process: tokens/s per GPU is tokens/s
+        assert record["tflops_per_gpu"] * 1e12 / record["tokens_per_s"] == pytest.approx(lora_flops, rel=1e-9)
 
 
 def test_eval_ppl_equals_the_runs_own_validation_at_another_layout(sft, tiny_data, tmp_path):

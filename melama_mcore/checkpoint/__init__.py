@@ -7,8 +7,12 @@
     dcp_stream.py    streaming access to the dist-checkpoint files without megatron's model: a writer
                      that builds each chunk on demand, a reader of one layer at a time
     hf_folder.py     Hugging Face model folders: a lazy reader, a streaming safetensors writer, tokenizers
+    opened.py        any checkpoint a user names, opened: its kind (run, weights, adapters), config,
+                     training strategy, architecture, identity, base and adapters
+    convert.py       Hugging Face import and export, PEFT adapter folders (`melama convert`, `melama eval`)
 
-The trainer (checkpointer.py) and the converter (commands/convert.py) both use layout.py and
-integrity.py, so a checkpoint written by either is the same kind of folder. docs/checkpoints.md
-describes the format.
+The trainer (checkpointer.py) and the converter (convert.py) both use layout.py and integrity.py,
+so a checkpoint written by either is the same kind of folder. What a checkpoint holds (every weight,
+or a training strategy's own tensors) is the strategy's (strategies/). docs/checkpoints.md describes
+the format.
 """

@@ -33,7 +33,7 @@ from melama_mcore.checkpoint.layout import (LATEST, PARTIAL, find_checkpoint, la
 from melama_mcore.components.optimizer import ensure_optimizer_state, load_optimizer_state
 from melama_mcore.config.job_config import JobConfig, dump_config
 from melama_mcore.errors import CheckpointError
-from melama_mcore.models.llama import lora
+from melama_mcore.strategies import TrainingStrategy, strategy_for
 
 log = logging.getLogger(__name__)
 
@@ -148,36 +148,48 @@ def _rng_sharded_object(with_data: bool) -> ShardedObject:
 
 
 class Checkpointer:
-    def __init__(self, cfg: JobConfig, model_chunks, optimizer, scheduler, identity: dict | None = None):
+    """Saves and loads a model's state as its training strategy says: every weight, or (a strategy
+    whose checkpoints hold its own tensors only: LoRA) those, with the frozen rest, the base, loaded
+    from checkpoint.init_from.
+
+    Model state comes in three parts: `all` (every weight), `own` (what this run's checkpoints hold:
+    `all`, or the strategy's own tensors) and `base` (what checkpoint.init_from gives this run:
+    everything but the strategy's own tensors)."""
+
+    def __init__(self, cfg: JobConfig, model_chunks, optimizer, scheduler, identity: dict | None = None,
+                 strategy: TrainingStrategy | None = None):
         self.cfg = cfg
-        self.lora = cfg.peft.method == "lora"  # checkpoints hold the adapters only; the base is init_from
-        self.identity = identity  # model_identity(arch, tokenizer): checked on load, saved with each save
+        self.strategy = strategy or strategy_for(cfg.peft)
+        self.identity = identity  # model_identity(arch, tokenizer, cfg): checked on load, saved with each save
         self.root = Path(cfg.output_dir) / "checkpoints"
         self.model_chunks = model_chunks  # unwrapped GPTModels
         self.optimizer = optimizer
         self.scheduler = scheduler
 
     # -- state dicts -----------------------------------------------------------------------------
-    def _model_state(self, part: str | None = None) -> dict:
-        """The model's sharded state: every weight, or with LoRA the trainable part (`adapters`, what
-        this run's checkpoints hold) or the frozen `base` (what checkpoint.init_from holds)."""
-        part = part or ("adapters" if self.lora else "all")
-        state_of = {"all": lambda c: c.sharded_state_dict(prefix=""), "adapters": lora.adapter_sharded_state_dict,
-                    "base": lora.base_sharded_state_dict}[part]
-        return {f"model{i}": state_of(chunk) for i, chunk in enumerate(self.model_chunks)}
+    def _in_part(self, part: str):
+        """Which state-dict keys belong to a part of the model state (see the class docstring)."""
+        owns = self.strategy.owns_key
+        if part == "own" and not self.strategy.checkpoint_holds_base:
+            return owns
+        if part == "base":
+            return lambda key: not owns(key)
+        return lambda key: True
+
+    def _model_state(self, part: str = "own") -> dict:
+        """The model's sharded state: one part of it (see the class docstring), per model chunk."""
+        keep = self._in_part(part)
+        return {f"model{i}": {k: v for k, v in chunk.sharded_state_dict(prefix="").items() if keep(k)}
+                for i, chunk in enumerate(self.model_chunks)}
 
     def _load_into_chunks(self, loaded: dict, part: str) -> None:
-        """Copy loaded weights into the chunks; a LoRA model loads its base and its adapters apart,
-        each load leaving exactly the other part untouched."""
+        """Copy loaded weights into the chunks, each load of a part leaving exactly the rest untouched."""
+        belongs = self._in_part(part)
         for i, chunk in enumerate(self.model_chunks):
-            if part == "all":
-                chunk.load_state_dict(loaded[f"model{i}"])
-                continue
             result = chunk.load_state_dict(loaded[f"model{i}"], strict=False)
-            wrong = list(result.unexpected_keys) + [k for k in result.missing_keys
-                                                    if (".lora." in k) == (part == "adapters")]
+            wrong = list(result.unexpected_keys) + [k for k in result.missing_keys if belongs(k)]
             if wrong:
-                raise CheckpointError(f"loading the {part} of the model left {len(wrong)} weights unset or "
+                raise CheckpointError(f"loading the {part} weights of the model left {len(wrong)} weights unset or "
                                       f"unexpected, e.g. {wrong[0]}")
 
     def _optimizer_metadata(self, sharding_type: str | None = None) -> dict:
@@ -300,7 +312,7 @@ class Checkpointer:
                                  optimizer_metadata=self._optimizer_metadata(
                                      saved_metadata.get("distrib_optim_sharding_type")))
         loaded = self._load(state, path, checked=True)
-        self._load_into_chunks(loaded, "adapters" if self.lora else "all")
+        self._load_into_chunks(loaded, "own")
         load_optimizer_state(self.optimizer, loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["scheduler"])
         if same_layout:
@@ -338,11 +350,11 @@ class Checkpointer:
             "future checkpoints reshardable across TP/PP, save with checkpoint.optimizer_format=fully_reshardable")
 
     def load_weights(self, path: str) -> None:
-        """Weights only (a Hugging Face import, or another run's checkpoint): fresh optimizer and schedule.
-        A checkpoint of another architecture or tokenizer is refused, naming the fields."""
+        """What checkpoint.init_from gives this run (the weights, or the base of a strategy's own
+        tensors) from a Hugging Face import or another run's checkpoint: fresh optimizer and
+        schedule. A checkpoint of another architecture or tokenizer is refused, naming the fields."""
         ckpt = find_checkpoint(Path(path))
-        part = "base" if self.lora else "all"
-        self._load_into_chunks(self._load(self._model_state(part), ckpt), part)
+        self._load_into_chunks(self._load(self._model_state("base"), ckpt), "base")
         if self.optimizer is not None:
             # The mixed-precision and distributed optimizers keep fp32 main copies of the weights,
             # made when they were built: refresh them, or the first update writes the initial random
@@ -350,10 +362,11 @@ class Checkpointer:
             self.optimizer.reload_model_params()
         log.info("initialised weights from %s", ckpt)
 
-    def load_adapters(self, path: Path) -> None:
-        """The adapters of an adapter checkpoint (its base loaded first, with load_weights)."""
-        self._load_into_chunks(self._load(self._model_state("adapters"), path), "adapters")
-        log.info("loaded adapters from %s", path)
+    def load_own(self, path: Path) -> None:
+        """What a checkpoint of this strategy holds (the adapters of an adapter checkpoint; its base
+        loaded first, with load_weights), without optimizer state."""
+        self._load_into_chunks(self._load(self._model_state("own"), path), "own")
+        log.info("loaded the %s weights of %s", self.strategy.describe(), path)
 
     def _check_before_load(self, path: Path, resuming: bool = False) -> None:
         """Model and tokenizer match (and adapters, when resuming), every file intact (unless

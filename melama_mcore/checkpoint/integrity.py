@@ -21,6 +21,7 @@ import torch
 
 from melama_mcore.checkpoint.layout import CHECKSUMS, IDENTITY, LATEST
 from melama_mcore.errors import CheckpointError
+from melama_mcore.strategies import strategy_for
 
 if TYPE_CHECKING:
     from melama_mcore.config.job_config import JobConfig
@@ -71,10 +72,12 @@ def verify_checksums(folder: Path, share: Callable[[Iterable[str]], list[str]] =
 # -- identity ----------------------------------------------------------------------------------------
 def model_identity(arch, tokenizer, cfg: JobConfig | None = None) -> dict:
     """What a checkpoint's weights mean: the resolved architecture and the tokenizer's vocabulary;
-    for an adapter checkpoint (peft.method=lora) also the adapters' settings and their base."""
+    with `cfg`, what its training strategy records (an adapter checkpoint: the adapters' settings and
+    their base)."""
     identity = {"arch": dataclasses.asdict(arch) if arch is not None else None, "tokenizer": None}
-    if cfg is not None and cfg.peft.method != "none":
-        identity["peft"] = {**dataclasses.asdict(cfg.peft), "base": cfg.checkpoint.init_from}
+    strategy_identity = strategy_for(cfg.peft).identity(cfg) if cfg is not None else None
+    if strategy_identity is not None:
+        identity["peft"] = strategy_identity
     if tokenizer is not None:
         backend = getattr(tokenizer, "_backend", None)
         n = tokenizer.vocab_size

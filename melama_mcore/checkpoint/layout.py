@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from melama_mcore.config.job_config import JobConfig, PeftConfig, load_config
+from melama_mcore.config.job_config import JobConfig, load_config
 from melama_mcore.errors import CheckpointError, ConfigError, UserError
 
 LATEST = "latest"
@@ -146,19 +146,12 @@ def atomic_dir(final: Path):
 
 
 # -- config.yaml --------------------------------------------------------------------------------------
-def read_config(folder: Path) -> tuple[JobConfig, PeftConfig | None]:
-    """The checkpoint's config.yaml: the configuration of the run that wrote it, and the LoRA
-    settings of an adapter checkpoint (`peft.method: lora`), else None."""
-    from melama_mcore.models.llama.lora import check_peft_config
-
+def read_config(folder: Path) -> JobConfig:
+    """The checkpoint's config.yaml: the configuration of the run (or the import) that wrote it."""
     path = folder / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {CONFIG}: not a checkpoint written by this project")
     try:
-        cfg = load_config(path)
-        peft = cfg.peft if cfg.peft.method != "none" else None
-        if peft is not None:
-            check_peft_config(peft)
+        return load_config(path)
     except ConfigError as err:
         raise CheckpointError(f"{path}: {str(err).splitlines()[0]}") from None
-    return cfg, peft

@@ -29,7 +29,7 @@ Memory per GPU (bytes, per pipeline stage; the worst stage is reported):
   and output-layer inputs 4sbh/t, for one micro-batch.
   A layout fits when total x (1 + FRAGMENTATION) + RUNTIME_RESERVED_GIB <= GPU memory.
 
-With LoRA (`--peft lora`, or a recipe with `peft.method: lora`; models/llama/lora.py):
+With LoRA (`--peft lora`, or a recipe with `peft.method: lora`; strategies/lora.py, models/llama/lora.py):
 * the base weights stay (frozen, same bytes) and get no main grads and no optimizer state; the
   adapters (stage_adapter_count: column-parallel base -> A [r, in] replicated, B [out / t, r];
   row-parallel base -> A [r, in / t], B [out, r] replicated) are parameters in the run's dtype, with
@@ -47,7 +47,7 @@ With LoRA (`--peft lora`, or a recipe with `peft.method: lora`; models/llama/lor
 
 Step time (a roofline; the constants below are assumptions, calibrate COMPUTE_EFFICIENCY with
 `benchmarks/throughput.py` on your GPUs and pass --compute-efficiency):
-* compute: model FLOPs (components/metrics.py `flops_per_token`, Megatron convention, output layer
+* compute: model FLOPs (models/llama/config_registry.py `flops_per_token`, Megatron convention, output layer
   over the padded vocabulary as for memory) plus recompute
   FLOPs (selective: the core-attention forward; full: the layers' forward), at
   COMPUTE_EFFICIENCY x dense bf16 peak;
@@ -60,7 +60,7 @@ Step time (a roofline; the constants below are assumptions, calibrate COMPUTE_EF
   param all-gather, over NVLink when the DP group sits in one node (megatron's rank order
   tp-cp-ep-dp-pp) else the per-GPU inter-node bandwidth, DP_COMM_OVERLAP of it hidden behind
   backward; the optimizer step itself is not modelled.
-* LoRA: frozen linears compute no weight gradient (training_flops_per_token), adapters cost 6
+* LoRA: frozen linears compute no weight gradient (the strategy's flops_per_token), adapters cost 6
   FLOPs per parameter and token (replicated A / B are computed on every TP rank), and DP reduces
   the adapters' gradients only. TFLOP/s and MFU then count the FLOPs a LoRA step executes, not 6N.
 """
@@ -76,11 +76,12 @@ from dataclasses import dataclass
 
 from melama_mcore.components.metrics import PEAK_TFLOPS
 from melama_mcore.config.job_config import JobConfig, PeftConfig, load_config
-from melama_mcore.config.validate import Environment, resolve, validate
+from melama_mcore.config.validate import Environment, InvalidConfig, resolve, validate
 from melama_mcore.errors import ConfigError, UserError
-from melama_mcore.models.llama import lora
-from melama_mcore.models.llama.config_registry import (PRESETS, LlamaArch, flops_per_token, padded_vocab_size,
+from melama_mcore.models.llama import lora_tensors
+from melama_mcore.models.llama.config_registry import (PRESETS, LlamaArch, forward_flops_per_token, padded_vocab_size,
                                                      parameter_count, resolve_arch)
+from melama_mcore.strategies import METHODS, strategy_for
 
 GIB = 2**30
 
@@ -187,18 +188,19 @@ def stage_parameter_count(arch: LlamaArch, padded_vocab: int, tp: int, pp: int, 
 
 
 def is_lora(peft: PeftConfig | None) -> bool:
-    return peft is not None and peft.method == "lora"
+    """Whether the training strategy of these settings adds LoRA adapters (whose memory is modelled here)."""
+    return strategy_for(peft).adapters is not None
 
 
 def stage_adapter_count(arch: LlamaArch, padded_vocab: int, tp: int, pp: int, pp_rank: int, peft: PeftConfig) -> int:
     """LoRA parameters on one TP rank of pipeline rank `pp_rank` (over all its virtual stages),
     sharded as lora.py shards them (module docstring)."""
-    shapes = lora.piece_shapes(arch, padded_vocab)
+    shapes = lora_tensors.piece_shapes(arch, padded_vocab)
     r, count = peft.rank, 0
-    for target in lora.target_order(peft):
-        column = target in lora.COLUMN_PARALLEL
+    for target in lora_tensors.target_order(peft):
+        column = target in lora_tensors.COLUMN_PARALLEL
         per_module = sum(r * inp + out // tp * r if column else r * inp // tp + out * r
-                         for out, inp in (shapes[piece] for piece in lora.PIECES[target]))
+                         for out, inp in (shapes[piece] for piece in lora_tensors.PIECES[target]))
         if target == "output_layer":
             count += per_module if pp_rank == pp - 1 else 0
         else:
@@ -209,8 +211,8 @@ def stage_adapter_count(arch: LlamaArch, padded_vocab: int, tp: int, pp: int, pp
 def lora_activation_bytes(arch: LlamaArch, padded_vocab: int, tokens: int, tp: int, peft: PeftConfig,
                           target: str) -> float:
     """What one target's adapters store for backward, one micro-batch of `tokens` tokens on one TP
-    rank (lora.py's forward; see the module docstring)."""
-    shapes = [lora.piece_shapes(arch, padded_vocab)[piece] for piece in lora.PIECES[target]]
+    rank (models/llama/lora.py's forward; see the module docstring)."""
+    shapes = [lora_tensors.piece_shapes(arch, padded_vocab)[piece] for piece in lora_tensors.PIECES[target]]
     pieces, inp = len(shapes), shapes[0][1]
     # per token of the micro-batch, on this rank: a column-parallel adapter runs A on this rank's
     # positions under SP (1/t of the tokens, all features), a row-parallel one on its features / t
@@ -240,7 +242,7 @@ def activation_bytes_per_layer(arch: LlamaArch, tokens: int, tp: int, recompute:
         return tokens * ACTIVATION_BYTES * per_token / tp + softmax_stats
     kept = 4 * h + 2 * d_kv + 2 * f  # without the frozen linears' inputs
     adapters = sum(lora_activation_bytes(arch, padded_vocab, tokens, tp, peft, target)
-                   for target in lora.target_order(peft) if target != "output_layer")
+                   for target in lora_tensors.target_order(peft) if target != "output_layer")
     return tokens * ACTIVATION_BYTES * kept / tp + softmax_stats + adapters
 
 
@@ -313,31 +315,16 @@ class Estimate:
         }
 
 
-def forward_flops_per_token(arch: LlamaArch, seq: int, vocab_size: int) -> tuple[float, float, float]:
-    """(one decoder layer, its core attention, the output layer over `vocab_size` rows) forward FLOPs
-    per token, all derived from the trunk's `flops_per_token` so the convention lives in one place."""
-    no_layers = dataclasses.replace(arch, num_layers=0)
-    total = flops_per_token(arch, seq, vocab_size)
-    output = flops_per_token(no_layers, seq, vocab_size) / 3
-    layer = (total / 3 - output) / arch.num_layers
-    core_attention = (total - flops_per_token(arch, 0, vocab_size)) / 3 / arch.num_layers
-    return layer, core_attention, output
-
-
 def backward_factor(peft: PeftConfig | None) -> float:
     """Training / forward FLOPs of a linear: 3 (forward, input and weight gradients), or 2 when frozen."""
-    return 2.0 if is_lora(peft) else 3.0
+    return 3.0 if strategy_for(peft).trains_base else 2.0
 
 
 def training_flops_per_token(arch: LlamaArch, seq: int, vocab_size: int, peft: PeftConfig | None = None) -> float:
-    """Model FLOPs of one training token (forward + backward), whole model. Full fine-tuning: the
-    trunk's `flops_per_token`. LoRA: frozen linears skip their weight gradient (core attention's
-    backward is unchanged), and every adapter parameter costs 6 FLOPs per token."""
-    if not is_lora(peft):
-        return flops_per_token(arch, seq, vocab_size)
-    layer, core_attention, output = forward_flops_per_token(arch, seq, vocab_size)
-    adapters = sum(math.prod(shape) for shape in lora.adapter_shapes(arch, peft, vocab_size).values())
-    return arch.num_layers * (2 * layer + core_attention) + 2 * output + 6 * adapters
+    """Model FLOPs of one training token (forward + backward), whole model: the training strategy's
+    count, the trainer's (full training: every GEMM's three passes; LoRA: frozen linears skip their
+    weight gradient, every adapter parameter costs 6 FLOPs per token)."""
+    return strategy_for(peft).flops_per_token(arch, seq, vocab_size)
 
 
 def estimate(arch: LlamaArch, layout: Layout, *, gpu: GpuSpec, gpus: int, seq: int, gbs: int,
@@ -414,9 +401,8 @@ def candidate_layouts(arch: LlamaArch, preset: str, *, gpus: int, seq: int, gbs:
                         try:
                             # as `melama train` does: `auto` fields resolved, then checked
                             validate(resolve(base.job_config(preset, seq, gbs), env), arch, env)
-                        except ConfigError as err:
-                            for line in str(err).splitlines()[1:]:
-                                refused.setdefault(line.strip(" -"), None)
+                        except InvalidConfig as err:
+                            refused.update(dict.fromkeys(problem.message for problem in err.problems))
                             continue
                         accepted += [dataclasses.replace(base, recompute=r) for r in RECOMPUTE]
     return accepted, list(refused)
@@ -482,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-memory-gib", type=float, help="usable memory per GPU (default: the GPU's total)")
     parser.add_argument("--gpus-per-node", type=int, default=GPUS_PER_NODE, help="TP stays inside a node")
     parser.add_argument("--vocab-size", type=int, help="vocabulary (needed for the tiny/nano presets)")
-    parser.add_argument("--peft", choices=lora.METHODS,
+    parser.add_argument("--peft", choices=METHODS,
                         help="none: full fine-tuning; lora: frozen base, adapters trained (default: the recipe's "
                              "peft.method, else none)")
     parser.add_argument("--lora-rank", type=int,
@@ -540,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
                                t.micro_batch_size, t.recompute, p.use_distributed_optimizer is not False)
     args.seq, args.gbs = args.seq or 4096, args.gbs or 1024
     peft = dataclasses.replace(peft, method=args.peft or peft.method, rank=args.lora_rank or peft.rank)
-    lora.check_peft_config(peft)
+    strategy_for(peft)  # the settings checked
     args.peft, args.lora_rank = peft.method, peft.rank
     overrides = [f"model.preset={args.preset}"] + ([f"model.vocab_size={args.vocab_size}"] if args.vocab_size else [])
     arch = resolve_arch(load_config(None, overrides).model, None)
@@ -553,9 +539,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({memory_gib:.1f} GiB, {PEAK_TFLOPS[spec.peak_key]['bf16']:.0f} TFLOP/s bf16 dense); seq {args.seq}, "
           f"global batch {args.gbs} ({args.gbs * args.seq / 1e6:.2f}M tokens/step)")
     if is_lora(peft):
-        adapters = sum(math.prod(s) for s in lora.adapter_shapes(arch, peft, padded_vocab(arch, 1)).values())
+        adapters = sum(math.prod(s) for s in lora_tensors.adapter_shapes(arch, peft, padded_vocab(arch, 1)).values())
         print(f"LoRA: rank {peft.rank}, alpha {peft.alpha:g}, dropout {peft.dropout:g}, on "
-              f"{', '.join(lora.target_order(peft))}: {adapters / 1e6:.1f}M trainable parameters; the base is frozen "
+              f"{', '.join(lora_tensors.target_order(peft))}: {adapters / 1e6:.1f}M trainable parameters; the base is frozen "
               "(weights only: no grads, no optimizer state)")
     report: dict = {"request": {k: v for k, v in vars(args).items() if k != "json"},
                     "peft": dataclasses.asdict(peft)}

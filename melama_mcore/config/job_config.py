@@ -134,7 +134,8 @@ class CheckpointConfig:
 
 @dataclass
 class PeftConfig:
-    """Parameter-efficient fine-tuning (models/llama/lora.py). method none: every weight trains."""
+    """The training strategy (strategies/): method none trains every weight, lora adapters on a frozen
+    base (models/llama/lora.py)."""
 
     method: str = "none"  # none | lora
     rank: int = 16

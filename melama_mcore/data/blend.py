@@ -1,4 +1,5 @@
-"""Data blends: named sources with weights (the Me-LLaMA 15:1:4 mix), and `melama blend-report`.
+"""Data blends: named sources with weights (the Me-LLaMA 15:1:4 mix). `melama blend-report` (commands/)
+prints what a blend implies.
 
 A blend file (YAML) is a list of sources, or a mapping with a `sources:` list:
 
@@ -16,7 +17,6 @@ own folder plays no part.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import math
 import os
@@ -25,8 +25,6 @@ from pathlib import Path
 
 import yaml
 
-from melama_mcore.data.sft.indexed import is_sft_blend
-from melama_mcore.data.sft.report import format_sft_report, sft_blend_report
 from melama_mcore.errors import ConfigError
 
 _SOURCE_KEYS = {"name", "weight", "train", "valid"}
@@ -112,77 +110,3 @@ def load_blend(spec) -> Blend:
         raise ConfigError(f"{where}: give `valid` for every source or for none (without `valid`, "
                           "validation data is split off every source's train prefixes)")
     return Blend(sources)
-
-
-def blend_report(blend: Blend, samples: int, seq_length: int, split: str = "98,2,0") -> list[dict]:
-    """Per source: weight share, tokens drawn for `samples` samples of `seq_length`, tokens available
-    to training (the train part of `split`, or whole prefixes when the blend names `valid` prefixes),
-    and the epochs that implies (> 1: the source repeats). Refuses what training would refuse."""
-    from melama_mcore.data.dataset import check_pretraining_data  # it builds on this module
-
-    check = check_pretraining_data(blend, vocab_size=None, seq_length=seq_length, train_samples=samples,
-                                   valid_samples=0, split=split)
-    rows = []
-    available = [sum(check.train_tokens[p] for p in s.train) for s in blend.sources]
-    total_available = sum(available)
-    for source, share, tokens in zip(blend.sources, blend.normalized_weights(), available):
-        drawn = share * samples * seq_length
-        rows.append(dict(name=source.name, weight=source.weight, share=share,
-                         natural_share=tokens / total_available, tokens_drawn=int(round(drawn)),
-                         tokens_available=tokens, epochs=drawn / tokens))
-    return rows
-
-
-def format_report(rows: list[dict], samples: int, seq_length: int) -> str:
-    lines = [f"{samples:,} samples x {seq_length:,} tokens = {samples * seq_length:,} training tokens",
-             f"{'source':<16} {'weight':>7} {'share':>7} {'on disk':>8} {'tokens drawn':>16} "
-             f"{'tokens available':>17} {'epochs':>8}"]
-    for r in rows:
-        lines.append(f"{r['name']:<16} {r['weight']:>7g} {r['share']:>7.1%} {r['natural_share']:>8.1%} "
-                     f"{r['tokens_drawn']:>16,} {r['tokens_available']:>17,} {r['epochs']:>8.2f}")
-    repeating = [r["name"] for r in rows if r["epochs"] > 1]
-    if repeating:
-        lines.append(f"repeats (more than one epoch): {', '.join(repeating)}")
-    return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="melama blend-report",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="For a blend file and a training length, print per source its share of the training\n"
-                    "tokens, its share of the tokens on disk, and how many epochs of it the run implies\n"
-                    "(above 1 the source repeats). Token counts come from the .idx files. Data that\n"
-                    "training would refuse (a missing or empty dataset, a split part that cannot hold\n"
-                    "one sample) is refused here too, with what to change. For instruction data\n"
-                    "(prefixes written by preprocess-sft): per source its samples, the packed sequences\n"
-                    "one epoch takes, and the epochs drawn.",
-        epilog="""\
-paths:
-  A relative prefix in a blend file is relative to the working directory you run melama in, not to
-  the blend file's folder: the rule for every path melama takes (--output-prefix, --input, the
-  training config's data.tokenizer and data.blend). So from the repository root,
-    melama preprocess --input pubmed/*.jsonl.zst --output-prefix data/pubmed ...
-  writes data/pubmed_text_document.{bin,idx}, which examples/blends/me_llama_15_1_4.yaml names as
-  data/pubmed_text_document. Run blend-report and training from that same directory.""")
-    parser.add_argument("blend", help="blend YAML file (see examples/blends/me_llama_15_1_4.yaml)")
-    parser.add_argument("--samples", type=int, required=True,
-                        help="training samples (global batch x steps; packed sequences for instruction data)")
-    parser.add_argument("--seq-length", type=int, required=True, help="tokens per sample")
-    parser.add_argument("--split", default="98,2,0",
-                        help="train,valid,test shares of each source without `valid` prefixes, as the "
-                             "training config's data.split (default: 98,2,0); tokens available are the train part's")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.samples <= 0 or args.seq_length <= 0:
-        raise ConfigError("--samples and --seq-length must be positive")
-    blend = load_blend(args.blend)
-    if is_sft_blend(blend):  # instruction data: samples are packed conversations
-        print(format_sft_report(sft_blend_report(blend, args.samples, args.seq_length), args.samples, args.seq_length))
-    else:
-        print(format_report(blend_report(blend, args.samples, args.seq_length, args.split),
-                            args.samples, args.seq_length))
-    return 0

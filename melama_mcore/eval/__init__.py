@@ -13,5 +13,4 @@
     report.py          results.json, results.md and samples_<task>.jsonl
     command.py         the `melama eval` command
     rescore.py         `melama eval rescore`: scores again from samples files, without a model
-    demo.py            synthetic records and the results table for `melama demo`
 """

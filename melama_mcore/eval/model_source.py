@@ -3,7 +3,8 @@
 PATH is a Hugging Face folder (config.json, weights, tokenizer) used as it is, or one of this
 project's megatron checkpoints at any TP/PP layout (a run folder, its checkpoints/ folder, one
 iter_* folder, a weights-only import), which is exported to a temporary Hugging Face folder by the
-converter (`melama convert export-hf`, which carries the run's tokenizer) and removed afterwards.
+checkpoint room's converter (what `melama convert export-hf` runs; it carries the run's tokenizer)
+and removed afterwards.
 This module is the one place that reaches into the checkpoint code.
 """
 
@@ -18,8 +19,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from melama_mcore.checkpoint.convert import export_hf
 from melama_mcore.checkpoint.layout import find_checkpoint
-from melama_mcore.commands.convert import export_hf
 from melama_mcore.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -21,17 +21,28 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from megatron.core import parallel_state
+
+from melama_mcore import ready_model, step
+from melama_mcore.checkpoint.integrity import model_identity
+from melama_mcore.checkpoint.layout import find_checkpoint, read_config
+from melama_mcore.data.blend import load_blend
+from melama_mcore.data.loader import build_loader
+from melama_mcore.data.run_data import build_run_datasets, check_run_data, data_kind
+from melama_mcore.data.tokenizer import load_tokenizer
+from melama_mcore.distributed import parallel
 from melama_mcore.errors import CheckpointError, ConfigError
+from melama_mcore.eval.report import write_atomic
+from melama_mcore.startup import start
 
 log = logging.getLogger("melama")
 
 
 def evaluation_config(ckpt: Path, args):
     """The run's settings from the checkpoint's config.yaml (model, tokenizer, sequence length,
-    batch sizes, seed, split, precision), with the blend, layout and sample count asked for."""
-    from melama_mcore.checkpoint.layout import read_config
-
-    cfg, _ = read_config(ckpt)
+    batch sizes, seed, split, precision, training strategy: an adapter checkpoint loads on its base),
+    with the blend, layout and sample count asked for."""
+    cfg = read_config(ckpt)
     if not cfg.data.tokenizer and not args.tokenizer:
         raise CheckpointError(f"{ckpt}: its config.yaml names no tokenizer (data.tokenizer); set it with "
                               "--tokenizer")
@@ -78,47 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples is not None and args.samples < 1:
         raise ConfigError("--samples must be at least 1")
 
-    from megatron.core import parallel_state
-
-    from melama_mcore import step
-    from melama_mcore.checkpoint.checkpointer import Checkpointer
-    from melama_mcore.checkpoint.integrity import model_identity
-    from melama_mcore.checkpoint.layout import find_checkpoint
-    from melama_mcore.data.blend import load_blend
-    from melama_mcore.data.loader import build_loader
-    from melama_mcore.data.run_data import build_run_datasets, check_run_data
-    from melama_mcore.data.sft.indexed import is_sft_blend
-    from melama_mcore.data.tokenizer import load_tokenizer
-    from melama_mcore.distributed import parallel
-    from melama_mcore.eval.report import write_atomic
-    from melama_mcore.models.llama.lora import apply_lora
-    from melama_mcore.models.llama.model import build_model_chunks
-    from melama_mcore.startup import start
-
     ckpt = find_checkpoint(args.model)
     cfg = evaluation_config(ckpt, args)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     blend = load_blend(cfg.data.blend)
+    kind = data_kind(blend)
     args.out.mkdir(parents=True, exist_ok=True)
-    check_run_data(cfg, blend, tokenizer.vocab_size)
+    check_run_data(cfg, blend, kind, tokenizer)
     runtime = start(cfg, tokenizer.vocab_size)
     try:
-        chunks = build_model_chunks(cfg, runtime.arch, runtime.backend)
-        lora = cfg.peft.method == "lora"
-        if lora:
-            apply_lora(chunks, cfg.peft)
-        model = parallel.wrap_for_inference(cfg, chunks)
-        checkpointer = Checkpointer(cfg, chunks, None, None, identity=model_identity(runtime.arch, tokenizer, cfg))
-        if lora:  # an adapter checkpoint: its base, then its adapters
-            checkpointer.load_weights(cfg.checkpoint.init_from)
-            checkpointer.load_adapters(ckpt)
-        else:
-            checkpointer.load_weights(str(ckpt))
+        identity = model_identity(runtime.arch, tokenizer, cfg)
+        model = ready_model.for_inference(cfg, runtime, ckpt, identity=identity).model
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-        _, valid = build_run_datasets(cfg, blend, tokenizer, dp_size)
+        _, valid = build_run_datasets(cfg, blend, kind, tokenizer, dp_size)
         t = cfg.training
-        loader = partial(_loader, build_loader, t.micro_batch_size, dp_rank, dp_size, cfg.data.loader, t.device)
-        step_fn = partial(step.forward_step, packed=is_sft_blend(blend), loss_normalization=t.loss_normalization)
+        loader = partial(_loader, t.micro_batch_size, dp_rank, dp_size, cfg.data.loader, t.device)
+        step_fn = partial(step.forward_step, data=kind, loss_normalization=t.loss_normalization)
         totals = step.validation_totals(step.Schedule(cfg, model, runtime.device), cfg, valid, loader, step_fn)
         last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         if runtime.launch.rank == runtime.launch.world_size - 1 and last_stage:
@@ -130,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _loader(build_loader, micro_batch_size, dp_rank, dp_size, kind, device, dataset, consumed_samples):
+def _loader(micro_batch_size, dp_rank, dp_size, loader_kind, device, dataset, consumed_samples):
     return build_loader(dataset, consumed_samples=consumed_samples, micro_batch_size=micro_batch_size,
-                        dp_rank=dp_rank, dp_size=dp_size, kind=kind, device=device)
+                        dp_rank=dp_rank, dp_size=dp_size, kind=loader_kind, device=device)
 
 
 def _report(ckpt: Path, cfg, totals: dict) -> dict:

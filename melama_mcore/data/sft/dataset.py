@@ -105,34 +105,40 @@ class PackedSFTDataset(MegatronDataset):
         return len(self.plan)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
-        s = self.seq_length
-        tokens = np.full(s, self.pad_id, dtype=np.int64)
-        labels = np.full(s, self.pad_id, dtype=np.int64)
-        loss_mask = np.zeros(s, dtype=np.float32)
-        weight = np.zeros(s, dtype=np.float32)
-        position_ids = np.zeros(s, dtype=np.int64)
-        cu_seqlens = np.full(s + 1, -1, dtype=np.int32)
-        cu_seqlens[0] = 0
-        at, longest, segment = 0, 0, 0
-        for conversation in self.plan.sequence(int(idx)):
-            ids, mask = self.dataset.sample(int(conversation))
-            n = len(ids) - 1
-            tokens[at:at + n], labels[at:at + n] = ids[:-1], ids[1:]
-            loss_mask[at:at + n] = mask[1:]
-            trained = loss_mask[at:at + n].sum()
-            weight[at:at + n] = loss_mask[at:at + n] / max(trained, 1.0)
-            position_ids[at:at + n] = np.arange(n)
-            at, longest, segment = at + n, max(longest, n), segment + 1
-            cu_seqlens[segment] = at
-        real = at
-        if at < s:  # the padding: one more segment, attending only to itself, with no loss
-            position_ids[at:] = np.arange(s - at)
-            longest = max(longest, s - at)
-            cu_seqlens[segment + 1] = s
-        return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-                "loss_mask": torch.from_numpy(loss_mask), "position_ids": torch.from_numpy(position_ids),
-                "cu_seqlens": torch.from_numpy(cu_seqlens), "max_seqlen": torch.tensor(longest, dtype=torch.int32),
-                "sample_loss_weight": torch.from_numpy(weight), "real_tokens": torch.tensor(real, dtype=torch.int32)}
+        return packed_row((self.dataset.sample(int(c)) for c in self.plan.sequence(int(idx))), self.seq_length,
+                          self.pad_id)
+
+
+def packed_row(conversations, seq_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """One packed sequence (the fields in the module docstring) from its conversations, each a pair
+    (token ids, loss mask) as preprocess-sft stores them."""
+    s = seq_length
+    tokens = np.full(s, pad_id, dtype=np.int64)
+    labels = np.full(s, pad_id, dtype=np.int64)
+    loss_mask = np.zeros(s, dtype=np.float32)
+    weight = np.zeros(s, dtype=np.float32)
+    position_ids = np.zeros(s, dtype=np.int64)
+    cu_seqlens = np.full(s + 1, -1, dtype=np.int32)
+    cu_seqlens[0] = 0
+    at, longest, segment = 0, 0, 0
+    for ids, mask in conversations:
+        n = len(ids) - 1
+        tokens[at:at + n], labels[at:at + n] = ids[:-1], ids[1:]
+        loss_mask[at:at + n] = mask[1:]
+        trained = loss_mask[at:at + n].sum()
+        weight[at:at + n] = loss_mask[at:at + n] / max(trained, 1.0)
+        position_ids[at:at + n] = np.arange(n)
+        at, longest, segment = at + n, max(longest, n), segment + 1
+        cu_seqlens[segment] = at
+    real = at
+    if at < s:  # the padding: one more segment, attending only to itself, with no loss
+        position_ids[at:] = np.arange(s - at)
+        longest = max(longest, s - at)
+        cu_seqlens[segment + 1] = s
+    return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+            "loss_mask": torch.from_numpy(loss_mask), "position_ids": torch.from_numpy(position_ids),
+            "cu_seqlens": torch.from_numpy(cu_seqlens), "max_seqlen": torch.tensor(longest, dtype=torch.int32),
+            "sample_loss_weight": torch.from_numpy(weight), "real_tokens": torch.tensor(real, dtype=torch.int32)}
 
 
 class _SFTTokenizerView(_MegatronTokenizerView):

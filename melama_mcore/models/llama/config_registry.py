@@ -77,6 +77,18 @@ def flops_per_token(arch: LlamaArch, seq_length: int, vocab_size: int) -> float:
     return 3.0 * forward
 
 
+def forward_flops_per_token(arch: LlamaArch, seq_length: int, vocab_size: int) -> tuple[float, float, float]:
+    """(one decoder layer, its core attention, the output layer over `vocab_size` rows) forward FLOPs
+    per token, derived from `flops_per_token` so that the convention lives in one place: what a
+    strategy that trains part of the model (strategies/) and the planner count from."""
+    no_layers = dataclasses.replace(arch, num_layers=0)
+    total = flops_per_token(arch, seq_length, vocab_size)
+    output = flops_per_token(no_layers, seq_length, vocab_size) / 3
+    layer = (total / 3 - output) / arch.num_layers
+    core_attention = (total - flops_per_token(arch, 0, vocab_size)) / 3 / arch.num_layers
+    return layer, core_attention, output
+
+
 def resolve_arch(model: "ModelConfig", tokenizer_vocab_size: int | None) -> LlamaArch:
     """The recipe's `model` section -> its architecture: the preset with the section's overrides
     applied; the vocabulary from the tokenizer when the preset has none."""

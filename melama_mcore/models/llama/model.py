@@ -101,15 +101,17 @@ BACKENDS = {
 }
 
 
-def choose_backend(requested: str, device: str, te_available: bool, lora: bool = False) -> str:
+def choose_backend(requested: str, device: str, te_available: bool, megatron_linears_only: str | None = None) -> str:
+    """The layer backend: the one requested, or for `auto` Transformer Engine when it imports on a GPU
+    and nothing needs megatron's own linears (`megatron_linears_only`: why something does, e.g. the
+    training strategy), else native."""
     if requested != "auto":
         log.info("layer backend: %s (requested)", requested)
         return requested
-    if device == "cuda" and te_available and not lora:
+    if device == "cuda" and te_available and not megatron_linears_only:
         log.info("layer backend: transformer_engine (auto: Transformer Engine imports and CUDA is present)")
         return "transformer_engine"
-    reason = ("no CUDA" if device != "cuda" else "LoRA adapts megatron's own linears" if lora
-              else "Transformer Engine is not installed")
+    reason = ("no CUDA" if device != "cuda" else megatron_linears_only or "Transformer Engine is not installed")
     log.info("layer backend: native (auto: %s; kernels backend: %s)", reason, kernels.backend())
     return "native"
 

@@ -9,25 +9,20 @@ unstacked per layer, and the padding rows of lm_head's B stripped (added back on
         -> base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight [r, h]
     output_layer.lora.lm_head.lora_B [padded vocab, r] -> base_model.model.lm_head.lora_B.weight [vocab, r]
 
-The inputs are global (unsharded) tensors keyed by lora.adapter_key: what an adapter dist-checkpoint
-stores, read at whatever TP/PP it was saved with. No peft import is needed to write a folder.
+The inputs are global (unsharded) tensors keyed by lora_tensors.adapter_key: what an adapter
+dist-checkpoint stores, read at whatever TP/PP it was saved with. No peft import is needed to write a
+folder (checkpoint/convert.py writes it).
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 
 from melama_mcore.errors import CheckpointError
 from melama_mcore.models.llama import state_dict_adapter as sda
 from melama_mcore.models.llama.config_registry import LlamaArch
-from melama_mcore.models.llama.lora import (LAYER_PREFIX, MATRICES, PIECES, TARGETS, adapter_key, adapter_shapes,
-                                            target_order)
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+from melama_mcore.models.llama.lora_tensors import (LAYER_PREFIX, MATRICES, PIECES, TARGETS, adapter_key,
+                                                    adapter_shapes, target_order)
 
 
 def hf_module(piece: str, layer: int | None) -> str:
@@ -115,17 +110,3 @@ def from_peft(tensors: dict[str, torch.Tensor], arch: LlamaArch, peft, padded_vo
                 out[adapter_key(target, piece, matrix)] = value
     check_adapters(out, arch, peft)
     return out
-
-
-def write_peft_adapter(out: Path, adapters: dict[str, torch.Tensor], arch: LlamaArch, peft,
-                       base_model_name_or_path: str, dtype: torch.dtype | None = None) -> None:
-    """A PEFT adapter folder at `out`, atomically (nothing appears there unless complete; an existing
-    `out` is refused). `dtype`: of the written tensors (default: as given)."""
-    from safetensors.torch import save_file
-
-    from melama_mcore.checkpoint.layout import atomic_dir
-
-    tensors = {k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in to_peft(adapters, arch, peft).items()}
-    with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_adapter_config(peft, base_model_name_or_path), indent=2))

@@ -15,7 +15,7 @@ per layer (and per tensor-parallel rank). The layout facts the mapping rests on:
   otherwise), stored as `<key>/shard_<layer>_<num_layers>`.
 
 Everything here is pure layout: reading and writing files is the checkpoint room's business
-(melama_mcore/checkpoint/), chaining the two the converter's (melama_mcore/commands/convert.py).
+(melama_mcore/checkpoint/), chaining the two the converter's (melama_mcore/checkpoint/convert.py).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ import json
 import random
 from pathlib import Path
 
-from melama_mcore.commands.demo_corpus import _DISEASES, _DRUGS, _OUTCOMES, _SYMPTOMS
+from melama_mcore.demo.corpus import DISEASES, DRUGS, OUTCOMES, SYMPTOMS
+from melama_mcore.eval.command import EvalOptions, evaluate
 from melama_mcore.eval.extraction import WORD, spans_to_html
 
 DEMO_TASKS = ("pubmedqa", "mednli", "i2b2", "pubmedsum")
@@ -23,7 +24,7 @@ _EFFECTS = {"yes": "reduced", "no": "did not change", "maybe": "may have reduced
 
 
 def _pubmedqa(rng: random.Random) -> dict:
-    disease, drug, outcome = rng.choice(_DISEASES), rng.choice(_DRUGS), rng.choice(_OUTCOMES)
+    disease, drug, outcome = rng.choice(DISEASES), rng.choice(DRUGS), rng.choice(OUTCOMES)
     gold = rng.randrange(3)
     choices = ["yes", "no", "maybe"]
     context = (f"In a cohort of {rng.randint(40, 900)} adults with {disease}, {drug} "
@@ -34,7 +35,7 @@ def _pubmedqa(rng: random.Random) -> dict:
 
 
 def _mednli(rng: random.Random) -> dict:
-    symptom, disease = rng.choice(_SYMPTOMS), rng.choice(_DISEASES)
+    symptom, disease = rng.choice(SYMPTOMS), rng.choice(DISEASES)
     premise = f"A {rng.randint(19, 94)}-year-old {rng.choice(['man', 'woman'])} presented with {symptom}."
     choices = ["entailment", "contradiction", "neutral"]
     gold = rng.randrange(3)
@@ -46,8 +47,8 @@ def _mednli(rng: random.Random) -> dict:
 
 
 def _i2b2(rng: random.Random) -> dict:
-    parts = [("The patient reported", None), (rng.choice(_SYMPTOMS), "problem"), ("and a", None),
-             (rng.choice(_TESTS), "test"), ("was ordered before starting", None), (rng.choice(_DRUGS), "treatment"),
+    parts = [("The patient reported", None), (rng.choice(SYMPTOMS), "problem"), ("and a", None),
+             (rng.choice(_TESTS), "test"), ("was ordered before starting", None), (rng.choice(DRUGS), "treatment"),
              (".", None)]
     tokens, labels = [], []
     for text, kind in parts:
@@ -61,7 +62,7 @@ def _i2b2(rng: random.Random) -> dict:
 
 
 def _pubmedsum(rng: random.Random) -> dict:
-    disease, drug, outcome = rng.choice(_DISEASES), rng.choice(_DRUGS), rng.choice(_OUTCOMES)
+    disease, drug, outcome = rng.choice(DISEASES), rng.choice(DRUGS), rng.choice(OUTCOMES)
     effect = rng.choice(list(_EFFECTS.values()))
     abstract = (f"We followed {rng.randint(40, 900)} adults with {disease} for {rng.randint(6, 36)} months. "
                 f"Patients receiving {drug} were compared with usual care. {drug.capitalize()} {effect} "
@@ -97,8 +98,6 @@ def run_demo_evaluation(model: Path, out: Path, adapter: Path | None = None) -> 
     """The demo's step: records into out/mibe_data, `melama eval` of `model` (the demo's run folder,
     or an HF folder with a PEFT `adapter`: then in the Me-LLaMA chat format) into out/eval with the
     demo's short generations; prints the table. Returns the results folder."""
-    from melama_mcore.eval.command import EvalOptions, evaluate
-
     out = Path(out)
     write_demo_records(out / "mibe_data")
     evaluate(EvalOptions(model=Path(model), tasks=list(DEMO_TASKS), out=out / "eval", data_dir=out / "mibe_data",

@@ -16,8 +16,8 @@ import json
 import random
 from pathlib import Path
 
-from melama_mcore.commands.demo_corpus import (_DISEASES, _DRUGS, _FINDINGS, _OUTCOMES, _SYMPTOMS, _biomedical,
-                                                _clinical)
+from melama_mcore.demo.corpus import (DISEASES, DRUGS, FINDINGS, OUTCOMES, SYMPTOMS, biomedical_abstract,
+                                      clinical_note)
 
 _CLASSES = {"metformin": "a biguanide", "empagliflozin": "an SGLT2 inhibitor", "lisinopril": "an ACE inhibitor",
             "apixaban": "a factor Xa inhibitor", "atorvastatin": "a statin", "prednisone": "a corticosteroid",
@@ -32,26 +32,26 @@ _ADVICE = ["keep a diary of your symptoms", "drink enough fluids", "avoid heavy 
 
 
 def _medical_qa(rng: random.Random) -> dict:
-    drug, disease = rng.choice(sorted(_CLASSES)), rng.choice(_DISEASES)
+    drug, disease = rng.choice(sorted(_CLASSES)), rng.choice(DISEASES)
     kind = rng.randrange(3)
     if kind == 0:
         return {"instruction": f"What class of drug is {drug}?", "input": "", "output": f"{drug.capitalize()} is "
                 f"{_CLASSES[drug]}."}
     if kind == 1:
         return {"instruction": "Answer the question about the condition.", "input": f"Name a common symptom of "
-                f"{disease}.", "output": f"{rng.choice(_SYMPTOMS).capitalize()}."}
+                f"{disease}.", "output": f"{rng.choice(SYMPTOMS).capitalize()}."}
     return {"instruction": f"Is {drug} used to treat {disease}? Answer yes or no, then explain in one sentence.",
             "output": f"{rng.choice(['Yes', 'No'])}. It is {_CLASSES[drug]}, and its use in {disease} depends on "
-                      f"the {rng.choice(_OUTCOMES)} seen in trials."}
+                      f"the {rng.choice(OUTCOMES)} seen in trials."}
 
 
 def _exam_mcq(rng: random.Random) -> dict:
-    disease = rng.choice(_DISEASES)
+    disease = rng.choice(DISEASES)
     options = rng.sample(sorted(_CLASSES), 4)
     answer = rng.randrange(4)
     letters = "ABCD"
-    question = (f"A {rng.randint(20, 85)}-year-old patient with {disease} presents with {rng.choice(_SYMPTOMS)} and "
-                f"{rng.choice(_FINDINGS)}. Which drug is {_CLASSES[options[answer]]}?\n" +
+    question = (f"A {rng.randint(20, 85)}-year-old patient with {disease} presents with {rng.choice(SYMPTOMS)} and "
+                f"{rng.choice(FINDINGS)}. Which drug is {_CLASSES[options[answer]]}?\n" +
                 "\n".join(f"{letters[i]}. {o}" for i, o in enumerate(options)))
     return {"messages": [
         {"role": "system", "content": "You are a medical exam tutor. Answer with the letter, then one reason."},
@@ -61,12 +61,12 @@ def _exam_mcq(rng: random.Random) -> dict:
 
 
 def _patient_turn(rng: random.Random) -> tuple[str, str]:
-    age, symptom, disease, drug = rng.randint(18, 80), rng.choice(_SYMPTOMS), rng.choice(_DISEASES), rng.choice(_DRUGS)
+    age, symptom, disease, drug = rng.randint(18, 80), rng.choice(SYMPTOMS), rng.choice(DISEASES), rng.choice(DRUGS)
     question = (f"Hi doctor, I am {age} years old and I have had {symptom} for {rng.randint(2, 20)} days. "
                 f"I was told years ago that I have {disease}. Should I be worried?")
     answer = " ".join([f"Thanks for your question. {symptom.capitalize()} in someone with {disease} has several "
                        "possible causes, most of them treatable.",
-                       f"Please see your doctor for an examination; they may check for {rng.choice(_FINDINGS)}.",
+                       f"Please see your doctor for an examination; they may check for {rng.choice(FINDINGS)}.",
                        f"If you already take {drug}, do not stop it on your own.",
                        f"Meanwhile, {rng.choice(_ADVICE)} and {rng.choice(_ADVICE)}."][: rng.randint(2, 4)])
     return question, answer
@@ -75,7 +75,7 @@ def _patient_turn(rng: random.Random) -> tuple[str, str]:
 def _patient_chat(rng: random.Random) -> dict:
     turns = [_patient_turn(rng)]
     for _ in range(rng.choice([0, 0, 1, 2])):
-        turns.append((f"Thank you. What about {rng.choice(_DRUGS)}, is it safe for me?",
+        turns.append((f"Thank you. What about {rng.choice(DRUGS)}, is it safe for me?",
                       f"It can be, but it depends on your kidney function and other medicines; "
                       f"{rng.choice(_ADVICE)}."))
     return {"id": f"chat-{rng.randrange(10**8)}",
@@ -86,15 +86,15 @@ def _patient_chat(rng: random.Random) -> dict:
 def _clinical_task(rng: random.Random) -> dict:
     kind = rng.randrange(3)
     if kind == 0:
-        text = _biomedical(rng)
+        text = biomedical_abstract(rng)
         prompt = f"TASK: Summarise the abstract in one sentence.\n###\nINPUT: {text}\nOUTPUT:"
         answer = text.split("Conclusions: ")[-1] if "Conclusions: " in text else text.split(". ")[0] + "."
     elif kind == 1:
-        text = _clinical(rng)
+        text = clinical_note(rng)
         prompt = f"TASK: Write the impression for this clinical note.\n###\nINPUT: {text}\nOUTPUT:"
         answer = " ".join(line.split(": ", 1)[-1] for line in text.splitlines()[:3])
     else:
-        notes = [_clinical(rng) for _ in range(rng.randint(1, 3))]
+        notes = [clinical_note(rng) for _ in range(rng.randint(1, 3))]
         prompt = ("TASK: Write a discharge letter to the family doctor from these notes.\n###\nINPUT: " +
                   "\n\n".join(notes) + "\nOUTPUT:")
         answer = "Dear colleague,\n\n" + "\n\n".join(

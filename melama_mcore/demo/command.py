@@ -33,6 +33,13 @@ import sys
 import time
 from pathlib import Path
 
+from melama_mcore.config.job_config import load_config
+from melama_mcore.data.preprocess import preprocess
+from melama_mcore.data.sft.preprocess import preprocess_sft
+from melama_mcore.data.train_tokenizer import train_sentencepiece
+from melama_mcore.demo.corpus import write_demo_corpus
+from melama_mcore.demo.instructions import write_synthetic_instructions
+from melama_mcore.demo.mibe import run_demo_evaluation
 from melama_mcore.distributed.launch import free_local_port
 from melama_mcore.errors import UserError
 
@@ -52,10 +59,6 @@ def _say(step: int, message: str) -> None:
 
 def prepare_data(out: Path, docs_per_source: int, vocab_size: int) -> tuple[Path, list[dict]]:
     """Steps 1-3: corpus, tokenizer, indexed datasets. Returns the tokenizer path and the blend."""
-    from melama_mcore.commands.demo_corpus import write_demo_corpus
-    from melama_mcore.data.preprocess import preprocess
-    from melama_mcore.data.train_tokenizer import train_sentencepiece
-
     _say(1, f"writing the synthetic corpus ({docs_per_source} documents per domain) to {out / 'corpus'}")
     corpus = write_demo_corpus(out / "corpus", docs_per_source=docs_per_source, seed=0)
     _say(2, f"training a {vocab_size}-piece BPE sentencepiece tokenizer")
@@ -72,9 +75,6 @@ def prepare_data(out: Path, docs_per_source: int, vocab_size: int) -> tuple[Path
 
 def prepare_instructions(out: Path, tokenizer: Path, seq_length: int) -> list[dict]:
     """Step 6: the synthetic instruction set through preprocess-sft (Me-LLaMA's template). Returns the blend."""
-    from melama_mcore.data.sft.preprocess import preprocess_sft
-    from melama_mcore.data.sft.synthetic import write_synthetic_instructions
-
     _say(6, "writing a synthetic medical instruction set and tokenising it with the Me-LLaMA chat template")
     files = write_synthetic_instructions(out / "instructions", samples=600, seed=0)
     prefix = out / "data" / "instructions"
@@ -181,8 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from melama_mcore.config.job_config import load_config
-
     start = time.time()
     out = Path(args.output_dir).resolve()
     if out.exists() and any(out.iterdir()):
@@ -221,8 +219,6 @@ def main(argv: list[str] | None = None) -> int:
               "pip install 'melama-mcore[eval]'", flush=True)
     else:
         base, adapter, answer = export_and_answer(run_dir, chat_dir, out, log_path)
-        from melama_mcore.eval.demo import run_demo_evaluation
-
         _say(9, "a tiny MIBE evaluation of the chat model on lm-evaluation-harness")
         run_demo_evaluation(base, out, adapter=adapter)
     print(summarize(run_dir, chat_dir, out, answer, time.time() - start))
