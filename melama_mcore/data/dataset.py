@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from melama_mcore.data.blend import Blend, BlendSource, load_blend
+from melama_mcore.data.sft.indexed import MASK_SUFFIX, is_sft_prefix
 from melama_mcore.data.tokenizer import Tokenizer
-from melama_mcore.data.verify import range_tokens, verify_indexed_dataset
+from melama_mcore.data.verify import prefix_hint, range_tokens, verify_indexed_dataset
 from melama_mcore.errors import ConfigError, DataError
 
 _SPLIT = re.compile(r"\s*\d+(\.\d*)?\s*(,\s*\d+(\.\d*)?\s*){0,2}")
@@ -94,9 +95,12 @@ def _split_matrix(split, valid_samples: int) -> list:
 
 
 def _verified(source: BlendSource, prefix: str, vocab_size: int | None):
+    if prefix.endswith(MASK_SUFFIX) and is_sft_prefix(prefix[:-len(MASK_SUFFIX)]):
+        raise DataError(f"blend source {source.name!r}: {prefix} is the loss mask of the instruction data "
+                        f"{prefix[:-len(MASK_SUFFIX)]}, not tokens; list {prefix[:-len(MASK_SUFFIX)]} instead")
     if not (os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin")):
         raise DataError(f"blend source {source.name!r}: {prefix}.bin / .idx not found (a relative prefix is "
-                        f"relative to the working directory, {os.getcwd()})")
+                        f"relative to the working directory, {os.getcwd()}{prefix_hint(prefix)})")
     return verify_indexed_dataset(prefix, vocab_size)
 
 

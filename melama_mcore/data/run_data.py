@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from melama_mcore.config.job_config import JobConfig
 from melama_mcore.data.dataset import build_pretraining_datasets, check_pretraining_data
+from melama_mcore.data.provenance import check_data_tokenizer
 from melama_mcore.data.sft.dataset import build_sft_datasets
 from melama_mcore.data.sft.indexed import is_sft_blend
 
@@ -25,6 +26,7 @@ def check_run_data(cfg: JobConfig, blend, vocab_size: int) -> None:
     them). Instruction data is checked as its datasets are built."""
     if not is_sft_blend(blend):
         check_pretraining_data(blend, vocab_size=vocab_size, **dataset_args(cfg))
+    check_data_tokenizer(blend, cfg.data.tokenizer, allow_mismatch=cfg.data.allow_tokenizer_mismatch)
 
 
 def build_run_datasets(cfg: JobConfig, blend, tokenizer, data_parallel_size: int):

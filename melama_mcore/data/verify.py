@@ -9,6 +9,7 @@ offsets, document boundaries, `.bin` size against the index, and the token range
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import struct
@@ -116,7 +117,7 @@ def verify_indexed_dataset(prefix: str, vocab_size: int | None = None, *, full: 
     bin_path, idx_path = prefix + ".bin", prefix + ".idx"
     for path in (idx_path, bin_path):
         if not os.path.isfile(path):
-            raise DataError(f"{path}: not found (a dataset is a PREFIX.bin / PREFIX.idx pair)")
+            raise DataError(f"{path}: not found (a dataset is a PREFIX.bin / PREFIX.idx pair{prefix_hint(prefix)})")
     dtype, lengths, pointers, doc_index = _read_index(prefix)
     itemsize = np.dtype(dtype).itemsize
     if vocab_size is not None and vocab_size - 1 > np.iinfo(dtype).max:
@@ -138,6 +139,18 @@ def verify_indexed_dataset(prefix: str, vocab_size: int | None = None, *, full: 
                           largest if largest >= 0 else None, "full" if full else "sample")
 
 
+def prefix_hint(prefix: str) -> str:
+    """'; did you mean ...' when `prefix` is a preprocess --output-prefix whose dataset prefixes exist
+    (the commands append _{key}_document / _sft_document to it) or a folder holding datasets, else ''."""
+    pattern = os.path.join(glob.escape(prefix), "*.idx") if os.path.isdir(prefix) else \
+        glob.escape(prefix) + "_*_document.idx"
+    found = sorted(path[:-4] for path in glob.glob(pattern) if not path.endswith("_loss_mask.idx"))
+    if os.path.isdir(prefix):
+        return f"; {prefix} is a folder" + (f" holding {', '.join(found[:3])}" if found else "")
+    return (f"; did you mean {' or '.join(found[:3])}? preprocess adds _KEY_document to its --output-prefix"
+            if found else "")
+
+
 def range_tokens(prefix: str, begin: int, end: int) -> int:
     """Tokens in sequences [begin, end) of a verified pair: megatron splits a dataset by sequence."""
     _, lengths, _, _ = _read_index(os.fspath(prefix))
@@ -154,16 +167,33 @@ def build_parser() -> argparse.ArgumentParser:
                     "the mismatch when unusable, or when a pair holds no document (nothing to train on).")
     parser.add_argument("prefix", nargs="+", help="dataset prefix(es), PREFIX for PREFIX.bin / PREFIX.idx")
     parser.add_argument("--vocab-size", type=int, default=None, help="fail if a token id is >= this")
+    parser.add_argument("--tokenizer-model", default=None,
+                        help="the tokenizer to train with: fail if the data records another vocabulary, or a token id "
+                             "is outside it (implies its --vocab-size)")
     parser.add_argument("--full", action="store_true", help="scan every token (reads the whole .bin)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # imported here: these modules import this one
+    from melama_mcore.data.provenance import check_prefixes_tokenizer
+    from melama_mcore.data.sft.indexed import is_sft_prefix, verify_sft_prefix
+    from melama_mcore.data.tokenizer import load_tokenizer
+
     args = build_parser().parse_args(argv)
+    tok = load_tokenizer(args.tokenizer_model) if args.tokenizer_model else None
+    vocab_size = tok.vocab_size if tok is not None else args.vocab_size
     for prefix in args.prefix:
-        summary = verify_indexed_dataset(prefix, args.vocab_size, full=args.full)
+        summary = verify_indexed_dataset(prefix, vocab_size, full=args.full)
+        instruction = is_sft_prefix(summary.prefix)
+        if instruction:  # its loss-mask pair and marker too
+            verify_sft_prefix(summary.prefix, vocab_size)
+        if tok is not None:
+            check_prefixes_tokenizer([summary.prefix], tok, tokenizer_key="--tokenizer-model", override=None)
         if summary.documents == 0:
+            writer = "`melama preprocess-sft` found no usable conversation" if instruction else \
+                "`melama preprocess` found no text"
             raise DataError(f"{summary.prefix}: empty dataset (0 documents, 0 tokens): nothing to train on; "
-                            "`melama preprocess` found no text in its input")
+                            f"{writer} in its input")
         print(json.dumps(asdict(summary)))
     return 0
