@@ -110,12 +110,12 @@ def main() -> None:
     if args.long_document:
         model = args.tokenizer_model or str(train_sentencepiece(
             [str(p) for p in write_demo_corpus(work / "tok_corpus", docs_per_source=2000).values()],
-            str(work / "spm"), vocab_size=2000))
+            str(work / "spm"), vocab_size=2000, overwrite=True))
         long_document(work, model, args.long_document)
         return
     inputs = list(write_demo_corpus(work / "corpus", docs_per_source=args.docs_per_source).values())
     model = args.tokenizer_model or str(train_sentencepiece([str(p) for p in inputs], str(work / "spm"),
-                                                            vocab_size=2000))
+                                                            vocab_size=2000, overwrite=True))
     mb = sum(p.stat().st_size for p in inputs) / 1e6
     tokens, seconds = ceiling(model, inputs, args.workers)
     ceiling_rate = tokens / seconds
@@ -131,7 +131,7 @@ def main() -> None:
     for label, files in (("1x", [str(p) for p in inputs]), (f"{args.scale}x", [str(scaled)])):
         cmd = [sys.executable, "-m", "melama_mcore.cli", "preprocess", "--input", *files, "--output-prefix",
                str(work / f"out_{label}"), "--tokenizer-model", model, "--workers", str(args.workers),
-               "--no-progress"]
+               "--no-progress", "--overwrite"]
         seconds, peak, out = run_with_peak_rss(cmd)
         written = int(next(l for l in out.splitlines() if l.startswith("tokens:")).split()[1].replace(",", ""))
         inner = float(next(l for l in out.splitlines() if l.startswith("time:")).split()[1])
