@@ -592,3 +592,13 @@ def test_inputs_pointing_at_the_wrong_thing_say_what_to_pass(tmp_path, spm_model
         assert melama(args) == 2, args
         _only_error(capsys.readouterr().err, message)
     assert not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("command", ["preprocess", "preprocess-sft"])
+def test_a_failed_run_removes_the_folders_it_created(command, tmp_path, spm_model, capsys):
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps(_RECORD) + "\n{broken\n")
+    assert melama([command, "--input", str(path), "--output-prefix", str(tmp_path / "new" / "deeper" / "out"),
+                   "--tokenizer-model", spm_model, "--no-progress", "--workers", "1"]) == 2
+    _only_error(capsys.readouterr().err, f"{path}:2: malformed JSON")
+    assert not (tmp_path / "new").exists()
