@@ -7,8 +7,11 @@ preprocess: `melama preprocess` end to end (read JSONL, parse, tokenise in worke
             in a subprocess whose process tree's RSS is sampled for the peak.
 Run on the corpus at 1x and at `--scale`x size to show that peak memory does not grow with input.
 `--megatron-lm PATH` also times PATH/tools/preprocess_data.py on the same input (optional).
+`--long-document MB` instead compares one document of MB megabytes with the same text cut into
+10 KB documents (one worker each): tokens/s and peak RSS, and their ratios.
 
     python benchmarks/preprocess.py --docs-per-source 20000 --workers 2
+    python benchmarks/preprocess.py --long-document 80 --tokenizer-model HF_FOLDER_OR_MODEL
 """
 
 from __future__ import annotations
@@ -60,6 +63,37 @@ def ceiling(model: str, inputs: list[Path], workers: int) -> tuple[int, float]:
     return sum(map(len, ids)) + len(ids), seconds  # + BOS per document, as preprocess writes
 
 
+def _preprocess_run(work: Path, src: Path, model: str, workers: int, extra=()) -> tuple[int, float, int]:
+    """(tokens written, seconds by preprocess's own timer, peak RSS of the process tree)."""
+    cmd = [sys.executable, "-m", "melama_mcore.cli", "preprocess", "--input", str(src), "--output-prefix",
+           str(work / f"out_{src.stem}"), "--tokenizer-model", model, "--workers", str(workers), "--no-progress",
+           "--overwrite", *extra]
+    _, peak, out = run_with_peak_rss(cmd)
+    written = int(next(l for l in out.splitlines() if l.startswith("tokens:")).split()[1].replace(",", ""))
+    inner = float(next(l for l in out.splitlines() if l.startswith("time:")).split()[1])
+    return written, inner, peak
+
+
+def long_document(work: Path, model: str, megabytes: float) -> None:
+    """One document of `megabytes` MB against the same text as 10 KB documents, one worker each."""
+    texts = [json.loads(line)["text"] for p in write_demo_corpus(work / "corpus", docs_per_source=2000).values()
+             for line in open(p, encoding="utf-8")]
+    unit = " ".join(texts)
+    size = int(megabytes * 1e6)
+    text = (unit * (size // len(unit) + 1))[:size]
+    one, many = work / "one.jsonl", work / "many.jsonl"
+    one.write_text(json.dumps({"text": text}) + "\n")
+    many.write_text("".join(json.dumps({"text": text[i:i + 10_000]}) + "\n" for i in range(0, size, 10_000)))
+    results = {}
+    for label, src in (("one document", one), ("10 KB documents", many)):
+        tokens, seconds, peak = _preprocess_run(work, src, model, 1, ["--max-document-bytes", str(2 * size)])
+        results[label] = (tokens / seconds, peak)
+        print(f"{label}: {tokens:,} tokens, {tokens / seconds:,.0f} tokens/s, peak RSS {peak / 2**20:,.0f} MiB")
+    (rate, peak), (base_rate, base_peak) = results["one document"], results["10 KB documents"]
+    print(f"one document / 10 KB documents: {rate / base_rate:.2f}x the rate; {(peak - base_peak) / 2**20:,.0f} MiB "
+          f"more memory ({(peak - base_peak) / size:.1f}x the document's size)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs-per-source", type=int, default=20000)
@@ -68,12 +102,20 @@ def main() -> None:
     parser.add_argument("--tokenizer-model", default=None, help="default: train a 2,000-token model (the templated corpus supports no more)")
     parser.add_argument("--megatron-lm", default=None, help="a Megatron-LM checkout to time as well")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--long-document", type=float, default=None, metavar="MB",
+                        help="compare one document of MB megabytes with the same text as 10 KB documents")
     args = parser.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="melama-bench-"))
+    if args.long_document:
+        model = args.tokenizer_model or str(train_sentencepiece(
+            [str(p) for p in write_demo_corpus(work / "tok_corpus", docs_per_source=2000).values()],
+            str(work / "spm"), vocab_size=2000, overwrite=True))
+        long_document(work, model, args.long_document)
+        return
     inputs = list(write_demo_corpus(work / "corpus", docs_per_source=args.docs_per_source).values())
     model = args.tokenizer_model or str(train_sentencepiece([str(p) for p in inputs], str(work / "spm"),
-                                                            vocab_size=2000))
+                                                            vocab_size=2000, overwrite=True))
     mb = sum(p.stat().st_size for p in inputs) / 1e6
     tokens, seconds = ceiling(model, inputs, args.workers)
     ceiling_rate = tokens / seconds
@@ -89,7 +131,7 @@ def main() -> None:
     for label, files in (("1x", [str(p) for p in inputs]), (f"{args.scale}x", [str(scaled)])):
         cmd = [sys.executable, "-m", "melama_mcore.cli", "preprocess", "--input", *files, "--output-prefix",
                str(work / f"out_{label}"), "--tokenizer-model", model, "--workers", str(args.workers),
-               "--no-progress"]
+               "--no-progress", "--overwrite"]
         seconds, peak, out = run_with_peak_rss(cmd)
         written = int(next(l for l in out.splitlines() if l.startswith("tokens:")).split()[1].replace(",", ""))
         inner = float(next(l for l in out.splitlines() if l.startswith("time:")).split()[1])

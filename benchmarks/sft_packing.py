@@ -77,12 +77,12 @@ def measured(samples: int, seq_length: int, workers: int, work: Path) -> dict:
     from melama_mcore.data.train_tokenizer import train_sentencepiece
 
     corpus = write_demo_corpus(work / "corpus", docs_per_source=2000)
-    model = train_sentencepiece([str(p) for p in corpus.values()], str(work / "spm"), vocab_size=2000)
+    model = train_sentencepiece([str(p) for p in corpus.values()], str(work / "spm"), vocab_size=2000, overwrite=True)
     sources = write_synthetic_instructions(work / "sft", samples=samples)
     positions, summaries = {}, {}
     for name, path in sources.items():
         summary = preprocess_sft([str(path)], str(work / name), str(model), seq_length=seq_length, workers=workers,
-                                 progress=False)
+                                 progress=False, overwrite=True)
         summaries[name] = {"samples": summary.samples, "dropped_too_long": summary.too_long,
                            "samples_per_s": summary.samples / summary.seconds}
         positions[name] = SFTIndexedData(summary.prefix).lengths - 1

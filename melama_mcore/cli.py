@@ -21,7 +21,7 @@ SUBCOMMANDS = {
     "preprocess": ("melama_mcore.data.preprocess", "tokenise JSONL/text into Megatron .bin/.idx"),
     "preprocess-sft": ("melama_mcore.data.sft.preprocess", "tokenise instruction JSONL into token ids + loss masks"),
     "train-tokenizer": ("melama_mcore.data.train_tokenizer", "train a LLaMA-style sentencepiece model"),
-    "verify-data": ("melama_mcore.data.verify", "check a .bin/.idx pair (sizes, offsets, token range)"),
+    "verify-data": ("melama_mcore.commands.verify_data", "check a .bin/.idx pair (sizes, offsets, token range)"),
     "blend-report": ("melama_mcore.commands.blend_report", "per-source token shares and epochs for a blend"),
     "convert": ("melama_mcore.commands.convert", "Hugging Face <-> megatron checkpoints, LoRA adapters to PEFT"),
     "plan": ("melama_mcore.commands.plan", "parallel layouts that fit, with predicted memory and MFU"),

@@ -30,6 +30,13 @@ def spm_model(corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def other_spm_model(corpus, tmp_path_factory):
+    """A tokenizer of spm_model's size (400 pieces) trained on one source only: another vocabulary."""
+    prefix = tmp_path_factory.mktemp("other_tokenizer") / "spm"
+    return str(train_sentencepiece([str(corpus["clinical"])], str(prefix), vocab_size=VOCAB_SIZE))
+
+
+@pytest.fixture(scope="session")
 def sp(spm_model):
     """The reference: sentencepiece itself, not our wrapper."""
     import sentencepiece

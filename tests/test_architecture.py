@@ -14,7 +14,7 @@ PACKAGE = ROOT / "melama_mcore"
 # Lowest first. A room is a file or a folder of melama_mcore; a file may import from its own layer
 # and the layers below it.
 LAYERS = [
-    ("foundation", ["__init__.py", "errors.py", "logs.py", "kernels"]),
+    ("foundation", ["__init__.py", "errors.py", "logs.py", "output_paths.py", "kernels"]),
     ("config", ["config"]),
     ("infrastructure", ["distributed", "data", "components", "cli.py"]),
     ("models", ["models"]),

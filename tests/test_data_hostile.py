@@ -4,10 +4,13 @@ output pair that looks valid after a failed or killed run."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,6 +98,9 @@ class _WideTokenizer:
 
     def encode_batch(self, texts):
         return [[i + self._shift for i in ids] for ids in self._tok.encode_batch(texts)]
+
+    def record(self):
+        return {**self._tok.record(), "vocab_size": self.vocab_size}
 
 
 def test_vocabulary_too_large_for_dtype(tmp_path, corpus, spm_model, monkeypatch, capsys):
@@ -303,30 +309,41 @@ def test_directory_as_input_is_named_a_directory(tmp_path, spm_model, capsys):
     assert "not found" not in line
 
 
-@pytest.mark.parametrize("case", ["file_as_folder", "file_deeper", "bin_is_a_folder", "unwritable"])
-def test_output_prefix_that_cannot_be_written(case, tmp_path, spm_model, capsys):
-    # Issue 14.3: a one-line error before any work, exit 2, nothing left behind.
-    path = _write_input(tmp_path, _good(4))
+@pytest.mark.parametrize("command", ["preprocess", "preprocess-sft"])
+@pytest.mark.parametrize("case", ["file_as_folder", "file_deeper", "output_is_a_folder", "unwritable", "under_proc",
+                                  "a_folder"])
+def test_output_prefix_that_cannot_be_written(command, case, tmp_path, spm_model, monkeypatch, capsys):
+    # Issues 14.3 and 19.1: a one-line error before any work, exit 2, nothing left behind.
+    monkeypatch.setattr(preprocess_module, "run_pipeline", lambda *a, **k: pytest.fail("work started"))
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"text": "x", "conversations": [{"from": "human", "value": "q"},
+                                                               {"from": "gpt", "value": "a"}]}) + "\n")
     (tmp_path / "afile").write_text("not a folder")
+    kind = "text" if command == "preprocess" else "sft"
     if case == "file_as_folder":
         prefix, message = tmp_path / "afile" / "out", "afile is a file, not a folder"
     elif case == "file_deeper":
         prefix, message = tmp_path / "afile" / "sub" / "out", "afile is a file, not a folder"
-    elif case == "bin_is_a_folder":
-        (tmp_path / "o_text_document.bin").mkdir()
-        prefix, message = tmp_path / "o", "o_text_document.bin is a folder"
-    else:
+    elif case == "output_is_a_folder":
+        (tmp_path / f"o_{kind}_document.idx").mkdir()
+        prefix, message = tmp_path / "o", f"o_{kind}_document.idx is a folder"
+    elif case == "unwritable":
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         if os.access(locked, os.W_OK):  # root ignores permissions: use a read-only kernel folder instead
             locked = Path("/proc/self/fdinfo")
-        prefix, message = locked / "out", "cannot write there"
-    rc = melama(["preprocess", "--input", str(path), "--output-prefix", str(prefix), "--tokenizer-model",
-                 spm_model, "--no-progress"])
+        prefix, message = locked / "new" / "out", "cannot create the folder"
+    elif case == "under_proc":
+        prefix, message = Path("/proc/out"), "cannot write in /proc"
+    else:
+        prefix, message = f"{tmp_path}{os.sep}", "not a folder"
+    before = sorted(tmp_path.rglob("*"))
+    rc = melama([command, "--input", str(path), "--output-prefix", str(prefix), "--tokenizer-model", spm_model,
+                 "--no-progress"])
     out, err = capsys.readouterr()
     assert rc == 2 and out == ""
     _only_error(err, f"--output-prefix {prefix}", message)
-    assert [p for p in tmp_path.rglob("*_document.*") if p.is_file()] == []
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_missing_output_folders_are_created(tmp_path, spm_model):
@@ -418,3 +435,170 @@ def test_sigterm_to_a_worker_ends_the_run_with_one_line(tmp_path, corpus, spm_mo
     _only_error(err.decode(), "a tokeniser worker process died", "nothing was written")
     assert _gone(workers, timeout=5)
     assert _leftovers(tmp_path) == []
+
+
+# ----- issue 19: existing outputs, inputs listed twice, the worker pool's error exits, verify-data -----
+
+_RECORD = {"text": "a note", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+
+
+@pytest.mark.parametrize("command", ["preprocess", "preprocess-sft"])
+def test_existing_outputs_are_kept_unless_overwrite(command, tmp_path, spm_model, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(_RECORD) + "\n")
+    args = [command, "--input", str(src), "--output-prefix", str(tmp_path / "out"), "--tokenizer-model", spm_model,
+            "--no-progress", "--workers", "1"]
+    assert melama(args) == 0
+    capsys.readouterr()
+    first = {p.name: p.read_bytes() for p in tmp_path.glob("out*")}
+    src.write_text(json.dumps(_RECORD) + "\n" + json.dumps(_RECORD) + "\n")
+    assert melama(args) == 2
+    _only_error(capsys.readouterr().err, f"--output-prefix {tmp_path / 'out'}", "already exists", "--overwrite")
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("out*")} == first
+    assert melama(args + ["--overwrite"]) == 0
+    second = {p.name: p.read_bytes() for p in tmp_path.glob("out*")}
+    assert second.keys() == first.keys() and second != first
+
+
+def test_train_tokenizer_keeps_an_existing_model_unless_overwrite(tmp_path, corpus, spm_model, capsys):
+    for ext in (".model", ".vocab"):
+        shutil.copyfile(spm_model[:-len(".model")] + ext, tmp_path / f"t{ext}")
+    before = (tmp_path / "t.model").read_bytes()
+    args = ["train-tokenizer", "--input", str(corpus["clinical"]), "--model-prefix", str(tmp_path / "t"),
+            "--vocab-size", "300"]
+    assert melama(args) == 2
+    _only_error(capsys.readouterr().err, f"--model-prefix {tmp_path / 't'}: {tmp_path / 't.model'} already exists",
+                "--overwrite")
+    assert (tmp_path / "t.model").read_bytes() == before
+    assert melama(["train-tokenizer", "--input", str(corpus["clinical"]), "--model-prefix", "/proc/t/spm"]) == 2
+    _only_error(capsys.readouterr().err, "--model-prefix /proc/t/spm: cannot create the folder /proc/t")
+
+
+@pytest.mark.parametrize("how", ["named_twice", "glob_and_name", "link"])
+@pytest.mark.parametrize("command", ["preprocess", "preprocess-sft"])
+def test_an_input_read_twice_is_refused(command, how, tmp_path, spm_model, capsys):
+    src = tmp_path / "in" / "a.jsonl"
+    src.parent.mkdir()
+    src.write_text(json.dumps(_RECORD) + "\n")
+    if how == "named_twice":
+        inputs, message = [str(src), str(src)], f"{src} is listed twice"
+    elif how == "glob_and_name":
+        inputs, message = [str(tmp_path / "in" / "*.jsonl"), str(src)], f"{src} is listed twice"
+    else:
+        (tmp_path / "b.jsonl").symlink_to(src)
+        inputs, message = [str(src), str(tmp_path / "b.jsonl")], f"{tmp_path / 'b.jsonl'} and {src} are the same file"
+    assert melama([command, "--input", *inputs, "--output-prefix", str(tmp_path / "out"), "--tokenizer-model",
+                   spm_model, "--no-progress"]) == 2
+    _only_error(capsys.readouterr().err, message, "list each file once")
+    assert _leftovers(tmp_path) == []
+
+
+def test_instruction_records_given_to_preprocess_name_preprocess_sft(tmp_path, spm_model, capsys):
+    src = tmp_path / "chat.jsonl"
+    src.write_text(json.dumps({"messages": [{"role": "user", "content": SECRET}]}) + "\n")
+    assert _run(src, tmp_path, spm_model) == 2
+    _only_error(capsys.readouterr().err, f"{src}:1: missing key 'text' (an instruction record: use melama "
+                                         "preprocess-sft)")
+
+
+def _failing_input(tmp_path, command) -> Path:
+    """Records enough for several batches in flight on 2 workers, then a bad one."""
+    if command == "preprocess":
+        good, bad = (json.dumps({"text": f"note {i} " * 20}) for i in range(1500)), '{"text": 3}'
+    else:
+        good = (json.dumps({"instruction": f"q {i} " * 10, "output": f"a {i}"}) for i in range(1500))
+        bad = '{"conversations": 3}'
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join([*good, bad]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("command", ["preprocess", "preprocess-sft"])
+def test_error_exits_leave_no_pool_behind(command, tmp_path, spm_model, capsys):
+    # Issue 19.5: the pool used to be shut down without waiting; its thread, still closing its pipes when
+    # the interpreter exited, raced concurrent.futures' exit hook: "Exception ignored in: <module
+    # 'threading'> ... Bad file descriptor", 1 run in 10-25. Every error exit now returns with the pool's
+    # threads ended and its workers gone, so nothing is left to race (checked 10 times: the old code
+    # failed this every time), and a real process ends with the one error line.
+    path = _failing_input(tmp_path, command)
+    args = [command, "--input", str(path), "--output-prefix", str(tmp_path / "out"), "--tokenizer-model", spm_model,
+            "--no-progress", "--workers", "2"]
+    threads = set(threading.enumerate())
+    for _ in range(10):
+        assert melama(args) == 2
+        assert set(threading.enumerate()) <= threads and multiprocessing.active_children() == []
+    _only_error(capsys.readouterr().err.splitlines()[-1], f"{path}:1501: ")
+    proc = subprocess.run([sys.executable, "-m", "melama_mcore.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    _only_error(proc.stderr, f"{path}:1501: ")
+    assert _leftovers(tmp_path) == []
+
+
+def test_verify_data_names_what_was_meant(tmp_path, corpus, spm_model, other_spm_model, capsys):
+    preprocess_module.preprocess([str(corpus["general"])], str(tmp_path / "pubmed"), spm_model, progress=False)
+    assert melama(["verify-data", str(tmp_path / "pubmed")]) == 2  # the --output-prefix, not the dataset prefix
+    _only_error(capsys.readouterr().err, f"did you mean {tmp_path / 'pubmed_text_document'}?")
+    prefix = str(tmp_path / "pubmed_text_document")
+    assert melama(["verify-data", prefix, "--tokenizer-model", spm_model]) == 0
+    capsys.readouterr()
+    assert melama(["verify-data", prefix, "--tokenizer-model", other_spm_model]) == 2
+    _only_error(capsys.readouterr().err, f"tokenised with {spm_model} (400 tokens), but --tokenizer-model is "
+                                         f"{other_spm_model} (400 tokens, another vocabulary)")
+
+
+def test_verify_data_checks_both_pairs_of_instruction_data(tmp_path, spm_model, capsys):
+    from melama_mcore.data.sft.preprocess import preprocess_sft
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(_RECORD) + "\n")
+    prefix = preprocess_sft([str(src)], str(tmp_path / "chat"), spm_model, progress=False).prefix
+    assert melama(["verify-data", prefix]) == 0
+    capsys.readouterr()
+    os.remove(f"{prefix}_loss_mask.idx")
+    assert melama(["verify-data", prefix]) == 2
+    _only_error(capsys.readouterr().err, f"{prefix}_loss_mask.idx: not found")
+
+
+def test_inputs_pointing_at_the_wrong_thing_say_what_to_pass(tmp_path, spm_model, hf_tokenizer_dir, capsys):
+    # Issue 19's audit: each is one line naming what was given and what to give instead.
+    import yaml
+
+    from melama_mcore.data.sft.preprocess import preprocess_sft
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(_RECORD) + "\n")
+    tokenizer_json = tmp_path / "hf" / "tokenizer.json"
+    tokenizer_json.parent.mkdir()
+    tokenizer_json.write_text("{}")
+    chat = preprocess_sft([str(src)], str(tmp_path / "chat"), spm_model, progress=False).prefix
+    mask_blend = tmp_path / "mask.yaml"
+    mask_blend.write_text(yaml.safe_dump([{"name": "chat", "weight": 1, "train": f"{chat}_loss_mask"}]))
+    out = ["--output-prefix", str(tmp_path / "out"), "--no-progress"]
+    cases = [
+        (["preprocess", "--input", str(src), "--tokenizer-model", str(tokenizer_json), *out],
+         f"{tokenizer_json}: a file of a Hugging Face tokenizer folder; pass the folder, {tokenizer_json.parent}"),
+        (["preprocess", "--input", str(src), "--tokenizer-model", str(src), *out],
+         "not a usable sentencepiece model"),
+        (["preprocess", "--input", str(src), "--tokenizer-model", spm_model, "--json-keys", "text", "text", *out],
+         "--json-keys text text: a key is listed twice"),
+        (["preprocess-sft", "--input", str(src), "--tokenizer-model", spm_model, "--chat-template", hf_tokenizer_dir,
+          *out], "a folder; pass a Jinja file, or --chat-template hf"),
+        (["verify-data", str(tmp_path)], f"{tmp_path} is a folder holding {chat}"),
+        (["blend-report", str(mask_blend), "--samples", "4", "--seq-length", "8"],
+         f"{chat}_loss_mask is the loss mask of the instruction data {chat}, not tokens; list {chat} instead"),
+    ]
+    for args, message in cases:
+        assert melama(args) == 2, args
+        _only_error(capsys.readouterr().err, message)
+    assert not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("command", ["preprocess", "preprocess-sft"])
+def test_a_failed_run_removes_the_folders_it_created(command, tmp_path, spm_model, capsys):
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps(_RECORD) + "\n{broken\n")
+    assert melama([command, "--input", str(path), "--output-prefix", str(tmp_path / "new" / "deeper" / "out"),
+                   "--tokenizer-model", spm_model, "--no-progress", "--workers", "1"]) == 2
+    _only_error(capsys.readouterr().err, f"{path}:2: malformed JSON")
+    assert not (tmp_path / "new").exists()

@@ -47,6 +47,38 @@ def test_pieces_give_the_ids_of_the_whole_text(corpus, spm_model, sp, monkeypatc
     assert ids == sp.encode(text)  # the reference: sentencepiece on the whole text
 
 
+_SPACE = "\u2581"
+HF_VARIANTS = {  # tokenizer.json changes -> whether a long text may be cut
+    "metaspace": ({}, True),  # what transformers writes for LLaMA's tokenizer.model today
+    "legacy_normaliser": ({"normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": _SPACE}, {"type": "Replace", "pattern": {"String": " "}, "content": _SPACE}]},
+        "pre_tokenizer": None}, True),  # older LLaMA tokenizer.json files
+    "whitespace_split": ({"pre_tokenizer": {"type": "WhitespaceSplit"}}, False),  # spaces not kept as U+2581
+    "byte_level": ({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                      "use_regex": True}}, False),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(HF_VARIANTS))
+def test_hugging_face_folders_are_cut_only_when_safe(variant, corpus, hf_tokenizer_dir, tmp_path, monkeypatch):
+    # Issue 19: a Hugging Face folder encoded an 80 MB document whole (3.8 GB, a quarter of the usual
+    # rate). The reference: the same tokenizer.json, through transformers, on the whole text.
+    from transformers import AutoTokenizer
+
+    changes, cuts = HF_VARIANTS[variant]
+    spec = json.loads(AutoTokenizer.from_pretrained(hf_tokenizer_dir, local_files_only=True)
+                      .backend_tokenizer.to_str())
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**spec, **changes}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    reference = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    monkeypatch.setattr(tokenizer_module, "LONG_TEXT_CHARS", 997)
+    text = _long_text(corpus, 60_000)
+    ids, pieces = _ids(load_tokenizer(str(tmp_path)), text)
+    assert (pieces > 1) == cuts
+    assert ids == reference(text, add_special_tokens=False)["input_ids"]
+
+
 def _train(corpus, tmp_path, name, **settings):
     import sentencepiece
 
@@ -76,8 +108,8 @@ def test_models_whose_ids_a_cut_could_change_are_cut_only_when_safe(name, settin
 
 
 def test_one_long_document_through_the_cli(tmp_path, corpus, spm_model, sp, capsys):
-    # The real piece size (1 Mi characters): a 1.5 M-character document between two ordinary ones.
-    long_text = SECRET + " " + _long_text(corpus, 1_500_000)
+    # The real piece size (16 Ki characters): a 300 K-character document between two ordinary ones.
+    long_text = SECRET + " " + _long_text(corpus, 300_000)
     texts = [f"{SECRET} first", long_text, f"{SECRET} last"]
     src = tmp_path / "one.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -101,9 +133,10 @@ def _peak_rss_mib(tmp_path, src, spm_model) -> float:
 
 @pytest.mark.slow
 def test_memory_no_longer_grows_50x_with_one_document(tmp_path, corpus, spm_model):
-    # ASCII text (1 byte per character in a Python str). Measured on this code: one piece's
-    # sentencepiece memory (~50 MiB for 1 Mi characters) + ~6-8x the document's size, above the
-    # process's own ~40 MiB (8 MB: +117 MiB); before the pieces ~50x (8 MB: +396 MiB; 200 MB: 10.4 GB).
+    # ASCII text (1 byte per character in a Python str). Measured: the tokenizer's memory for one call
+    # (a few MiB for 16 pieces of 16 Ki characters; ~50 MiB with the earlier 1 Mi pieces) + ~6-8x the
+    # document's size, above the process's own ~40 MiB (8 MB: +117 MiB with 1 Mi pieces); before the
+    # pieces ~50x (8 MB: +396 MiB; 200 MB: 10.4 GB).
     size = 8_000_000
     ascii_text = " ".join(read_texts(corpus["clinical"]) + read_texts(corpus["general"]))
     big, small = tmp_path / "big.jsonl", tmp_path / "small.jsonl"

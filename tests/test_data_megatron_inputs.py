@@ -16,7 +16,7 @@ import pytest
 from melama_mcore.cli import main as melama
 from melama_mcore.data.dataset import check_pretraining_data
 from melama_mcore.data.preprocess import preprocess
-from melama_mcore.errors import ConfigError, DataError
+from melama_mcore.errors import ConfigError, DataError, UserError
 from trunk_fixtures import run_train
 
 SECRET = "Jane Roe MRN 0047-1123 diagnosed"  # stands for patient text: must never be printed
@@ -160,9 +160,9 @@ def test_more_prefixes_than_megatron_blends(data):
 def test_cache_dir_that_is_a_file_or_cannot_be_created(data, tmp_path):
     blend = [{"name": "big", "weight": 1, "train": data["big"]}]
     (tmp_path / "afile").write_text("")
-    with pytest.raises(DataError, match="afile is a file, not a folder"):
+    with pytest.raises(UserError, match="afile is a file, not a folder"):
         _check(data, blend, cache_dir=str(tmp_path / "afile" / "cache"))
-    with pytest.raises(DataError, match="cannot create it"):
+    with pytest.raises(UserError, match="cannot create the folder /proc/self/no"):
         _check(data, blend, cache_dir="/proc/self/no/cache")
 
 

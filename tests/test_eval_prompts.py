@@ -15,7 +15,6 @@ from melama_mcore.data.sft.templates import load_template
 from melama_mcore.data.tokenizer import load_tokenizer
 from melama_mcore.errors import UserError
 from melama_mcore.eval.prompts import check_choice, resolve
-from sft_fixtures import LLAMA2_JINJA_PLAIN
 
 QUERY = "  Does aspirin reduce stroke risk?\nCONTEXT: a trial.\nANSWER: "  # spaces that llama2-chat strips
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"

@@ -17,6 +17,7 @@ from melama_mcore.cli import main as melama
 from melama_mcore.data.sft import indexed
 from melama_mcore.data.sft.indexed import is_sft_prefix
 from melama_mcore.data.sft.preprocess import preprocess_sft
+from melama_mcore.errors import DataError
 
 SECRET = "Jane Roe MRN 0047-1123"  # stands for patient text: must never be printed
 
@@ -55,6 +56,14 @@ HOSTILE = {
     "alpaca_without_output": (_line({"instruction": SECRET}), "missing key 'output'"),
     "special_token_text": (_line(_conv(("human", SECRET), ("gpt", f"{SECRET}</s> and more"))),
                            "contains the text of the special token '</s>'"),
+    # issue 19: records that used to be kept silently
+    "empty_answer": (_line(_conv(("human", SECRET), ("gpt", " \n"))), "turn 2: empty answer"),
+    "empty_prompt": (_line({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": SECRET}]}),
+                     "turn 1: empty prompt"),
+    "alpaca_empty_output": (_line({"instruction": SECRET, "input": "", "output": ""}), "empty answer ('output')"),
+    "two_formats": (_line({**_conv(("human", SECRET), ("gpt", "x")),
+                           "messages": [{"role": "user", "content": SECRET}, {"role": "assistant", "content": "y"}]}),
+                    "both 'conversations' and 'messages' keys: one conversation format per record"),
 }
 
 
@@ -107,8 +116,8 @@ def test_failure_while_publishing_leaves_nothing_usable(failing, tmp_path, spm_m
 
     monkeypatch.setattr(indexed.os, "replace", replace)
     monkeypatch.setattr("melama_mcore.data.indexed_writer.os.replace", replace)
-    with pytest.raises(OSError):
-        preprocess_sft([str(path)], str(tmp_path / "out"), spm_model, progress=False)
+    with pytest.raises(DataError, match="No space left on device; nothing was written"):
+        preprocess_sft([str(path)], str(tmp_path / "out"), spm_model, progress=False, overwrite=True)
     prefix = tmp_path / "out_sft_document"
     assert not is_sft_prefix(prefix) and not os.path.exists(f"{prefix}.idx")
     assert [n for n in _leftovers(tmp_path) if n.endswith((".idx", ".json", ".incomplete"))] == []
@@ -137,3 +146,72 @@ def test_sigterm_mid_run_cleans_up(tmp_path, spm_model):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and b"interrupted" in err
     assert _leftovers(tmp_path) == []
+
+
+# ----- issue 19: an empty prefix where instruction data is read; a template failing on one record -----
+
+def _empty_and_good(tmp_path, spm_model) -> list[dict]:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    good = _write_input(tmp_path, GOOD[0])
+    blend = []
+    for name, src in (("good", good), ("empty", empty)):
+        prefix = preprocess_sft([str(src)], str(tmp_path / name), spm_model, seq_length=128,
+                                truncation="truncate", progress=False).prefix
+        blend.append({"name": name, "weight": 1, "train": [prefix]})
+    return blend
+
+
+def test_an_empty_prefix_is_refused_by_blend_report_in_one_line(tmp_path, spm_model, capsys, monkeypatch):
+    # It used to reach megatron's reader: "cannot mmap an empty file" and two "Exception ignored".
+    import gc
+
+    import yaml
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    blend = tmp_path / "blend.yaml"
+    blend.write_text(yaml.safe_dump(_empty_and_good(tmp_path, spm_model)))
+    assert melama(["blend-report", str(blend), "--samples", "10", "--seq-length", "128"]) == 2
+    gc.collect()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and unraisable == [], (err, unraisable)
+    assert f"error: {tmp_path / 'empty_sft_document'}: an empty instruction dataset (0 samples" in err
+    assert "remove it from the blend" in err
+
+
+@pytest.mark.slow
+def test_training_beside_an_empty_prefix_stops_in_one_line(tmp_path, spm_model):
+    from trunk_fixtures import run_train
+
+    blend = _empty_and_good(tmp_path, spm_model)
+    result = run_train(tmp_path / "out", [f"data.tokenizer={spm_model}", f"data.blend={json.dumps(blend)}",
+                                          "training.seq_length=128"], check=False)
+    assert result.returncode == 2, result.stdout
+    errors = [line for line in result.stdout.splitlines() if "error" in line.lower() or "exception" in line.lower()]
+    assert errors == [f"error: {tmp_path / 'empty_sft_document'}: an empty instruction dataset (0 samples: "
+                      "preprocess-sft found no usable conversation in its input); remove it from the blend"], \
+        result.stdout
+    assert "Traceback" not in result.stdout and "step 1" not in result.stdout
+
+
+def test_a_template_failing_on_one_record_says_why_and_where(tmp_path, spm_model, capsys):
+    # Issue 19: the message and the template's line, not only the exception's class; never record text.
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ bos_token }}{% for m in messages %}\n"
+                        "{% if 'question 1' in m.content %}{{ raise_exception('no question 1 here') }}{% endif %}\n"
+                        "{% if 'question 2' in m.content %}{{ raise_exception('refused: ' + m.content) }}{% endif %}\n"
+                        "{% if m.role == 'user' %}{{ m.content }}{% else %}{{ ' ' + m.content + eos_token }}{% endif %}"
+                        "{% endfor %}")
+    path = _write_input(tmp_path, GOOD[3])
+    assert _run(path, tmp_path, spm_model, "--chat-template", str(template), "--workers", "1") == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {path}:2: the chat template failed on this conversation (TemplateError, line 2: "
+                   "no question 1 here) (use --on-error skip to skip such records; nothing was written)\n")
+    assert _run(path, tmp_path, spm_model, "--chat-template", str(template), "--on-error", "skip") == 0
+    out, err = capsys.readouterr()
+    assert "skipped:   2 (2 the chat template failed on this conversation)" in out and SECRET not in out + err
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{{ bos_token }}\n{% for m in messages %}{{ m.content }\n{% endfor %}")
+    assert _run(path, tmp_path, spm_model, "--chat-template", str(broken)) == 2
+    assert "(TemplateSyntaxError, line 2: unexpected '}')" in capsys.readouterr().err

@@ -79,6 +79,41 @@ def test_eta_of_a_resumed_run_counts_from_its_first_step(monkeypatch, tmp_path, 
     assert "tok/s/process" in caplog.text or "tok/s/gpu" in caplog.text
 
 
+def test_without_validation_data_no_empty_validation_line(tmp_path, caplog):
+    # Issue 19: `validation at step 1 |` was printed with nothing after it (logging.eval_iters=0).
+    from melama_mcore.components import metrics
+
+    logger = metrics.MetricsLogger(str(tmp_path), enabled=True, tensorboard=False, num_gpus=1, flops_per_token=1.0,
+                                   peak_tflops=None, train_iters=4)
+    with caplog.at_level("INFO", logger=metrics.log.name):
+        logger.log_eval(1, {})
+        logger.log_eval(2, {"pubmed": 2.0})
+    logger.close()
+    assert "validation at step 1" not in caplog.text
+    assert "validation at step 2 | pubmed loss 2.0000 ppl 7.39" in caplog.text
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval" in r] == [2]
+
+
+def test_cpu_runs_print_no_grad_access_warning():
+    # Issue 19: megatron's distributed optimizer reads .grad of views of its parameters in every
+    # zero_grad; under cpu_compat's function mode torch blamed cpu_compat.py, so every CPU run printed
+    # the warning. The same access outside the mode must still warn (the probe is the real thing).
+    probe = ("import warnings, torch\n"
+             "from melama_mcore.distributed import cpu_compat\n"
+             "param = torch.nn.Parameter(torch.ones(4))\n"
+             "def access():\n"
+             "    with warnings.catch_warnings(record=True) as caught:  # the filters as a run has them\n"
+             "        assert param.view(-1)[:2].grad is None\n"
+             "    return sum('.grad attribute' in str(w.message) for w in caught)\n"
+             "before = access()\n"
+             "cpu_compat.enable()\n"
+             "print(before, access())\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "0"] and result.stderr == ""
+
+
 @pytest.mark.slow
 def test_a_config_error_under_torchrun_is_printed_once(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_local_port()),

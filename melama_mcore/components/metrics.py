@@ -133,7 +133,7 @@ class MetricsLogger:
         return record
 
     def log_eval(self, step: int, losses: dict[str, float]) -> None:
-        if not self.enabled:
+        if not self.enabled or not losses:  # no validation data (logging.eval_iters=0): nothing to say
             return
         record = {"step": step, "eval": {name: {"loss": loss, "ppl": math.exp(min(loss, 50))} for name, loss in losses.items()}}
         self.jsonl.write(json.dumps(record) + "\n")

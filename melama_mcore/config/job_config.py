@@ -101,6 +101,8 @@ class DataConfig:
     split: str = "98,2,0"  # train,valid,test per source when a source names no valid prefixes
     loader: str = "default"  # default | dali
     cache_dir: str | None = None  # megatron's dataset index cache; default: <output_dir>/data_cache
+    # Train although the data records another tokenizer (vocabulary) than data.tokenizer; refused by default.
+    allow_tokenizer_mismatch: bool = False
 
 
 @dataclass

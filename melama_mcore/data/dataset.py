@@ -37,9 +37,11 @@ import numpy as np
 import torch
 
 from melama_mcore.data.blend import Blend, BlendSource, load_blend
+from melama_mcore.data.sft.indexed import MASK_SUFFIX, is_sft_prefix
 from melama_mcore.data.tokenizer import Tokenizer
-from melama_mcore.data.verify import range_tokens, verify_indexed_dataset
+from melama_mcore.data.verify import prefix_hint, range_tokens, verify_indexed_dataset
 from melama_mcore.errors import ConfigError, DataError
+from melama_mcore.output_paths import check_output_dir
 
 _SPLIT = re.compile(r"\s*\d+(\.\d*)?\s*(,\s*\d+(\.\d*)?\s*){0,2}")
 _MAX_BLENDED_DATASETS = 32766  # BlendedDataset keeps dataset ids as int16
@@ -94,9 +96,12 @@ def _split_matrix(split, valid_samples: int) -> list:
 
 
 def _verified(source: BlendSource, prefix: str, vocab_size: int | None):
+    if prefix.endswith(MASK_SUFFIX) and is_sft_prefix(prefix[:-len(MASK_SUFFIX)]):
+        raise DataError(f"blend source {source.name!r}: {prefix} is the loss mask of the instruction data "
+                        f"{prefix[:-len(MASK_SUFFIX)]}, not tokens; list {prefix[:-len(MASK_SUFFIX)]} instead")
     if not (os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin")):
         raise DataError(f"blend source {source.name!r}: {prefix}.bin / .idx not found (a relative prefix is "
-                        f"relative to the working directory, {os.getcwd()})")
+                        f"relative to the working directory, {os.getcwd()}{prefix_hint(prefix)})")
     return verify_indexed_dataset(prefix, vocab_size)
 
 
@@ -132,19 +137,7 @@ def _check_part(source: BlendSource, prefix: str, sequences: int, part: str, boo
 def _check_cache_dir(cache_dir: str) -> None:
     """megatron writes its sample indices here (rank 0) and loads them on every later start."""
     path = Path(cache_dir)
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise DataError(f"data.cache_dir {cache_dir}: {folder} is a file, not a folder; choose another "
-                                "data.cache_dir")
-            break
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DataError(f"data.cache_dir {cache_dir}: cannot create it ({err.strerror}); choose a writable "
-                        "data.cache_dir") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise DataError(f"data.cache_dir {cache_dir}: not writable; choose a writable data.cache_dir")
+    check_output_dir(path, "data.cache_dir")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Another rank may be writing its indices right now: the files are checked at start-up,
         # before process groups exist (the trainer's call), when no rank can be building.

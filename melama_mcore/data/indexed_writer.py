@@ -5,13 +5,18 @@ document is one sequence (what Megatron-LM's preprocessor writes without --split
 with memory flat in the corpus size: megatron's builder keeps every sequence length in a Python
 list until `finalize`; here they are spilled to a side file and the index is written in chunks.
 
-Atomicity: everything is written to `*.incomplete` names; `commit` removes any old `.idx` first,
-then renames `.bin` and finally `.idx`. A run killed at any point therefore leaves no pair that
-looks valid (no `.idx`, or an `.idx` next to exactly the `.bin` it describes).
+`commit(meta)` also writes `{prefix}.meta.json`, what `melama preprocess` records about how the pair was
+made (data/provenance.py); Megatron-LM's readers ignore it.
+
+Atomicity: everything is written to `*.incomplete` names; `commit` removes any old `.idx` and
+`.meta.json` first, then publishes the new `.meta.json`, renames `.bin` and finally `.idx`. A run
+killed at any point therefore leaves no pair that looks valid (no `.idx`, or an `.idx` next to
+exactly the `.bin` it describes and its own `.meta.json`, or none).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from pathlib import Path
@@ -26,6 +31,7 @@ DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5,
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 _CHUNK_ITEMS = 1 << 20
 INCOMPLETE = ".incomplete"
+META_SUFFIX = ".meta.json"
 
 
 def token_dtype(vocab_size: int):
@@ -61,23 +67,27 @@ class IndexedWriter:
         self.documents += len(lengths)
         self.tokens += int(tokens.size)
 
-    def commit(self) -> None:
+    def commit(self, meta: dict | None = None) -> None:
+        """Publish the pair, and `meta` as `{prefix}.meta.json` when given."""
         self._bin.close()
         self._lengths.close()
         self._write_index()
         os.remove(self.lengths_tmp)
         for path in (self.bin_tmp, self.idx_tmp):
             _fsync(path)
-        final_bin, final_idx = self.prefix + ".bin", self.prefix + ".idx"
-        if os.path.exists(final_idx):
-            os.remove(final_idx)  # never leave an old .idx beside a new .bin
+        final_bin, final_idx, final_meta = self.prefix + ".bin", self.prefix + ".idx", self.prefix + META_SUFFIX
+        for stale in (final_idx, final_meta):  # never leave an old .idx or record beside a new .bin
+            if os.path.exists(stale):
+                os.remove(stale)
+        if meta is not None:
+            write_json_atomically(final_meta, meta)
         os.replace(self.bin_tmp, final_bin)
         os.replace(self.idx_tmp, final_idx)
 
     def abort(self) -> None:
         for handle in (self._bin, self._lengths):
             handle.close()
-        for path in (self.bin_tmp, self.idx_tmp, self.lengths_tmp):
+        for path in (self.bin_tmp, self.idx_tmp, self.lengths_tmp, self.prefix + META_SUFFIX + INCOMPLETE):
             if os.path.exists(path):
                 os.remove(path)
 
@@ -102,6 +112,17 @@ class IndexedWriter:
             for start in range(0, n + 1, _CHUNK_ITEMS):
                 idx.write(np.arange(start, min(start + _CHUNK_ITEMS, n + 1), dtype=np.int64).tobytes())
             del lengths
+
+
+def write_json_atomically(path: str, obj) -> None:
+    """`obj` as JSON at `path`, written under an `.incomplete` name, synced, then renamed."""
+    tmp = path + INCOMPLETE
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _fsync(path: str) -> None:

@@ -11,6 +11,7 @@ A compressed file that ends early or does not decode stops the reading with a Da
 
 from __future__ import annotations
 
+import glob
 import gzip
 import io
 import json
@@ -27,6 +28,7 @@ from melama_mcore.errors import DataError
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 COMPRESSED_SUFFIXES = {".gz", ".zst", ".zstd"}
 DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+INSTRUCTION_KEYS = ("conversations", "messages", "instruction")  # what preprocess-sft reads
 _CHUNK = 1 << 20
 _COMPRESSED_CHUNK = 1 << 16  # bounds the output of one decompress call
 
@@ -54,6 +56,28 @@ def check_input_file(path: str) -> None:
         raise DataError(f"{path}: is a directory; pass the files in it (e.g. {os.path.join(path, '*.jsonl.zst')})")
     if not p.is_file():
         raise DataError(f"{path}: input file not found")
+
+
+def expand_inputs(patterns: list[str], flag: str = "--input") -> list[str]:
+    """Paths and glob patterns -> files, in the order given (each pattern's matches sorted). A file
+    reached twice (listed twice, matched by two patterns, or a link to another input) is refused:
+    its records would be written twice."""
+    files, seen = [], {}
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise DataError(f"{flag} {pattern!r} matches no file")
+        for path in matches:
+            check_input_file(path)
+            stat = os.stat(path)
+            first = seen.get((stat.st_dev, stat.st_ino))
+            if first is not None:
+                same = "is listed twice" if first == path else f"and {first} are the same file"
+                raise DataError(f"{flag}: {path} {same}: its records would be read twice; list each file "
+                                "once (to weigh a source more, raise its weight in the blend)")
+            seen[(stat.st_dev, stat.st_ino)] = path
+            files.append(path)
+    return files
 
 
 class _Decompressed(io.RawIOBase):
@@ -250,6 +274,8 @@ def parse_record(data: bytes, fmt: str, json_keys: list[str]) -> tuple[list[str]
     texts = []
     for key in json_keys:
         if key not in obj:
+            if any(k in obj for k in INSTRUCTION_KEYS):
+                return None, f"missing key {key!r} (an instruction record: use melama preprocess-sft)"
             return None, f"missing key {key!r}"
         value = obj[key]
         if not isinstance(value, str):

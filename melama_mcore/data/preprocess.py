@@ -14,26 +14,27 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
-import glob
 import itertools
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from melama_mcore.data.indexed_writer import IndexedWriter, token_dtype
-from melama_mcore.data.inputs import (DEFAULT_MAX_DOCUMENT_BYTES, check_input_file, detect_format,
-                                      iter_raw_records, parse_record)
+from melama_mcore.data.indexed_writer import META_SUFFIX, IndexedWriter, token_dtype
+from melama_mcore.data.inputs import (DEFAULT_MAX_DOCUMENT_BYTES, detect_format, expand_inputs, iter_raw_records,
+                                      parse_record)
+from melama_mcore.data.provenance import pretraining_meta
 from melama_mcore.data.tokenizer import LONG_TEXT_CHARS, load_tokenizer
 from melama_mcore.errors import DataError, UserError
+from melama_mcore.output_paths import check_output_prefix, remove_created_folders
 
 BATCH_RECORDS = 512
 BATCH_BYTES = 1 << 20
@@ -126,8 +127,8 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def _reason_kind(reason: str) -> str:
-    """A short category for counting skips (the reason without positions)."""
-    return reason.split(" (")[0]
+    """A short category for counting skips (the reason without positions or turn numbers)."""
+    return re.sub(r"^turn \d+: ", "", reason.split(" (")[0])
 
 
 def encode_batch(batch: Batch) -> EncodedBatch:
@@ -227,35 +228,33 @@ def read_batches(inputs: list[str], fmt: str, text_unit: str, max_bytes: int):
             yield Batch(path, file_format, records)
 
 
-def expand_inputs(patterns: list[str]) -> list[str]:
-    """Paths and glob patterns -> files, in the order given (each pattern's matches sorted)."""
-    files = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise UserError(f"--input {pattern!r} matches no file")
-        for path in matches:
-            check_input_file(path)
-        files.extend(matches)
-    return files
-
-
 def output_prefix_for(prefix: str, key: str) -> str:
     """Megatron-LM's naming: one pair per JSON key, `{prefix}_{key}_document`."""
     return f"{prefix}_{key}_document"
+
+
+def output_files(prefixes: list[str]) -> list[str]:
+    """Every file a run publishes for these output prefixes."""
+    return [prefix + suffix for prefix in prefixes for suffix in (".bin", ".idx", META_SUFFIX)]
 
 
 def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, *, json_keys=("text",),
                workers: int | None = None, prepend_bos: bool = True, append_eod: bool = False,
                on_error: str = "stop", input_format: str = "auto", text_unit: str = "file",
                dtype: str = "auto", max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
-               progress: bool | None = None) -> Summary:
-    """Tokenise `inputs` into `{output_prefix}_{key}_document.{bin,idx}` per key; returns a Summary.
+               progress: bool | None = None, overwrite: bool = False) -> Summary:
+    """Tokenise `inputs` into `{output_prefix}_{key}_document.{bin,idx}` per key (and its `.meta.json`,
+    see data/provenance.py); returns a Summary.
 
-    Raises DataError (nothing left behind under a final name) on the first bad record when
+    Raises UserError before any work when the outputs cannot be written there or exist already (unless
+    `overwrite`); DataError (nothing left behind under a final name) on the first bad record when
     on_error="stop", on a tokenizer that does not fit the dtype, or on unreadable inputs.
     """
     json_keys = list(json_keys)
+    if len(set(json_keys)) < len(json_keys):
+        raise UserError(f"--json-keys {' '.join(json_keys)}: a key is listed twice (each key writes its own pair)")
+    if max_document_bytes < 1:
+        raise UserError("--max-document-bytes must be at least 1")
     files = expand_inputs(list(inputs))
     tok = load_tokenizer(tokenizer_path, num_threads=1)
     if prepend_bos and tok.bos_id is None:
@@ -270,25 +269,39 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, *, js
 
     prefixes = [output_prefix_for(output_prefix, key) for key in json_keys]
     summary = Summary(outputs=prefixes)
-    writers = _open_writers(output_prefix, prefixes, out_dtype)  # before any work: a bad path fails first
+    # before any work: a bad path fails first
+    created = check_output_prefix(output_prefix, "--output-prefix", output_files(prefixes), overwrite=overwrite)
+    writers = []
     start = time.perf_counter()
     try:
+        for prefix in prefixes:
+            writers.append(IndexedWriter(prefix, out_dtype))
         run_pipeline(read_batches(files, input_format, text_unit, max_document_bytes), encode_batch,
                      lambda result, bar: _write(result, writers, summary, on_error, dtype_limit, tok, bar, start),
                      workers=workers, initializer=_init_worker, initargs=(options,), progress=progress, unit="docs")
-        for writer in writers:
-            writer.commit()
+        for key, writer in zip(json_keys, writers):
+            writer.commit(pretraining_meta(tok, json_key=key, prepend_bos=prepend_bos, append_eod=append_eod,
+                                           inputs=files, documents=writer.documents, tokens=writer.tokens))
     except BaseException as err:
         for writer in writers:
             writer.abort()
-        if isinstance(err, OSError):  # a disk full, an input that cannot be read, ...
-            raise DataError(f"{err.filename or output_prefix}: {err.strerror or err}; nothing was written") from None
-        if isinstance(err, BrokenProcessPool):
-            raise DataError("a tokeniser worker process died (killed, e.g. by the kernel when out of memory: "
-                            "lower --workers or --max-document-bytes); nothing was written") from None
+        remove_created_folders(created)
+        if (failure := run_failure(err, output_prefix)) is not None:
+            raise failure from None
         raise
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def run_failure(err: BaseException, output_prefix: str) -> DataError | None:
+    """The one-line error of a run stopped by an OS error or a dead worker (None for any other
+    exception: it is raised as it is), once its outputs are removed."""
+    if isinstance(err, OSError):  # a disk full, an input that cannot be read, ...
+        return DataError(f"{err.filename or output_prefix}: {err.strerror or err}; nothing was written")
+    if isinstance(err, BrokenProcessPool):
+        return DataError("a tokeniser worker process died (killed, e.g. by the kernel when out of memory: "
+                         "lower --workers or --max-document-bytes); nothing was written")
+    return None
 
 
 def run_pipeline(batches, encode, consume, *, workers: int, initializer, initargs, progress: bool | None,
@@ -303,12 +316,13 @@ def run_pipeline(batches, encode, consume, *, workers: int, initializer, initarg
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                                initargs=(os.getpid(), initializer, initargs))
-    # progress None: a bar only on a terminal (tqdm's disable=None); False: none.
-    bar = None if progress is False else tqdm(unit=f" {unit}", unit_scale=True, dynamic_ncols=True,
-                                              desc="tokenising", disable=None if progress is None else False,
-                                              mininterval=1.0)
+    bar = None
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        # progress None: a bar only on a terminal (tqdm's disable=None); False: none.
+        if progress is not False:
+            bar = tqdm(unit=f" {unit}", unit_scale=True, dynamic_ncols=True, desc="tokenising",
+                       disable=None if progress is None else False, mininterval=1.0)
         in_flight = collections.deque()
         for batch in batches:
             in_flight.append(pool.submit(encode, batch))
@@ -317,7 +331,8 @@ def run_pipeline(batches, encode, consume, *, workers: int, initializer, initarg
         while in_flight:
             consume(in_flight.popleft().result(), bar)
     except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
+        signal.signal(signal.SIGTERM, previous_term)  # first: a second SIGTERM now ends the process as usual
+        _stop_at_once(pool)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_term)
@@ -326,36 +341,24 @@ def run_pipeline(batches, encode, consume, *, workers: int, initializer, initarg
     pool.shutdown()
 
 
+def _stop_at_once(pool: ProcessPoolExecutor) -> None:
+    """Kill the workers, whatever they are doing, and wait until the pool's threads have ended.
+
+    A pool still winding down when the interpreter exits (shutdown with wait=False) races with
+    concurrent.futures' exit hook, which writes to a pipe the pool's thread may be closing: 1 run in
+    10-25 then ended in "Exception ignored in: <module 'threading'> ... Bad file descriptor". Killed
+    workers make the pool's thread fail what is pending and end; joining it takes milliseconds.
+    """
+    for process in list((pool._processes or {}).values()):  # public only from Python 3.14 (terminate_workers)
+        process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _start_worker(parent_pid: int, initializer, initargs) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and cleans up
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, inherited by fork
     _exit_with_parent(parent_pid)
     initializer(*initargs)
-
-
-def _open_writers(output_prefix: str, prefixes: list[str], dtype) -> list[IndexedWriter]:
-    """One writer per output pair; DataError naming the path when the outputs cannot be written there
-    (missing folders are created, as `mkdir -p` would)."""
-    folder = Path(output_prefix).parent
-    for ancestor in (folder, *folder.parents):
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise DataError(f"--output-prefix {output_prefix}: {ancestor} is a file, not a folder")
-            break
-    for prefix in prefixes:
-        for path in (prefix + ".bin", prefix + ".idx"):
-            if os.path.isdir(path):
-                raise DataError(f"--output-prefix {output_prefix}: {path} is a folder; choose another prefix")
-    writers = []
-    try:
-        for prefix in prefixes:
-            writers.append(IndexedWriter(prefix, dtype))
-    except OSError as err:
-        for writer in writers:
-            writer.abort()
-        raise DataError(f"--output-prefix {output_prefix}: cannot write there "
-                        f"({err.strerror or err}: {err.filename or folder})") from None
-    return writers
 
 
 def _raise_interrupt(signum, frame):
@@ -411,9 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
 outputs:
   One pair per JSON key, named as Megatron-LM's tools/preprocess_data.py names them:
   {output-prefix}_{key}_document.bin / .idx  (e.g. --output-prefix data/pubmed -> data/pubmed_text_document).
-  Text inputs use the key name 'text'. Several inputs are written, in order, into the same pair.
-  A relative prefix is relative to the working directory; missing folders are created. An input with
-  no text writes an empty pair (the summary says so; training refuses it).
+  Text inputs use the key name 'text'. Several inputs are written, in order, into the same pair (a
+  file listed twice is refused). Beside each pair, {...}_document.meta.json records the tokenizer
+  (its vocabulary's sha256), options, inputs and counts: training refuses data made with another
+  tokenizer. A relative prefix is relative to the working directory; missing folders are created.
+  Existing outputs are refused unless --overwrite. The output location is checked before any work.
+  An input with no text writes an empty pair (the summary says so; training refuses it).
 
 tokens per document:
   [BOS] + tokens + [EOS if --append-eod]. BOS is on by default (LLaMA-2 starts every sequence with <s>);
@@ -428,11 +434,13 @@ bad records (malformed JSON, missing key, non-UTF-8 bytes, a document over --max
   ("truncated compressed stream" / "corrupt compressed stream"), with or without --on-error skip.
 
 memory:
-  A tokenizer needs ~50 bytes per character of the text it encodes. With a sentencepiece .model
-  (LLaMA's), a document over 1 Mi characters is encoded in pieces cut at spaces, with the ids of the
-  whole: memory is then ~50 MiB for the piece plus ~8x the document (its text and tokens), not ~50x
-  (a run of over 1 Mi characters without a space is still encoded whole). A Hugging Face tokenizer
-  folder encodes each document whole: --max-document-bytes bounds memory at ~50x its value.""")
+  A tokenizer needs ~50 (sentencepiece) to ~150 (Hugging Face) bytes per character of the text it
+  encodes, and slows down on very long texts. With a sentencepiece .model or a Hugging Face folder
+  built like LLaMA's (spaces as U+2581: its tokenizer.json), a document over 16 Ki characters is
+  encoded in pieces cut at spaces, with the ids of the whole: memory is then ~8x the document (its
+  text and tokens), not ~50-150x, at the usual speed (a run of over 16 Ki characters without a space
+  is still encoded whole). Other Hugging Face tokenizers (byte-level BPE, WordPiece) encode each
+  document whole: --max-document-bytes bounds memory at ~50-150x its value.""")
     parser.add_argument("--input", nargs="+", required=True,
                         help="input files or glob patterns: .jsonl/.json/.ndjson or text, optionally .gz/.zst")
     parser.add_argument("--output-prefix", required=True, help="path prefix of the outputs (see below)")
@@ -453,6 +461,7 @@ memory:
                         help="token dtype in the .bin (default: from the vocabulary size)")
     parser.add_argument("--max-document-bytes", type=int, default=DEFAULT_MAX_DOCUMENT_BYTES,
                         help="larger documents are bad records (default: 64 MiB); see memory below")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist already")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -466,6 +475,6 @@ def main(argv: list[str] | None = None) -> int:
                          on_error=args.on_error, input_format=args.input_format,
                          text_unit=args.text_document, dtype=args.dtype,
                          max_document_bytes=args.max_document_bytes,
-                         progress=False if args.no_progress else None)
+                         progress=False if args.no_progress else None, overwrite=args.overwrite)
     print("\n".join(summary.lines()))
     return 0

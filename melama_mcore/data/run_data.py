@@ -12,6 +12,7 @@ import torch
 
 from melama_mcore.config.job_config import JobConfig
 from melama_mcore.data.dataset import build_pretraining_datasets, check_pretraining_data
+from melama_mcore.data.provenance import check_data_tokenizer
 from melama_mcore.data.sft.batch import loss_weights
 from melama_mcore.data.sft.dataset import build_sft_datasets
 from melama_mcore.data.sft.indexed import is_sft_blend
@@ -60,6 +61,7 @@ def check_run_data(cfg: JobConfig, blend, kind: DataKind, tokenizer: Tokenizer) 
     them). Instruction data is checked as its datasets are built."""
     if kind is PRETRAINING:
         check_pretraining_data(blend, vocab_size=tokenizer.vocab_size, **dataset_args(cfg))
+    check_data_tokenizer(blend, tokenizer, allow_mismatch=cfg.data.allow_tokenizer_mismatch)
 
 
 def build_run_datasets(cfg: JobConfig, blend, kind: DataKind, tokenizer: Tokenizer, data_parallel_size: int):

@@ -4,13 +4,18 @@
 go, so the same ids come out whichever backend is used.
 
 Long texts: sentencepiece needs ~50 bytes of memory per character of the text it encodes (10 GB
-for one 200 MB document). `iter_encode` encodes a long text in pieces of about LONG_TEXT_CHARS
-characters, cut where no token can straddle the cut, so its ids equal those of the whole text (see
-`_space_cut`); memory then follows the piece, not the document.
+for one 200 MB document), a Hugging Face fast tokenizer ~150 (and a quarter of its usual speed).
+`iter_encode` encodes a long text in pieces of about LONG_TEXT_CHARS characters, cut where no token
+can straddle the cut, so its ids equal those of the whole text (see `_space_cut`, `_hf_space_cut`);
+memory then follows the piece, not the document.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import itertools
+import json
 import os
 import re
 from pathlib import Path
@@ -20,7 +25,12 @@ import numpy as np
 
 from melama_mcore.errors import DataError
 
-LONG_TEXT_CHARS = 1 << 20
+# Pieces of 16 Ki characters keep the speed of ordinary documents: both sentencepiece and a Hugging
+# Face BPE without a pre-tokenizer (LLaMA's tokenizer.json) slow down on longer inputs, the latter
+# to half its rate at 64 Ki and a quarter at 1 Mi (benchmarks/RESULTS.md). 16 pieces per call: a few
+# MB of tokenizer memory.
+LONG_TEXT_CHARS = 1 << 14
+PIECES_PER_CALL = 16
 _SPACE = "\u2581"  # sentencepiece's whitespace symbol
 _SAFE_CUT = re.compile(r"(?<=\S) (?=\S)")  # one space between two non-space characters
 # Files a Hugging Face tokenizer folder holds (one suffices for AutoTokenizer).
@@ -58,16 +68,40 @@ class Tokenizer:
 
     def iter_encode(self, text: str) -> Iterator[list[int]]:
         """encode(text) in consecutive parts: a text over LONG_TEXT_CHARS is encoded in pieces when the
-        model allows cutting it with the same ids (sentencepiece models such as LLaMA's), else whole."""
+        model allows cutting it with the same ids (see _space_cut), else whole. Pieces go to the
+        tokenizer PIECES_PER_CALL at a time (a Hugging Face tokenizer encodes a batch on all cores)."""
+        pieces = self._pieces(text)
+        while group := list(itertools.islice(pieces, PIECES_PER_CALL)):
+            yield from self.encode_batch(group)
+
+    def _pieces(self, text: str) -> Iterator[str]:
         start = 0
         while self._space_cut is not None and len(text) - start > LONG_TEXT_CHARS:
             cut = _SAFE_CUT.search(text, start + LONG_TEXT_CHARS)
             if cut is None:  # no space left: the rest is encoded in one piece
                 break
-            yield self.encode(text[start:cut.start()])
+            yield text[start:cut.start()]
             # "drop": the model's dummy prefix gives the next piece the space it starts with in the text.
             start = cut.start() + (1 if self._space_cut == "drop" else 0)
-        yield self.encode(text[start:])
+        yield text[start:]
+
+    @functools.cached_property
+    def vocab_sha256(self) -> str | None:
+        """The vocabulary's identity, whatever file holds it: sha256 of its pieces in id order,
+        NUL-separated (the digest checkpoints record, checkpoint/integrity.py). Two tokenizers with
+        the same digest give every id the same piece; None when the backend cannot list its pieces."""
+        if hasattr(self._backend, "id_to_piece"):
+            pieces = [self._backend.id_to_piece(i) for i in range(self.vocab_size)]
+        elif hasattr(self._backend, "convert_ids_to_tokens"):
+            pieces = self._backend.convert_ids_to_tokens(list(range(self.vocab_size)))
+        else:
+            return None
+        return hashlib.sha256("\0".join(map(str, pieces)).encode()).hexdigest()
+
+    def record(self) -> dict:
+        """What a dataset's marker records about the tokenizer that wrote it (data/provenance.py)."""
+        return {"path": str(self.path), "vocab_size": self.vocab_size, "vocab_sha256": self.vocab_sha256,
+                "bos_id": self.bos_id, "eos_id": self.eos_id}
 
     def decode(self, ids) -> str:
         return self._backend.decode([int(i) for i in ids])
@@ -176,6 +210,49 @@ def _space_cut(processor) -> str | None:
     return None if norm.remove_extra_whitespaces else "keep"
 
 
+def _hf_space_cut(backend) -> str | None:
+    """_space_cut for a Hugging Face fast tokenizer built as sentencepiece models are (LLaMA's
+    tokenizer.json: spaces written as U+2581 by a Replace normaliser or a Metaspace pre-tokeniser, a
+    BPE or Unigram vocabulary): the same reasoning holds, read from its tokenizer.json. Anything else
+    (byte-level BPE, WordPiece, other normalisers, added tokens that strip spaces) is never cut."""
+    inner = getattr(backend, "backend_tokenizer", None)
+    if inner is None:
+        return None
+    spec = json.loads(inner.to_str())
+    model = spec.get("model") or {}
+    word_marks = model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")
+    if model.get("type") == "BPE" and not word_marks:
+        pieces = list(model.get("vocab") or {})
+    elif model.get("type") == "Unigram":
+        pieces = [piece for piece, _ in model.get("vocab") or []]
+    else:
+        return None
+    if any(_SPACE in piece.lstrip(_SPACE) for piece in pieces) or any(
+            token.get("lstrip") or token.get("rstrip") or token.get("single_word") or " " in token["content"]
+            for token in spec.get("added_tokens") or []):
+        return None
+    writes_spaces = dummy_prefix = False
+    normalizer = spec.get("normalizer") or {"type": "Sequence", "normalizers": []}
+    steps = normalizer["normalizers"] if normalizer.get("type") == "Sequence" else [normalizer]
+    for step in steps:
+        if step.get("type") == "Replace" and step.get("pattern") == {"String": " "} and step.get("content") == _SPACE:
+            writes_spaces = True
+        elif step.get("type") == "Prepend" and step.get("prepend") == _SPACE:
+            dummy_prefix = True
+        else:
+            return None
+    pre = spec.get("pre_tokenizer")
+    if pre is not None:
+        if pre.get("type") != "Metaspace" or pre.get("replacement") != _SPACE:
+            return None
+        writes_spaces = True
+        scheme = pre.get("prepend_scheme", "always" if pre.get("add_prefix_space", True) else "never")
+        dummy_prefix = dummy_prefix or scheme != "never"
+    if not writes_spaces:
+        return None
+    return "drop" if dummy_prefix else "keep"
+
+
 def _load_sentencepiece(path: str, num_threads: int) -> Tokenizer:
     import sentencepiece as spm
 
@@ -183,7 +260,11 @@ def _load_sentencepiece(path: str, num_threads: int) -> Tokenizer:
     try:
         processor.Load(path)
     except (OSError, RuntimeError) as err:
-        raise DataError(f"{path}: not a usable sentencepiece model ({err})") from None
+        if Path(path).name in HF_TOKENIZER_FILES:  # a file of a Hugging Face folder, given alone
+            raise DataError(f"{path}: a file of a Hugging Face tokenizer folder; pass the folder, "
+                            f"{Path(path).parent}") from None
+        raise DataError(f"{path}: not a usable sentencepiece model ({err}); pass a sentencepiece .model file or a "
+                        "Hugging Face tokenizer folder") from None
     eos = _optional_id(processor.eos_id())
     if eos is None:
         raise DataError(f"{path}: the sentencepiece model has no EOS token (eos_id=-1); "
@@ -213,7 +294,8 @@ def _load_hf(path: str) -> Tokenizer:
     if backend.eos_token_id is None:
         raise DataError(f"{path}: the tokenizer has no EOS token; LLaMA-style training needs one")
     return Tokenizer(path, backend, vocab_size=len(backend), bos_id=_optional_id(backend.bos_token_id),
-                     eos_id=int(backend.eos_token_id), pad_id=_optional_id(backend.pad_token_id), kind="hf")
+                     eos_id=int(backend.eos_token_id), pad_id=_optional_id(backend.pad_token_id), kind="hf",
+                     space_cut=_hf_space_cut(backend))
 
 
 def load_tokenizer(path: str, *, num_threads: int = -1) -> Tokenizer:

@@ -13,8 +13,9 @@ import re
 import tempfile
 from pathlib import Path
 
-from melama_mcore.data.inputs import iter_documents
+from melama_mcore.data.inputs import expand_inputs, iter_documents
 from melama_mcore.errors import DataError, UserError
+from melama_mcore.output_paths import check_output_prefix, remove_created_folders
 
 LLAMA_TRAINER_SETTINGS = dict(
     model_type="bpe",
@@ -31,40 +32,48 @@ LLAMA_TRAINER_SETTINGS = dict(
 
 def train_sentencepiece(inputs: list[str], model_prefix: str, *, vocab_size: int = 32000,
                         json_keys=("text",), input_sentence_size: int = 2_000_000, seed: int = 0,
-                        num_threads: int | None = None) -> Path:
+                        num_threads: int | None = None, overwrite: bool = False) -> Path:
     """Train `{model_prefix}.model` (and `.vocab`) from JSONL/text inputs; returns the model path.
 
     Documents are streamed once into a temporary one-sentence-per-line file (sentencepiece's input
-    format); sentencepiece samples `input_sentence_size` lines from it.
+    format); sentencepiece samples `input_sentence_size` lines from it. UserError before any work when
+    the model cannot be written there, or exists and not `overwrite` (data tokenised with a replaced
+    tokenizer would no longer match it).
     """
     import sentencepiece as spm
 
+    inputs = expand_inputs(list(inputs))
     prefix = Path(model_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=prefix.parent, prefix=".spm-train-") as tmp:
-        lines_path = Path(tmp) / "lines.txt"
-        count = 0
-        with open(lines_path, "w", encoding="utf-8") as out:
-            for doc in iter_documents(inputs, json_keys=list(json_keys), on_error="stop"):
-                for line in doc.texts[0].splitlines():
-                    if line.strip():
-                        out.write(line + "\n")
-                        count += 1
-        if count == 0:
-            raise DataError(f"no text found in {', '.join(inputs)} to train a tokenizer on")
-        tmp_prefix = Path(tmp) / "model"
-        spm.set_random_generator_seed(seed)  # sentencepiece samples and shuffles input lines
-        try:
-            spm.SentencePieceTrainer.train(
-                input=str(lines_path), model_prefix=str(tmp_prefix), vocab_size=vocab_size,
-                input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-                num_threads=num_threads or os.cpu_count() or 1,
-                minloglevel=2, **LLAMA_TRAINER_SETTINGS)
-        except RuntimeError as err:
-            raise DataError(_training_failure(str(err), vocab_size)) from None
-        # Move into place only when both files exist, so a failed run leaves no model behind.
-        for ext in (".vocab", ".model"):
-            os.replace(f"{tmp_prefix}{ext}", f"{prefix}{ext}")
+    created = check_output_prefix(model_prefix, "--model-prefix", [f"{prefix}.model", f"{prefix}.vocab"],
+                                  overwrite=overwrite)
+    try:
+        with tempfile.TemporaryDirectory(dir=prefix.parent, prefix=".spm-train-") as tmp:
+            lines_path = Path(tmp) / "lines.txt"
+            count = 0
+            with open(lines_path, "w", encoding="utf-8") as out:
+                for doc in iter_documents(inputs, json_keys=list(json_keys), on_error="stop"):
+                    for line in doc.texts[0].splitlines():
+                        if line.strip():
+                            out.write(line + "\n")
+                            count += 1
+            if count == 0:
+                raise DataError(f"no text found in {', '.join(inputs)} to train a tokenizer on")
+            tmp_prefix = Path(tmp) / "model"
+            spm.set_random_generator_seed(seed)  # sentencepiece samples and shuffles input lines
+            try:
+                spm.SentencePieceTrainer.train(
+                    input=str(lines_path), model_prefix=str(tmp_prefix), vocab_size=vocab_size,
+                    input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+                    num_threads=num_threads or os.cpu_count() or 1,
+                    minloglevel=2, **LLAMA_TRAINER_SETTINGS)
+            except RuntimeError as err:
+                raise DataError(_training_failure(str(err), vocab_size)) from None
+            # Move into place only when both files exist, so a failed run leaves no model behind.
+            for ext in (".vocab", ".model"):
+                os.replace(f"{tmp_prefix}{ext}", f"{prefix}{ext}")
+    except BaseException:
+        remove_created_folders(created)
+        raise
     return Path(f"{prefix}.model")
 
 
@@ -99,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="lines sampled for training (default: 2,000,000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="default: all cores")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing PREFIX.model (data tokenised with it will no longer match)")
     return parser
 
 
@@ -108,6 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--vocab-size must be at least 260 (256 byte-fallback pieces + specials)")
     model = train_sentencepiece(args.input, args.model_prefix, vocab_size=args.vocab_size,
                                 json_keys=args.json_keys, input_sentence_size=args.input_sentence_size,
-                                seed=args.seed, num_threads=args.threads)
+                                seed=args.seed, num_threads=args.threads, overwrite=args.overwrite)
     print(json.dumps({"model": str(model), "vocab_size": args.vocab_size}))
     return 0

@@ -1,4 +1,4 @@
-"""Check a `.bin`/`.idx` pair before training on it (`melama verify-data`, and the trainer at start-up).
+"""Check a `.bin`/`.idx` pair before training on it (`melama verify-data`: commands/verify_data.py, and the trainer at start-up).
 
 Default checks read the index and only a sample of the `.bin` (its first and last MiB plus a few
 spread in between), so they take milliseconds on terabyte files: header, index size, lengths,
@@ -8,11 +8,10 @@ offsets, document boundaries, `.bin` size against the index, and the token range
 
 from __future__ import annotations
 
-import argparse
-import json
+import glob
 import os
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -116,7 +115,7 @@ def verify_indexed_dataset(prefix: str, vocab_size: int | None = None, *, full: 
     bin_path, idx_path = prefix + ".bin", prefix + ".idx"
     for path in (idx_path, bin_path):
         if not os.path.isfile(path):
-            raise DataError(f"{path}: not found (a dataset is a PREFIX.bin / PREFIX.idx pair)")
+            raise DataError(f"{path}: not found (a dataset is a PREFIX.bin / PREFIX.idx pair{prefix_hint(prefix)})")
     dtype, lengths, pointers, doc_index = _read_index(prefix)
     itemsize = np.dtype(dtype).itemsize
     if vocab_size is not None and vocab_size - 1 > np.iinfo(dtype).max:
@@ -138,32 +137,20 @@ def verify_indexed_dataset(prefix: str, vocab_size: int | None = None, *, full: 
                           largest if largest >= 0 else None, "full" if full else "sample")
 
 
+def prefix_hint(prefix: str) -> str:
+    """'; did you mean ...' when `prefix` is a preprocess --output-prefix whose dataset prefixes exist
+    (the commands append _{key}_document / _sft_document to it) or a folder holding datasets, else ''."""
+    pattern = os.path.join(glob.escape(prefix), "*.idx") if os.path.isdir(prefix) else \
+        glob.escape(prefix) + "_*_document.idx"
+    found = sorted(path[:-4] for path in glob.glob(pattern) if not path.endswith("_loss_mask.idx"))
+    if os.path.isdir(prefix):
+        return f"; {prefix} is a folder" + (f" holding {', '.join(found[:3])}" if found else "")
+    return (f"; did you mean {' or '.join(found[:3])}? preprocess adds _KEY_document to its --output-prefix"
+            if found else "")
+
+
 def range_tokens(prefix: str, begin: int, end: int) -> int:
     """Tokens in sequences [begin, end) of a verified pair: megatron splits a dataset by sequence."""
     _, lengths, _, _ = _read_index(os.fspath(prefix))
     return sum(int(np.sum(lengths[start:min(start + _CHUNK_ITEMS, end)], dtype=np.int64))
                for start in range(begin, end, _CHUNK_ITEMS))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="melama verify-data",
-        description="Check megatron-core .bin/.idx pairs: index header and size, lengths and offsets, "
-                    ".bin size against the index, and the token range (a sample of the .bin by default; "
-                    "all of it with --full). Prints one JSON line per pair. Exit status 2 with the file and "
-                    "the mismatch when unusable, or when a pair holds no document (nothing to train on).")
-    parser.add_argument("prefix", nargs="+", help="dataset prefix(es), PREFIX for PREFIX.bin / PREFIX.idx")
-    parser.add_argument("--vocab-size", type=int, default=None, help="fail if a token id is >= this")
-    parser.add_argument("--full", action="store_true", help="scan every token (reads the whole .bin)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    for prefix in args.prefix:
-        summary = verify_indexed_dataset(prefix, args.vocab_size, full=args.full)
-        if summary.documents == 0:
-            raise DataError(f"{summary.prefix}: empty dataset (0 documents, 0 tokens): nothing to train on; "
-                            "`melama preprocess` found no text in its input")
-        print(json.dumps(asdict(summary)))
-    return 0

@@ -19,6 +19,11 @@ it. What it does, and why:
 * Megatron's no-op RNG tracker is installed: LLaMA has no dropout, and the CUDA tracker cannot
   fork CPU generators.
 * ``TRANSFORMER_CONFIG_ON_CPU``: TransformerConfig fields set differently on CPU, each with its reason.
+* torch's warning about reading ``.grad`` of a non-leaf tensor is silenced when it comes through the
+  function mode: megatron's distributed optimizer reads it on its fp32 shard views in every
+  ``zero_grad`` (megatron's own comment: "throws grad-access warning"). On GPU the warning is
+  attributed to megatron and silenced with megatron's other notes (logs.py); under the mode, torch
+  attributes it to this module, so every CPU run printed it.
 
 What still cannot run on CPU (the config checks refuse it, naming the reason): Transformer
 Engine and FP8 (CUDA libraries), NCCL-specific settings, CUDA graphs, and the fused CUDA kernels
@@ -31,6 +36,7 @@ megatron's `device="cuda"` causal mask (the native backend builds no such mask).
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -120,6 +126,8 @@ def enable() -> None:
     cuda.empty_cache = lambda: None
 
     _CudaToCpu().__enter__()  # stays active for the life of the process
+    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf Tensor",
+                            category=UserWarning, module=__name__)
     _enabled = True
 
 

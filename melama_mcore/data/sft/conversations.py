@@ -6,8 +6,11 @@ Accepted JSONL records (other keys, such as `id`, are ignored):
 - messages: {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]};
 - Alpaca: {"instruction": ..., "input": ... (optional), "output": ...}; the prompt is the instruction,
   followed by a blank line and the input when there is one.
-Turns must alternate prompt, answer, ..., and end with an answer. Reasons for refusing a record name
-the problem and the turn, never the text (it may be patient data).
+Turns must alternate prompt, answer, ..., and end with an answer; no prompt or answer may be empty
+(blank): an empty answer would teach the model to stop at once, an empty prompt to answer nothing. A
+record holds one of the formats: one carrying two (e.g. both `conversations` and `messages`) is
+refused rather than read one way. Reasons for refusing a record name the problem and the turn, never
+the text (it may be patient data).
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ def _from_turns(items, key: str) -> Conversation:
         if role != expected:
             raise RecordError(f"{where}expected {'a prompt' if expected == USER else 'an answer'}: "
                               "turns must alternate prompt, answer")
+        if not text.strip():
+            raise RecordError(f"{where}empty {'prompt' if role == USER else 'answer'}")
         speakers.append(role)
         texts.append(text)
     if not texts:
@@ -91,14 +96,25 @@ def _from_turns(items, key: str) -> Conversation:
     return Conversation(list(zip(texts[0::2], texts[1::2])), system)
 
 
+ALPACA_KEYS = ("instruction", "output")
+
+
 def conversation_from_record(obj: dict) -> Conversation:
-    """The conversation in one parsed JSONL object; RecordError when it has none or it is malformed."""
-    for key in FORMATS:
-        if key in obj:
-            return _from_turns(obj[key], key)
-    if "instruction" in obj or "output" in obj:
-        instruction, output = _string(obj, "instruction", ""), _string(obj, "output", "")
-        extra = _string(obj, "input", "", required=False)
-        prompt = instruction if not extra or not extra.strip() else f"{instruction}\n\n{extra}"
-        return Conversation([(prompt, output)])
-    raise RecordError("no 'conversations', 'messages' or 'instruction'/'output' key")
+    """The conversation in one parsed JSONL object; RecordError when it has none, several, or it is
+    malformed."""
+    present = [key for key in FORMATS if key in obj] + (["instruction/output"] if any(k in obj for k in ALPACA_KEYS)
+                                                        else [])
+    if len(present) > 1:
+        raise RecordError(f"both {' and '.join(repr(k) for k in present)} keys: one conversation format per record")
+    if not present:
+        raise RecordError("no 'conversations', 'messages' or 'instruction'/'output' key")
+    if present[0] in FORMATS:
+        return _from_turns(obj[present[0]], present[0])
+    instruction, output = _string(obj, "instruction", ""), _string(obj, "output", "")
+    extra = _string(obj, "input", "", required=False)
+    prompt = instruction if not extra or not extra.strip() else f"{instruction}\n\n{extra}"
+    if not prompt.strip():
+        raise RecordError("empty prompt ('instruction' and 'input')")
+    if not output.strip():
+        raise RecordError("empty answer ('output')")
+    return Conversation([(prompt, output)])

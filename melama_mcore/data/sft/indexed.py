@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from melama_mcore.data.indexed_writer import INCOMPLETE, IndexedWriter
+from melama_mcore.data.indexed_writer import INCOMPLETE, IndexedWriter, write_json_atomically
 from melama_mcore.data.verify import verify_indexed_dataset
 from melama_mcore.errors import ConfigError, DataError
 
@@ -46,6 +46,12 @@ def marker_path(prefix: str) -> str:
 def _strip(prefix) -> str:
     prefix = os.fspath(prefix)
     return prefix[:-4] if prefix.endswith((".bin", ".idx")) else prefix
+
+
+def output_files(prefix: str) -> list[str]:
+    """Every file preprocess-sft publishes for a dataset prefix."""
+    return [prefix + ".bin", prefix + ".idx", mask_prefix(prefix) + ".bin", mask_prefix(prefix) + ".idx",
+            marker_path(prefix)]
 
 
 def is_sft_prefix(prefix) -> bool:
@@ -89,13 +95,7 @@ class SFTWriter:
             if os.path.exists(stale):
                 os.remove(stale)
         self.masks.commit()
-        tmp = marker_path(self.prefix) + INCOMPLETE
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(metadata, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, marker_path(self.prefix))
+        write_json_atomically(marker_path(self.prefix), metadata)
         self.tokens.commit()
 
     def abort(self) -> None:
@@ -154,6 +154,9 @@ class SFTIndexedData:
 
         self.prefix = _strip(prefix)
         self.meta = verify_sft_prefix(self.prefix, vocab_size)
+        if self.meta["counts"]["samples"] == 0:  # checked before megatron's reader, which cannot map an empty file
+            raise DataError(f"{self.prefix}: an empty instruction dataset (0 samples: preprocess-sft found no usable "
+                            "conversation in its input); remove it from the blend")
         self.token_data = IndexedDataset(self.prefix)
         self.mask_data = IndexedDataset(mask_prefix(self.prefix))
         self.lengths = np.asarray(self.token_data.sequence_lengths, dtype=np.int64)

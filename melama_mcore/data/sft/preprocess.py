@@ -20,15 +20,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from melama_mcore.data.indexed_writer import token_dtype
-from melama_mcore.data.inputs import DEFAULT_MAX_DOCUMENT_BYTES, parse_json_object
-from melama_mcore.data.preprocess import (Batch, check_token_ids, expand_inputs, handle_bad_records, read_batches,
+from melama_mcore.data.inputs import DEFAULT_MAX_DOCUMENT_BYTES, expand_inputs, parse_json_object
+from melama_mcore.data.preprocess import (Batch, check_token_ids, handle_bad_records, read_batches, run_failure,
                                           run_pipeline, show_progress)
 from melama_mcore.data.sft.conversations import RecordError, conversation_from_record
-from melama_mcore.data.sft.indexed import FORMAT, VERSION, SFTWriter, sft_prefix
+from melama_mcore.data.sft.indexed import FORMAT, VERSION, SFTWriter, output_files, sft_prefix
 from melama_mcore.data.sft.templates import CHOICES, load_template, template_identity
 from melama_mcore.data.sft.tokenize import refuse_special_text, special_text_pattern, tokenize_rendered
 from melama_mcore.data.tokenizer import load_tokenizer
 from melama_mcore.errors import DataError, UserError
+from melama_mcore.output_paths import check_output_prefix, remove_created_folders
 
 DEFAULT_SEQ_LENGTH = 4096
 TRUNCATION = ("drop", "truncate")
@@ -175,16 +176,20 @@ def _trained(result: EncodedSFTBatch) -> int:
 def preprocess_sft(inputs: list[str], output_prefix: str, tokenizer_path: str, *, chat_template: str = "me-llama",
                    workers: int | None = None, on_error: str = "stop", seq_length: int = DEFAULT_SEQ_LENGTH,
                    truncation: str = "drop", train_on_all: bool = False, system_prompt: str | None = None,
-                   max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES, progress: bool | None = None) -> SFTSummary:
+                   max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES, progress: bool | None = None,
+                   overwrite: bool = False) -> SFTSummary:
     """Tokenise instruction JSONL into `sft_prefix(output_prefix)` (see indexed.py); returns a summary.
 
-    Raises DataError (nothing left under a final name) on the first bad record when on_error="stop",
-    on an unusable tokenizer or template, or on unreadable inputs.
+    Raises UserError before any work when the outputs cannot be written there or exist already (unless
+    `overwrite`); DataError (nothing left under a final name) on the first bad record when
+    on_error="stop", on an unusable tokenizer or template, or on unreadable inputs.
     """
     if seq_length < 1:
         raise UserError("--seq-length must be at least 1")
     if truncation not in TRUNCATION:
         raise UserError(f"--truncation must be one of {', '.join(TRUNCATION)}")
+    if max_document_bytes < 1:
+        raise UserError("--max-document-bytes must be at least 1")
     files = expand_inputs(list(inputs))
     tok = load_tokenizer(tokenizer_path, num_threads=1)
     try:
@@ -197,6 +202,7 @@ def preprocess_sft(inputs: list[str], output_prefix: str, tokenizer_path: str, *
     workers = max(1, workers or os.cpu_count() or 1)
     options = SFTOptions(tokenizer_path, chat_template, seq_length, truncation, train_on_all, system_prompt)
     prefix = sft_prefix(output_prefix)
+    created = check_output_prefix(output_prefix, "--output-prefix", output_files(prefix), overwrite=overwrite)
     summary = SFTSummary(prefix)
     writer = None
     start = time.perf_counter()
@@ -210,16 +216,18 @@ def preprocess_sft(inputs: list[str], output_prefix: str, tokenizer_path: str, *
         writer.commit({
             "format": FORMAT, "version": VERSION,
             "template": template_identity(template),
-            "tokenizer": {"path": str(tokenizer_path), "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
-                          "eos_id": tok.eos_id},
+            "tokenizer": tok.record(),
             "seq_length": seq_length, "truncation": truncation, "train_on_all": train_on_all,
             "system_prompt": system_prompt is not None,
             "inputs": [str(f) for f in files],
             "counts": summary.counts(),
         })
-    except BaseException:
+    except BaseException as err:
         if writer is not None:
             writer.abort()
+        remove_created_folders(created)
+        if (failure := run_failure(err, output_prefix)) is not None:
+            raise failure from None
         raise
     return summary
 
@@ -253,7 +261,9 @@ outputs (for --output-prefix data/medqa; list data/medqa_sft_document in a blend
   data/medqa_sft_document.bin/.idx             token ids (uint16 below 65,500 tokens, else int32)
   data/medqa_sft_document_loss_mask.bin/.idx   loss mask, uint8, same sample boundaries
   data/medqa_sft_document.sft.json             marker: template, tokenizer, sequence length, counts
-  A blend of such prefixes trains as instruction tuning; nothing else needs switching.
+  A blend of such prefixes trains as instruction tuning; nothing else needs switching. Training
+  refuses them under another tokenizer (vocabulary) than the marker records. The output location is
+  checked before any work; existing outputs are refused unless --overwrite; a file listed twice too.
 
 bad records (malformed JSON, unknown formats or speakers, turns out of order, non-string text,
 text containing a special token such as </s>, non-UTF-8 bytes, a line over --max-document-bytes):
@@ -279,6 +289,7 @@ text containing a special token such as </s>, non-UTF-8 bytes, a line over --max
                         help="system prompt for records that have none (default: none)")
     parser.add_argument("--max-document-bytes", type=int, default=DEFAULT_MAX_DOCUMENT_BYTES,
                         help="larger records are bad records (default: 64 MiB); bounds memory")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist already")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -291,6 +302,6 @@ def main(argv: list[str] | None = None) -> int:
                              workers=args.workers, on_error=args.on_error, seq_length=args.seq_length,
                              truncation=args.truncation, train_on_all=args.train_on_all,
                              system_prompt=args.system_prompt, max_document_bytes=args.max_document_bytes,
-                             progress=False if args.no_progress else None)
+                             progress=False if args.no_progress else None, overwrite=args.overwrite)
     print("\n".join(summary.lines()))
     return 0

@@ -120,8 +120,25 @@ class JinjaTemplate:
             return text, spans
         except RecordError:
             raise
-        except Exception as err:  # jinja's TemplateError (raise_exception) and the like; never its text
-            raise RecordError(f"the chat template failed on this conversation ({type(err).__name__})") from None
+        except Exception as err:  # jinja's TemplateError (raise_exception), a syntax error, a TypeError, ...
+            raise RecordError(f"the chat template failed on this conversation ({_failure(err, conv)})") from None
+
+
+def _failure(err: Exception, conv: Conversation) -> str:
+    """`Class, line N: message` of an error raised while rendering, N the template's line; the message
+    is left out when it quotes the conversation (a template's raise_exception may)."""
+    import traceback
+
+    line = getattr(err, "lineno", None)  # a TemplateSyntaxError knows it
+    if line is None:
+        lines = [frame.lineno for frame in traceback.extract_tb(err.__traceback__) if frame.filename == "<template>"]
+        line = lines[-1] if lines else None
+    message = (getattr(err, "message", None) or str(err)).strip().splitlines()
+    message = message[0] if message else ""
+    if any(text.strip() and text.strip() in message for text in conv.texts()):
+        message = "message not shown: it quotes the conversation"
+    where = f", line {line}" if line is not None else ""
+    return f"{type(err).__name__}{where}" + (f": {message}" if message else "")
 
 
 def _special_text(tok, token_id) -> str:
@@ -147,6 +164,9 @@ def load_template(spec: str, tok):
         template = JinjaTemplate(tok.chat_template, "hf", bos, eos)
     else:
         path = Path(spec)
+        if path.is_dir():
+            raise UserError(f"--chat-template {spec!r}: a folder; pass a Jinja file, or --chat-template hf with the "
+                            "folder as --tokenizer-model to use its tokenizer's chat_template")
         if not path.is_file():
             raise UserError(f"--chat-template {spec!r}: not one of {', '.join(CHOICES)} and no such file")
         try:
