@@ -5,12 +5,19 @@ exist are found in the first second, not after hours of tokenising or generating
 Each check raises a one-line UserError that names the flag (or config key) the path came from, the
 path, what is wrong and what to do. Missing folders are created, as `mkdir -p` would; the functions
 return the folders they created, so that a command that fails later can remove them again
-(`remove_created_folders`) and leave nothing behind.
+(`remove_created_folders`) and leave nothing behind. `check_new_folder` (an output that must not
+exist yet: a converted checkpoint, published whole) creates nothing.
+
+    check_output_dir(path, flag)              a folder to write files in (created)
+    check_output_file(path, flag)             one file (its folder created; an existing file is replaced)
+    check_output_prefix(prefix, flag, files)  the files of an output prefix (its folder created)
+    check_new_folder(path, flag)              a folder that must not exist yet (nothing created)
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -72,10 +79,43 @@ def check_output_prefix(prefix, flag: str, outputs=(), *, overwrite: bool = True
     return _prepare_folder(Path(prefix).parent, shown, flag)
 
 
+def check_output_file(path, flag: str) -> list[Path]:
+    """Make sure file `path` (given as `flag`, e.g. "--json") can be written: not a folder, its folder
+    as check_output_dir does. Returns the folders created; an existing file will be replaced."""
+    shown = f"{flag} {os.fspath(path)}"
+    path = Path(os.fspath(path))
+    if path.is_dir():
+        raise UserError(f"{shown} is a folder; give a file name")
+    return _prepare_folder(path.parent, shown, flag)
+
+
+def check_new_folder(path, flag: str) -> None:
+    """Make sure folder `path` (given as `flag`) can be created as a whole, creating nothing: it does
+    not exist yet, and files can be written in its nearest existing parent folder (proved by
+    creating and removing one). For outputs that are published whole (a rename), checked before
+    the work that fills them."""
+    shown = f"{flag} {os.fspath(path)}"
+    path = Path(os.fspath(path))
+    if path.exists() or path.is_symlink():
+        raise UserError(f"{shown} already exists: choose a new folder, or delete it first")
+    nearest = next(folder for folder in path.parents if folder.exists() or folder.is_symlink())
+    if not nearest.is_dir():
+        raise UserError(f"{shown}: {nearest} is a file, not a folder; choose another {flag}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=nearest, prefix=_PROBE_PREFIX):
+            pass
+    except OSError as err:
+        raise UserError(f"{shown}: cannot write in {nearest} ({err.strerror or err}); choose a writable location "
+                        f"for {flag} or fix its permissions") from None
+
+
 def remove_created_folders(created) -> None:
-    """Remove the folders a check created, innermost first, as long as they are empty."""
+    """Remove the folders a check created, innermost first, as long as no file was written in them
+    (empty folders made inside since, such as a run's data cache folder, go with them)."""
     for folder in reversed(list(created)):
         try:
-            folder.rmdir()
-        except OSError:  # not empty (something else wrote there) or already gone: keep it
+            if any(files for _, _, files in os.walk(folder)):
+                return  # something was written there: keep it
+            shutil.rmtree(folder)
+        except OSError:  # already gone, or not ours to remove: keep the rest
             return

@@ -28,7 +28,7 @@ from megatron.core import parallel_state
 
 from melama_mcore import ready_model, step
 from melama_mcore.checkpoint.integrity import model_identity
-from melama_mcore.checkpoint.layout import ensure_writable_dir
+from melama_mcore.checkpoint.opened import init_from_problem
 from melama_mcore.components.metrics import MetricsLogger, StepStats, peak_tflops
 from melama_mcore.config.job_config import JobConfig, dump_config, load_config
 from melama_mcore.data.blend import load_blend
@@ -37,6 +37,7 @@ from melama_mcore.data.run_data import build_run_datasets, check_run_data, data_
 from melama_mcore.data.tokenizer import load_tokenizer
 from melama_mcore.distributed import parallel
 from melama_mcore.errors import UserError
+from melama_mcore.output_paths import check_new_folder, check_output_dir, remove_created_folders
 from melama_mcore.startup import configure, start
 
 log = logging.getLogger("melama")
@@ -53,13 +54,20 @@ class Trainer:
         # 1. Start-up: the config checked before any process group, then the groups.
         missing = [f"data.{key} must be set (see examples/configs/)"
                    for key, value in (("tokenizer", cfg.data.tokenizer), ("blend", cfg.data.blend)) if not value]
-        if cfg.checkpoint.init_from and not Path(cfg.checkpoint.init_from).exists():
-            missing.append(f"checkpoint.init_from {cfg.checkpoint.init_from} does not exist: give a `melama convert "
-                           "import-hf` folder, a run folder or one of its checkpoints")
+        if cfg.checkpoint.init_from and (problem := init_from_problem(Path(cfg.checkpoint.init_from))):
+            missing.append(problem)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
         configure(cfg, self.tokenizer and self.tokenizer.vocab_size, missing)  # fails here, before any group
-        ensure_writable_dir(Path(cfg.output_dir), "output_dir")
-        ensure_writable_dir(Path(cfg.output_dir) / "checkpoints", "the checkpoint folder")
+        created = (check_output_dir(cfg.output_dir, "output_dir")
+                   + check_output_dir(Path(cfg.output_dir) / "checkpoints", "output_dir"))
+        try:
+            self._start(cfg)
+        except BaseException:  # a start that fails leaves no empty output folder behind
+            remove_created_folders(created)
+            raise
+
+    def _start(self, cfg: JobConfig) -> None:
+        """The rest of the start-up, once the outputs are known to be writable."""
         self.blend = load_blend(cfg.data.blend)
         self.data_kind = data_kind(self.blend)  # pre-training text, or packed instruction data
         t = cfg.training
@@ -272,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_config(cfg))
         return 0
-    trainer = Trainer(cfg)
-    try:
+    if args.create_seed_checkpoint:
+        check_new_folder(args.create_seed_checkpoint, "--create-seed-checkpoint")
+    try:  # the process groups are shut down however the run ends, also when the trainer fails to start
+        trainer = Trainer(cfg)
         if args.create_seed_checkpoint:
             trainer.checkpointer.save_weights(args.create_seed_checkpoint)
             return 0

@@ -22,11 +22,11 @@ HF_CONFIG = dict(vocab_size=520, hidden_size=64, intermediate_size=176, num_hidd
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
-def random_llama(folder: Path, **save_kwargs) -> Path:
+def random_llama(folder: Path, seed: int = 0, **save_kwargs) -> Path:
     """A LlamaForCausalLM with HF_CONFIG and random weights (norm weights included), saved."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**HF_CONFIG))
     with torch.no_grad():
         for p in model.parameters():

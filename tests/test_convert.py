@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -183,8 +184,111 @@ def test_missing_shard_mixed_dtypes_and_bad_layout(hf_dir, tmp_path):
     blocker.write_text("")
     result = convert("import-hf", "--hf-dir", hf_dir, "--out", blocker / "ckpt")
     assert result.returncode == 2 and "Traceback" not in result.stdout
-    assert result.stdout.strip().splitlines()[-1] == (f"error: cannot create {blocker / 'ckpt'}: {blocker} is a file, "
-                                                      "not a folder")
+    assert result.stdout.strip().splitlines()[-1] == (f"error: --out {blocker / 'ckpt'}: {blocker} is a file, not a "
+                                                      "folder; choose another --out")
+
+
+def only_error(result: subprocess.CompletedProcess) -> str:
+    """The one line a refused command prints (nothing logged before it, no traceback)."""
+    assert result.returncode == 2 and "Traceback" not in result.stdout, result.stdout
+    [line] = result.stdout.strip().splitlines()
+    return line
+
+
+def test_a_shard_without_a_tensor_its_index_names_is_named(hf_dir, tmp_path):
+    """Issue 19: a shard that lacks a tensor the index maps to it (a damaged download): one line
+    naming the file and the tensor, found from the headers before anything is converted. (A shard
+    missing, and one cut short: test_missing_shard_..., test_truncated_safetensors_...)"""
+    from safetensors.torch import load_file, save_file
+
+    src, out = copy_hf(hf_dir, tmp_path / "src"), tmp_path / "ckpt"
+    shard = sorted(src.glob("*.safetensors"))[2]
+    tensors = load_file(shard)
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, shard, metadata={"format": "pt"})
+    result = convert("import-hf", "--hf-dir", src, "--out", out)
+    assert_refused(result, out)
+    assert only_error(result) == (f"error: {shard} does not hold {dropped}, which model.safetensors.index.json says it "
+                                  "does: a damaged or incomplete download? Fetch that file again")
+
+
+def test_outputs_are_checked_before_anything_is_read(tmp_path):
+    """--out is a new folder, published whole: one that exists, lies under a file or where nothing
+    can be written is refused before the input is looked at (here the input does not even exist),
+    and what was there is left as it was."""
+    missing, existing, blocker = tmp_path / "nowhere", tmp_path / "existing", tmp_path / "a_file"
+    existing.mkdir()
+    (existing / "mine.txt").write_text("kept")
+    blocker.write_text("")
+    for command, source in (("import-hf", "--hf-dir"), ("export-hf", "--ckpt"), ("export-peft", "--ckpt")):
+        assert only_error(convert(command, source, missing, "--out", existing)) == (
+            f"error: --out {existing} already exists: choose a new folder, or delete it first")
+        assert only_error(convert(command, source, missing, "--out", blocker / "new" / "out")) == (
+            f"error: --out {blocker / 'new' / 'out'}: {blocker} is a file, not a folder; choose another --out")
+        assert only_error(convert(command, source, missing, "--out", "/proc/melama/out")).startswith(
+            "error: --out /proc/melama/out: cannot write in /proc (")
+    assert [p.name for p in existing.iterdir()] == ["mine.txt"] and blocker.read_text() == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "existing"]
+
+
+def test_inputs_of_the_wrong_kind_say_what_to_give(hf_dir, tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    import_hf(hf_dir, ckpt)
+    assert_refused(convert("import-hf", "--hf-dir", ckpt, "--out", out), out,
+                   f"error: {ckpt} is a checkpoint of this project, not a Hugging Face model folder: it needs no "
+                   f"import (train from it with checkpoint.init_from={ckpt})")
+    assert_refused(convert("export-hf", "--ckpt", hf_dir, "--out", out), out,
+                   f"error: {hf_dir} is a Hugging Face model folder, not a checkpoint of this project: import it first "
+                   f"with `melama convert import-hf --hf-dir {hf_dir} --out CKPT`")
+    partial = tmp_path / "run" / "checkpoints" / "iter_0000002.partial"  # a save a crash interrupted
+    shutil.copytree(ckpt, partial)
+    for command in ("export-hf", "export-peft"):
+        assert_refused(convert(command, "--ckpt", partial, "--out", out), out,
+                       f"error: {partial} is an interrupted save, never published", "give the run's folder or its "
+                       "checkpoints/ folder (its latest complete checkpoint)")
+
+
+def test_export_refuses_a_tokenizer_the_checkpoint_was_not_trained_with(hf_dir, tmp_path, spm_model, other_spm_model):
+    """--tokenizer with another vocabulary than the checkpoint records (same size, other pieces):
+    refused naming both, unless --allow-tokenizer-mismatch; one with more tokens than the model's
+    vocabulary is refused either way."""
+    from melama_mcore.checkpoint.integrity import model_identity
+    from melama_mcore.data.tokenizer import load_tokenizer
+
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    import_hf(hf_dir, ckpt)
+    identity_file = ckpt / "model_identity.json"
+    identity = json.loads(identity_file.read_text())  # as a run trained with spm_model records it
+    recorded = model_identity(None, load_tokenizer(spm_model))["tokenizer"]
+    identity_file.write_text(json.dumps({**identity, "tokenizer": recorded}))
+    assert_refused(convert("export-hf", "--ckpt", ckpt, "--out", out, "--tokenizer", other_spm_model), out,
+                   f"error: --tokenizer {other_spm_model} (400 tokens, another vocabulary) is not the tokenizer {ckpt} "
+                   f"was trained with, {spm_model} (400 tokens): token ids would mean other text",
+                   "or pass --allow-tokenizer-mismatch if you mean it")
+    result = convert("export-hf", "--ckpt", ckpt, "--out", out, "--tokenizer", other_spm_model,
+                     "--allow-tokenizer-mismatch")
+    assert result.returncode == 0 and "exporting with it anyway (--allow-tokenizer-mismatch)" in result.stdout
+    assert (out / "tokenizer.model").read_bytes() == Path(other_spm_model).read_bytes()
+    assert convert("export-hf", "--ckpt", ckpt, "--out", tmp_path / "same", "--tokenizer", spm_model).returncode == 0
+    config = ckpt / "config.yaml"  # a model of 300 tokens
+    config.write_text(config.read_text().replace("vocab_size: 520", "vocab_size: 300"))
+    identity_file.write_text(json.dumps({**identity, "arch": {**identity["arch"], "vocab_size": 300}}))
+    assert_refused(convert("export-hf", "--ckpt", ckpt, "--out", tmp_path / "wide", "--tokenizer", spm_model,
+                           "--allow-tokenizer-mismatch"), tmp_path / "wide",
+                   f"error: --tokenizer {spm_model} has 400 tokens, more than the vocabulary of {ckpt} (300)")
+
+
+def test_conversions_print_no_library_warnings(hf_dir, tmp_path):
+    """torch's "torch.distributed is disabled ..." (DCP called for one process, on purpose) and the
+    like are not printed: the warning filters as a command has them, every warning recorded."""
+    from melama_mcore.logs import quiet_libraries
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        quiet_libraries()
+        assert convert("import-hf", "--hf-dir", hf_dir, "--out", tmp_path / "ckpt").returncode == 0
+        assert convert("export-hf", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "out").returncode == 0
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
 
 
 def test_export_refuses_mismatched_or_corrupt_checkpoint(hf_dir, tmp_path):

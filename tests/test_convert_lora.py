@@ -13,7 +13,9 @@ framework's logits, read by peft and transformers, within 1e-5.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -49,12 +51,17 @@ def adapter_run(tmp_path_factory) -> dict[str, Path]:
                root / "tokens.pt")
     result = run_ranks(4, __file__, [str(root)], ENV, timeout=600, log_path=root / "adapter_run.log")
     assert result.returncode == 0, result.stdout[-5000:]
-    return {"base": root / "base", "run": root / "run", "logits": root / "logits.pt", "tokens": root / "tokens.pt"}
+    return {"hf": root / "hf", "base": root / "base", "run": root / "run", "logits": root / "logits.pt",
+            "tokens": root / "tokens.pt"}
 
 
 def test_export_peft_loads_in_peft_with_the_framework_logits(adapter_run, tmp_path):
-    from peft import PeftModel
+    """On the base exported by export-hf with PeftModel, and alone with AutoPeftModelForCausalLM: the
+    adapter names the Hugging Face folder its base was imported from."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM
+
+    from melama_mcore.checkpoint.peft_folder import check_peft_adapter
 
     base_hf, adapter = tmp_path / "base_hf", tmp_path / "adapter"
     assert convert("export-hf", "--ckpt", adapter_run["base"], "--out", base_hf).returncode == 0
@@ -63,13 +70,88 @@ def test_export_peft_loads_in_peft_with_the_framework_logits(adapter_run, tmp_pa
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8.0)
     assert sorted(config["target_modules"]) == sorted(HF_TARGETS)
-    assert config["base_model_name_or_path"] == str(adapter_run["base"])
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32), adapter)
-    with torch.no_grad():
-        logits = model(torch.load(adapter_run["tokens"])).logits
-    ours = torch.load(adapter_run["logits"])
-    assert relative_error(logits, ours) < 1e-5
-    assert relative_error(hf_logits(base_hf, torch.load(adapter_run["tokens"])), ours) > 1e-2  # the adapters matter
+    assert config["base_model_name_or_path"] == str(adapter_run["hf"].resolve())
+    assert check_peft_adapter(adapter) == config
+    tokens, ours = torch.load(adapter_run["tokens"]), torch.load(adapter_run["logits"])
+    for model in (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32), adapter),
+                  AutoPeftModelForCausalLM.from_pretrained(adapter, dtype=torch.float32)):
+        with torch.no_grad():
+            assert relative_error(model(tokens).logits, ours) < 1e-5
+    assert relative_error(hf_logits(base_hf, tokens), ours) > 1e-2  # the adapters matter
+
+
+def test_export_peft_names_the_hugging_face_base(adapter_run, tmp_path):
+    """--base-hf: the base's export (checked to hold its weights) or a Hub id; another model is
+    refused; a base not imported from a Hugging Face folder that is still here: none, and a warning
+    that says what to pass."""
+    base_hf, other_hf = tmp_path / "base_hf", tmp_path / "other_hf"
+    assert convert("export-hf", "--ckpt", adapter_run["base"], "--out", base_hf, "--dtype", "bf16").returncode == 0
+    named = {}
+    for given in (base_hf, "meta-llama/Llama-2-7b-hf"):
+        out = tmp_path / f"adapter{len(named)}"
+        result = convert("export-peft", "--ckpt", adapter_run["run"], "--out", out, "--base-hf", given)
+        assert result.returncode == 0, result.stdout
+        named[str(given)] = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert named == {str(base_hf): str(base_hf.resolve()), "meta-llama/Llama-2-7b-hf": "meta-llama/Llama-2-7b-hf"}
+
+    random_llama(other_hf, seed=1)  # the same architecture, other weights
+    out = tmp_path / "refused"
+    assert_refused(convert("export-peft", "--ckpt", adapter_run["run"], "--out", out, "--base-hf", other_hf), out,
+                   f"error: --base-hf {other_hf} is not the base the adapters were trained on, {adapter_run['base']}: "
+                   "its model.norm.weight differs from the base's: other weights")
+    assert_refused(convert("export-peft", "--ckpt", adapter_run["run"], "--out", out, "--base-hf", tmp_path / "x"),
+                   out, f"error: --base-hf {tmp_path / 'x'} does not exist")
+
+    base = tmp_path / "base"  # the same base, its import's origin not recorded
+    shutil.copytree(adapter_run["base"], base)
+    identity = json.loads((base / "model_identity.json").read_text())
+    (base / "model_identity.json").write_text(json.dumps({k: v for k, v in identity.items() if k != "hf_source"}))
+    result = convert("export-peft", "--ckpt", adapter_run["run"], "--out", out, "--base", base)
+    assert result.returncode == 0, result.stdout
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    assert (f"adapter_config.json names no base model: {base} is not an import of a Hugging Face folder that is "
+            "still here. Pass --base-hf") in result.stdout
+
+
+def test_a_peft_adapter_whose_rank_disagrees_with_its_weights_is_refused(adapter_run, tmp_path):
+    """checkpoint/peft_folder.check_peft_adapter, what every reader of a PEFT adapter folder calls:
+    one line naming both files (peft itself fails with a size-mismatch traceback)."""
+    from melama_mcore.checkpoint.peft_folder import check_peft_adapter
+    from melama_mcore.errors import CheckpointError
+
+    adapter = tmp_path / "adapter"
+    assert convert("export-peft", "--ckpt", adapter_run["run"], "--out", adapter).returncode == 0
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "r": 8}))
+    with pytest.raises(CheckpointError) as refused:
+        check_peft_adapter(adapter)
+    assert str(refused.value) == (
+        f"{adapter}: adapter_config.json says r 8, but adapter_model.safetensors holds rank-4 matrices "
+        "(base_model.model.lm_head.lora_A.weight is [4, 64]): the config and the weights come from different "
+        "adapters. Put the adapter's own adapter_config.json beside its weights (or export it again)")
+    config_file.write_text(json.dumps({**config, "r": 8, "rank_pattern": {t: 4 for t in HF_TARGETS}}))
+    assert check_peft_adapter(adapter)["r"] == 8  # every module's rank comes from the pattern: 4
+    config_file.write_text(json.dumps({**config, "rank_pattern": {"q_proj": 2}}))
+    with pytest.raises(CheckpointError, match=r"says rank_pattern 2, but .* holds rank-4 .*q_proj\.lora_A"):
+        check_peft_adapter(adapter)
+    config_file.write_text(json.dumps(config))
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=f"{weights} is not a complete safetensors file"):
+        check_peft_adapter(adapter)
+
+
+def test_exports_of_adapters_print_no_library_warnings(adapter_run, tmp_path):
+    from melama_mcore.logs import quiet_libraries
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()  # the filters a command runs with
+        quiet_libraries()
+        assert convert("export-peft", "--ckpt", adapter_run["run"], "--out", tmp_path / "adapter").returncode == 0
+        assert convert("export-hf", "--ckpt", adapter_run["run"], "--out", tmp_path / "merged",
+                       "--merge-lora").returncode == 0
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
 
 
 def test_merge_lora_export_gives_the_framework_logits(adapter_run, tmp_path):

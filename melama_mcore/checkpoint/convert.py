@@ -4,7 +4,8 @@ export of a megatron checkpoint.
 
     import_hf(hf_dir, out, tp, pp)          HF folder -> weights-only dist-checkpoint
     export_hf(ckpt, out)                    any checkpoint -> HF folder (merge_lora: adapters merged in)
-    export_peft(ckpt, out)                  adapter checkpoint -> PEFT adapter folder
+    export_peft(ckpt, out)                  adapter checkpoint -> PEFT adapter folder (base_hf: the
+                                            Hugging Face base adapter_config.json names)
 
 Both directions stream: import builds each dist-checkpoint chunk from a few HF tensor slices when
 the writer asks for it (dcp_stream.py), export reads one decoder layer at a time and writes
@@ -16,8 +17,10 @@ what an adapter checkpoint holds and how it merges or becomes PEFT is its traini
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +31,8 @@ from melama_mcore.checkpoint.dcp_stream import DistCheckpointReader, write_dist_
 from melama_mcore.checkpoint.hf_folder import HFCheckpoint, copy_tokenizer, write_hf_model
 from melama_mcore.checkpoint.integrity import file_checksums, model_identity
 from melama_mcore.checkpoint.layout import atomic_dir, seal
-from melama_mcore.checkpoint.opened import ADAPTERS, open_checkpoint
+from melama_mcore.checkpoint.opened import ADAPTERS, Checkpoint, open_checkpoint
+from melama_mcore.checkpoint.peft_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from melama_mcore.config.job_config import dump_config
 from melama_mcore.config.validate import TP, PP, VP, Environment, InvalidConfig, resolve, validate
 from melama_mcore.errors import CheckpointError, UserError
@@ -40,9 +44,9 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_SHARD_BYTES = 5 * 10**9
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LAYOUT_FLAGS = {TP: "--tp", PP: "--pp", VP: "--vp"}  # how `melama convert` names the layout settings
+HF_SOURCE = "hf_source"  # model_identity.json of an import: the Hugging Face folder it was imported from
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # a Hugging Face Hub model id, e.g. meta-llama/Llama-2-7b-hf
 
 
 @dataclass(frozen=True)
@@ -99,8 +103,10 @@ def import_hf(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, vp: int | None 
              arch.num_query_groups, arch.vocab_size, padded, tp, arch.max_position_embeddings, dtype)
     with atomic_dir(out) as tmp:
         write_dist_checkpoint(tmp, sda.import_chunks(arch, padded, tp), sda.extra_state_objects(arch), hf.read, dtype)
-        # Weights only: an import records no tokenizer (a run from it names one in data.tokenizer).
-        seal(tmp, file_checksums(tmp), model_identity(arch, None), import_config_yaml(arch, tp, pp, vp, divisible_by))
+        # Weights only: an import records no tokenizer (a run from it names one in data.tokenizer), and
+        # the folder it came from: the Hugging Face base of adapters trained on it (export_peft).
+        identity = {**model_identity(arch, None), HF_SOURCE: str(hf_dir.resolve())}
+        seal(tmp, file_checksums(tmp), identity, import_config_yaml(arch, tp, pp, vp, divisible_by))
         if verify is not None:
             verify(Conversion(hf_dir, tmp, arch, padded))
     return arch, padded
@@ -128,11 +134,13 @@ def hf_tensors(reader: DistCheckpointReader, arch: LlamaArch, adjust: Adjust | N
 
 def export_hf(ckpt: Path, out: Path, dtype_name: str = "auto", tokenizer: Path | None = None,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES, *, merge_lora: bool = False, base: Path | None = None,
-              verify: Verify | None = None, require_tokenizer: bool = False) -> tuple[LlamaArch, int]:
+              verify: Verify | None = None, require_tokenizer: bool = False,
+              allow_tokenizer_mismatch: bool = False) -> tuple[LlamaArch, int]:
     """A transformers folder from a checkpoint of this project: its weights, or with `merge_lora` an
     adapter checkpoint's adapters merged into its base's (`base`: another base than the one it
     names); the run's tokenizer unless `tokenizer` names another (`require_tokenizer`: refuse a
-    checkpoint that records none)."""
+    checkpoint that records none), refused when its vocabulary is not the one the checkpoint
+    records unless `allow_tokenizer_mismatch`."""
     source = open_checkpoint(ckpt, tokenizer)
     adapters = source.kind == ADAPTERS
     if adapters and not merge_lora:
@@ -141,7 +149,7 @@ def export_hf(ckpt: Path, out: Path, dtype_name: str = "auto", tokenizer: Path |
     if merge_lora and not adapters:
         raise UserError(f"--merge-lora: {source.folder} holds no LoRA adapters (its config.yaml has no "
                         "peft.method: lora)")
-    carried = source.tokenizer(tokenizer)
+    carried = source.tokenizer(tokenizer, allow_tokenizer_mismatch)
     if carried is None and require_tokenizer:
         raise CheckpointError(f"{source.folder}: its config.yaml names no tokenizer (data.tokenizer; a weights-only "
                               f"import has none): export it with `melama convert export-hf --ckpt {source.folder} "
@@ -179,7 +187,7 @@ def export_hf(ckpt: Path, out: Path, dtype_name: str = "auto", tokenizer: Path |
 
 
 def write_peft_adapter(out: Path, adapters: dict[str, torch.Tensor], arch: LlamaArch, peft,
-                       base_model_name_or_path: str, dtype: torch.dtype | None = None) -> None:
+                       base_model_name_or_path: str | None, dtype: torch.dtype | None = None) -> None:
     """A Hugging Face PEFT adapter folder at `out` (adapter_config.json + adapter_model.safetensors),
     which `peft.PeftModel.from_pretrained` loads on the exported base, from the global adapter
     tensors of the `peft:` settings; atomically (nothing appears there unless complete; an existing
@@ -194,8 +202,71 @@ def write_peft_adapter(out: Path, adapters: dict[str, torch.Tensor], arch: Llama
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(strategy.peft_config(base_model_name_or_path), indent=2))
 
 
-def export_peft(ckpt: Path, out: Path, base: Path | None = None) -> None:
-    """A Hugging Face PEFT adapter folder from an adapter checkpoint (saved at any TP/PP)."""
+def hf_weights_differ(base: Checkpoint, hf_dir: Path) -> str | None:
+    """Why Hugging Face folder `hf_dir` does not hold the weights of checkpoint `base`, or None. Its
+    architecture must be the base's, and its RMSNorm weights equal the base's in its dtype (an export
+    or an import of the base holds exactly those): a cheap test that tells another model, or the
+    same model before or after further training, from the base. (LoRA leaves the norms alone: a
+    merged export of adapters trained on the base passes.)"""
+    hf = HFCheckpoint(hf_dir)
+    try:
+        arch = sda.arch_from_hf_config(hf.config)
+    except UserError as err:
+        return str(err)
+    theirs = {**dataclasses.asdict(arch), "max_position_embeddings": None}
+    mine = {**dataclasses.asdict(base.arch), "max_position_embeddings": None}
+    if theirs != mine:
+        field = next(k for k in mine if mine[k] != theirs[k])
+        return f"its config.json describes another model ({field} {theirs[field]}, the base's {mine[field]})"
+    reader, _, _ = base.weights()
+    norms = reader.tensors([sda.FINAL_NORM, sda.ATTN_NORM, sda.MLP_NORM])
+    pairs = [("model.norm.weight", norms[sda.FINAL_NORM])]
+    for layer in range(arch.num_layers):
+        names = sda.hf_layer_names(layer)
+        pairs += [(names["input_norm"], norms[sda.ATTN_NORM][layer]), (names["post_norm"], norms[sda.MLP_NORM][layer])]
+    for name, ours in pairs:
+        stored = hf.read(name, ())
+        if not torch.equal(ours.to(stored.dtype), stored):
+            return f"its {name} differs from the base's: other weights"
+    return None
+
+
+def peft_base_name(base: Checkpoint, base_hf: str | None) -> str | None:
+    """What adapter_config.json names as `base_model_name_or_path`, the model PEFT's
+    AutoPeftModelForCausalLM loads the adapter on: `base_hf` (a Hugging Face folder holding the base's
+    weights, checked; or a Hub model id, taken as given), else the folder the base was imported from
+    (model_identity.json records it) while it still holds those weights, else None (PeftModel loads
+    the adapter on a base it is given)."""
+    if base_hf is not None:
+        path = Path(base_hf)
+        if not path.exists():
+            if HUB_ID.fullmatch(base_hf) and not path.parent.exists():  # "outputs/base-hf" with outputs/ here: a path
+                log.info("--base-hf %s: a Hugging Face Hub model id, named as given", base_hf)
+                return base_hf
+            raise UserError(f"--base-hf {base_hf} does not exist: give the Hugging Face folder of the base (`melama "
+                            f"convert export-hf --ckpt {base.folder} --out BASE_HF`), or its Hub model id")
+        problem = hf_weights_differ(base, path)
+        if problem is not None:
+            raise UserError(f"--base-hf {base_hf} is not the base the adapters were trained on, {base.folder}: "
+                            f"{problem}. Give its export (`melama convert export-hf --ckpt {base.folder} --out "
+                            "BASE_HF`)")
+        return str(path.resolve())
+    source = (base.identity or {}).get(HF_SOURCE)
+    if source is not None and Path(source).is_dir():
+        problem = hf_weights_differ(base, Path(source))
+        if problem is None:
+            log.info("adapter_config.json names the Hugging Face folder the base was imported from, %s", source)
+            return source
+        log.warning("%s, which the base %s was imported from, changed since (%s)", source, base.folder, problem)
+    log.warning("adapter_config.json names no base model: %s is not an import of a Hugging Face folder that is still "
+                "here. Pass --base-hf (its export: `melama convert export-hf --ckpt %s --out BASE_HF`) so that "
+                "AutoPeftModelForCausalLM.from_pretrained loads the adapter on it", base.folder, base.folder)
+    return None
+
+
+def export_peft(ckpt: Path, out: Path, base: Path | None = None, base_hf: str | None = None) -> None:
+    """A Hugging Face PEFT adapter folder from an adapter checkpoint (saved at any TP/PP); its
+    adapter_config.json names the Hugging Face base (`peft_base_name`)."""
     source = open_checkpoint(ckpt)
     if source.kind != ADAPTERS:
         raise UserError(f"{source.folder} holds no LoRA adapters (its config.yaml has no peft.method: lora): "
@@ -203,6 +274,10 @@ def export_peft(ckpt: Path, out: Path, base: Path | None = None) -> None:
     base_model = source.base(base)
     adapters = source.own_tensors()
     log.info("%s (%s), trained on the base %s", source.strategy.name, source.strategy.settings(), base_model.folder)
-    write_peft_adapter(out, adapters, source.arch, source.cfg.peft, str(base_model.folder))
-    log.info("load it with peft.PeftModel.from_pretrained(base, %r) on that base exported by "
-             "`melama convert export-hf --ckpt %s --out BASE_HF`", str(out), base_model.folder)
+    hf_base = peft_base_name(base_model, base_hf)
+    write_peft_adapter(out, adapters, source.arch, source.cfg.peft, hf_base)
+    if hf_base is not None:
+        log.info("load it with peft.AutoPeftModelForCausalLM.from_pretrained(%r)", str(out))
+    else:
+        log.info("load it with peft.PeftModel.from_pretrained(base, %r) on that base exported by "
+                 "`melama convert export-hf --ckpt %s --out BASE_HF`", str(out), base_model.folder)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,15 @@ def dcp_errors(what: str):
         raise CheckpointError(f"{what}: {type(cause).__name__}: {str(cause).splitlines()[0]}") from None
     except (OSError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"{what}: {type(err).__name__}: {err}") from None
+
+
+@contextlib.contextmanager
+def one_process():
+    """DCP called with no_dist=True, on purpose: without the warning torch prints every time
+    ("torch.distributed is disabled ..., assuming the intent is to save in a single process")."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +119,8 @@ def write_dist_checkpoint(folder: Path, chunks: list[Chunk], objects: dict[str, 
     byte objects (megatron's per-layer `_extra_state`)."""
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
-    with tqdm(total=len(chunks), desc="import", unit="chunk") as progress, dcp_errors(f"cannot write {folder}"):
+    with (tqdm(total=len(chunks), desc="import", unit="chunk") as progress, dcp_errors(f"cannot write {folder}"),
+          one_process()):
         # One file per chunk: DCP's writer keeps the last tensor it wrote for each key of a file until
         # the file is complete, which with a single file would hold about a layer and the embeddings.
         dcp.save({}, storage_writer=DistCheckpointWriter(str(folder), single_file_per_rank=False, thread_count=1),
@@ -170,7 +181,7 @@ class DistCheckpointReader:
         return self.stored[key]
 
     def _load(self, targets: dict) -> dict[str, torch.Tensor]:
-        with dcp_errors(f"cannot read {self.ckpt}"):
+        with dcp_errors(f"cannot read {self.ckpt}"), one_process():
             dcp.load({}, storage_reader=dcp.FileSystemReader(str(self.ckpt)), planner=SliceLoadPlanner(targets),
                      no_dist=True)
         return {key: target for key, (_, target) in targets.items()}

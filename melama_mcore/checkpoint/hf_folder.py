@@ -37,34 +37,56 @@ class HFCheckpoint:
     """Tensor names, shapes and dtypes of a HF folder, and reads of tensor slices, without ever
     holding more than the slice asked for (files are mapped per read, never kept open). Pickled
     `.bin` weights are read with torch's weights_only loader: one that holds more than tensors is
-    refused, never run."""
+    refused, never run.
+
+    Opening one checks that its weights are complete, reading only the files' headers: every shard
+    its index names is there and whole (a safetensors file cut short is found by its header), and
+    holds the tensors the index says it does; each problem is a one-line CheckpointError naming the
+    file. Any reader of a Hugging Face folder can open it for that check alone."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         if not (folder / "config.json").is_file():
-            raise CheckpointError(f"{folder} has no config.json: not a Hugging Face model folder")
+            raise CheckpointError(self._not_hf_reason(folder))
         self.config = _read_json(folder / "config.json")
-        self.files = self._weight_files()
+        self.files, weight_map, index = self._weight_files()
         self.index: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}
         for path in self.files:
             for name, shape, dtype in self._scan(path):
                 self.index[name] = (path, shape, dtype)
+        for name, file in weight_map.items():
+            if self.index.get(name, (None,))[0] != folder / file:
+                raise CheckpointError(f"{folder / file} does not hold {name}, which {index.name} says it does: "
+                                      "a damaged or incomplete download? Fetch that file again")
 
-    def _weight_files(self) -> list[Path]:
+    @staticmethod
+    def _not_hf_reason(folder: Path) -> str:
+        if not folder.exists():
+            return f"{folder} does not exist"
+        if any((root / marker).is_file() for root in (folder, folder / "checkpoints")
+               for marker in ("metadata.json", "latest")):
+            return (f"{folder} is a checkpoint of this project, not a Hugging Face model folder: it needs no import "
+                    f"(train from it with checkpoint.init_from={folder}); make a Hugging Face folder of it with "
+                    f"`melama convert export-hf --ckpt {folder} --out HF`")
+        return f"{folder} has no config.json: not a Hugging Face model folder"
+
+    def _weight_files(self) -> tuple[list[Path], dict[str, str], Path | None]:
+        """The weight files, the index's tensor -> file map ({} without an index) and the index."""
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             index = self.folder / index_name
             if index.is_file():
                 weight_map = _read_json(index).get("weight_map")
-                if not isinstance(weight_map, dict):
-                    raise CheckpointError(f"{index}: no weight_map")
-                names = sorted(set(map(str, weight_map.values())))
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise CheckpointError(f"{index}: no weight_map of tensor names to files")
+                names = sorted(set(weight_map.values()))
                 missing = [n for n in names if not (self.folder / n).is_file()]
                 if missing:
-                    raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing)}")
-                return [self.folder / n for n in names]
+                    raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing)} (an "
+                                          "incomplete download? Fetch them again)")
+                return [self.folder / n for n in names], weight_map, index
         for single in ("model.safetensors", "pytorch_model.bin"):
             if (self.folder / single).is_file():
-                return [self.folder / single]
+                return [self.folder / single], {}, None
         raise CheckpointError(f"{self.folder} has no model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
 
     @staticmethod

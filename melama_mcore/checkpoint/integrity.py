@@ -6,7 +6,6 @@ pickle inside it can run code. The trainer's checkpointer and the converter use 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -79,16 +78,24 @@ def model_identity(arch, tokenizer, cfg: JobConfig | None = None) -> dict:
     if strategy_identity is not None:
         identity["peft"] = strategy_identity
     if tokenizer is not None:
-        backend = getattr(tokenizer, "_backend", None)
-        n = tokenizer.vocab_size
-        pieces = None
-        if hasattr(backend, "id_to_piece"):
-            pieces = [backend.id_to_piece(i) for i in range(n)]
-        elif hasattr(backend, "convert_ids_to_tokens"):
-            pieces = backend.convert_ids_to_tokens(list(range(n)))
-        digest = hashlib.sha256("\0".join(map(str, pieces)).encode()).hexdigest() if pieces is not None else None
-        identity["tokenizer"] = {"path": str(tokenizer.path), "vocab_size": n, "vocab_sha256": digest}
+        identity["tokenizer"] = tokenizer_record(tokenizer)
     return identity
+
+
+def tokenizer_record(tokenizer) -> dict:
+    """What a checkpoint records of its tokenizer (data/tokenizer.py's Tokenizer): the vocabulary's
+    size and sha256 (Tokenizer.vocab_sha256, the digest data markers record too)."""
+    return {"path": str(tokenizer.path), "vocab_size": tokenizer.vocab_size, "vocab_sha256": tokenizer.vocab_sha256}
+
+
+def tokenizer_difference(saved: dict, mine: dict) -> str | None:
+    """How tokenizer record `mine` differs from `saved`, in a few words ("520 tokens", "520 tokens,
+    another vocabulary"); None for the same vocabulary (a record without a digest: the same size)."""
+    if mine["vocab_size"] != saved["vocab_size"]:
+        return f"{mine['vocab_size']:,} tokens"
+    if mine.get("vocab_sha256") and saved.get("vocab_sha256") and mine["vocab_sha256"] != saved["vocab_sha256"]:
+        return f"{mine['vocab_size']:,} tokens, another vocabulary"
+    return None
 
 
 def read_identity(folder: Path) -> dict | None:
@@ -111,13 +118,9 @@ def identity_differences(saved: dict, identity: dict, with_adapters: bool = Fals
         if mine[key] != theirs[key]:
             diffs.append(f"model.{key}: checkpoint {theirs[key]}, this run {mine[key]}")
     tok, saved_tok = identity.get("tokenizer"), saved.get("tokenizer")
-    if tok and saved_tok:
-        if tok["vocab_size"] != saved_tok["vocab_size"]:
-            diffs.append(f"tokenizer {tok['path']} has {tok['vocab_size']} tokens, the checkpoint was trained "
-                         f"with {saved_tok['path']} ({saved_tok['vocab_size']} tokens)")
-        elif tok["vocab_sha256"] and saved_tok["vocab_sha256"] and tok["vocab_sha256"] != saved_tok["vocab_sha256"]:
-            diffs.append(f"tokenizer {tok['path']} has another vocabulary than {saved_tok['path']}, which the "
-                         "checkpoint was trained with (same size, different pieces)")
+    if tok and saved_tok and (difference := tokenizer_difference(saved_tok, tok)):
+        diffs.append(f"tokenizer {tok['path']} ({difference}) is not {saved_tok['path']} "
+                     f"({saved_tok['vocab_size']:,} tokens), which the checkpoint was trained with")
     return diffs
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from melama_mcore.config.job_config import JobConfig, load_config
 from melama_mcore.errors import CheckpointError, ConfigError, UserError
+from melama_mcore.output_paths import check_new_folder, check_output_dir, remove_created_folders
 
 LATEST = "latest"
 PARTIAL = ".partial"
@@ -36,6 +37,7 @@ METADATA = "metadata.json"  # megatron's: written last by a dist-checkpoint save
 CHECKSUMS = "checksums.json"  # crc32 of every file megatron wrote, checked before loading (checkpoint.verify_checksums)
 IDENTITY = "model_identity.json"  # resolved architecture and tokenizer vocabulary of the run that saved
 CONFIG = "config.yaml"
+HF_CONFIG = "config.json"  # a Hugging Face model folder's: never one of this project's checkpoints
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -62,33 +64,27 @@ def latest_step(root: Path) -> int | None:
 
 def find_checkpoint(path: Path) -> Path:
     """A run's checkpoints/ folder (its latest), a run's output folder, one iter_* folder, or a
-    weights-only folder -> the folder holding metadata.json."""
+    weights-only folder -> the folder holding metadata.json. What is not one of those is refused
+    with what to give instead: an interrupted save (`.partial`), a Hugging Face model folder."""
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
+    if path.name.endswith(PARTIAL):
+        complete = path.with_name(path.name[: -len(PARTIAL)])
+        raise CheckpointError(f"{path} is an interrupted save, never published (a {PARTIAL} folder may lack "
+                              f"files): give the run's folder or its checkpoints/ folder (its latest complete "
+                              f"checkpoint), or a complete iter_* folder such as {complete.name} if it exists")
     for root in (path, path / "checkpoints"):
         if (root / LATEST).is_file():
             return step_dir(root, latest_step(root))
     if (path / METADATA).is_file():
         return path
+    if (path / HF_CONFIG).is_file():
+        raise CheckpointError(f"{path} is a Hugging Face model folder, not a checkpoint of this project: import it "
+                              f"first with `melama convert import-hf --hf-dir {path} --out CKPT` and give CKPT")
     raise CheckpointError(f"{path} is not a checkpoint: expected a metadata.json, or a 'latest' marker of a run")
 
 
 # -- writing ------------------------------------------------------------------------------------------
-def ensure_writable_dir(path: Path, what: str) -> None:
-    """Create `path` if needed and prove a file can be written in it, at start-up: an unwritable or
-    file-occupied folder is found before any step, not at the first save."""
-    try:
-        if path.exists() and not path.is_dir():
-            raise NotADirectoryError(f"{path} is a file")
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        reason = err.strerror or str(err)
-        raise UserError(f"{what} {path} cannot be written ({reason}): choose another folder or fix its "
-                        "permissions") from None
-
-
 def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -118,31 +114,34 @@ def publish(partial: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path):
+def atomic_dir(final: Path, flag: str = "--out"):
     """Yield a hidden temporary folder beside `final`; rename it to `final` only if the block
-    succeeds, remove it otherwise. An existing `final`, or one that cannot be created there, is
-    a UserError; a write that fails (a full disk) a CheckpointError naming the file."""
-    if final.exists():
-        raise UserError(f"{final} already exists: choose a new folder or delete it")
+    succeeds, remove it (and the parent folders it created) otherwise. An existing `final`, or one
+    that cannot be created there, is a UserError naming `flag` (output_paths.check_new_folder, which
+    a command also calls before its work); a write that fails (a full disk) a CheckpointError."""
+    check_new_folder(final, flag)
+    created = check_output_dir(final.parent, flag)
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=PARTIAL, dir=final.parent))
     except OSError as err:
-        blocker = next((p for p in final.parents if p.exists() and not p.is_dir()), None)
-        reason = f"{blocker} is a file, not a folder" if blocker else err.strerror or str(err)
-        raise UserError(f"cannot create {final}: {reason}") from None
+        remove_created_folders(created)
+        raise UserError(f"{flag} {final}: cannot create it ({err.strerror or err})") from None
     umask = os.umask(0)
     os.umask(umask)
+    published = False
     try:
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder
         yield tmp
         for path in tmp.iterdir():  # some writers (safetensors) create private files
             path.chmod(0o666 & ~umask)
         os.replace(tmp, final)
+        published = True
     except OSError as err:
         raise CheckpointError(f"{final} not written: {err}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not published:
+            remove_created_folders(created)
 
 
 # -- config.yaml --------------------------------------------------------------------------------------

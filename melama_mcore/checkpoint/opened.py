@@ -19,6 +19,7 @@ and gives what an export or an evaluation needs: `weights()` (a reader of its mo
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ from pathlib import Path
 import torch
 
 from melama_mcore.checkpoint.dcp_stream import DistCheckpointReader
-from melama_mcore.checkpoint.integrity import identity_differences, model_identity, read_identity, verify_checksums
+from melama_mcore.checkpoint.integrity import (identity_differences, model_identity, read_identity,
+                                               tokenizer_difference, tokenizer_record, verify_checksums)
 from melama_mcore.checkpoint.layout import CONFIG, find_checkpoint, read_config
 from melama_mcore.config.job_config import JobConfig
 from melama_mcore.data.tokenizer import load_tokenizer
@@ -34,6 +36,8 @@ from melama_mcore.errors import CheckpointError, ConfigError, UserError
 from melama_mcore.models.llama import state_dict_adapter as sda
 from melama_mcore.models.llama.config_registry import LlamaArch, resolve_arch
 from melama_mcore.strategies import TrainingStrategy, strategy_for
+
+log = logging.getLogger(__name__)
 
 RUN, WEIGHTS, ADAPTERS = "run", "weights", "adapters"
 _STEP_FOLDER = re.compile(r"iter_\d{7,}")  # layout.step_dir's names
@@ -74,20 +78,42 @@ class Checkpoint:
                                   f"({self.arch.vocab_size})")
         return reader, padded, reader.dtype(sda.EMBEDDING)
 
-    def tokenizer(self, override: Path | None = None) -> Path | None:
+    def tokenizer(self, override: Path | None = None, allow_mismatch: bool = False) -> Path | None:
         """The tokenizer the run trained with (data.tokenizer in its config.yaml), or `override`; None
-        when there is none (a weights-only import records no tokenizer)."""
+        when there is none (a weights-only import records no tokenizer). Checked against the
+        vocabulary the checkpoint records (or, without a record, the model's vocabulary size): another
+        one is refused, naming both, unless `allow_mismatch`."""
         if override is not None:
             if not override.exists():
                 raise UserError(f"--tokenizer {override} does not exist")
-            return override
-        if not self.cfg.data.tokenizer:
+            path, given = override, "--tokenizer"
+        elif not self.cfg.data.tokenizer:
             return None
-        path = Path(self.cfg.data.tokenizer)
-        if not path.exists():
-            raise CheckpointError(f"{self.folder}: the tokenizer its config.yaml names (data.tokenizer), {path}, "
-                                  "does not exist here: pass --tokenizer PATH to `melama convert export-hf`")
+        else:
+            path, given = Path(self.cfg.data.tokenizer), f"data.tokenizer in {self.folder / CONFIG}"
+            if not path.exists():
+                raise CheckpointError(f"{self.folder}: the tokenizer its config.yaml names (data.tokenizer), {path}, "
+                                      "does not exist here: pass --tokenizer PATH to `melama convert export-hf`")
+        self._check_tokenizer(path, given, allow_mismatch)
         return path
+
+    def _check_tokenizer(self, path: Path, given: str, allow_mismatch: bool) -> None:
+        tok = load_tokenizer(str(path))
+        if tok.vocab_size > self.arch.vocab_size:  # ids past the embedding: no override makes that work
+            raise CheckpointError(f"{given} {path} has {tok.vocab_size:,} tokens, more than the vocabulary of "
+                                  f"{self.folder} ({self.arch.vocab_size:,}): give the tokenizer the model was "
+                                  "trained with (--tokenizer PATH)")
+        recorded = (self.identity or {}).get("tokenizer")
+        difference = tokenizer_difference(recorded, tokenizer_record(tok)) if recorded else None
+        if difference is None:
+            return
+        mismatch = (f"{given} {path} ({difference}) is not the tokenizer {self.folder} "
+                    f"was trained with, {recorded['path']} ({recorded['vocab_size']:,} tokens)")
+        if allow_mismatch:
+            log.warning("%s: exporting with it anyway (--allow-tokenizer-mismatch)", mismatch)
+            return
+        raise CheckpointError(f"{mismatch}: token ids would mean other text. Give the tokenizer it was trained with "
+                              "(--tokenizer PATH), or pass --allow-tokenizer-mismatch if you mean it")
 
     def base(self, override: Path | None = None) -> Checkpoint:
         """The base model of an adapter checkpoint: `override` (--base), else its checkpoint.init_from;
@@ -149,3 +175,28 @@ def open_checkpoint(path: Path, tokenizer: Path | None = None, *, verify: bool =
         arch = dataclasses.replace(arch, max_position_embeddings=recorded["max_position_embeddings"])
     kind = ADAPTERS if not strategy.checkpoint_holds_base else RUN if _STEP_FOLDER.fullmatch(folder.name) else WEIGHTS
     return Checkpoint(folder, kind, cfg, strategy, arch, identity)
+
+
+def init_from_problem(path: Path) -> str | None:
+    """Why `path` cannot give a run its first weights (checkpoint.init_from), in one line with what
+    to give instead; None when it can: a checkpoint that holds a whole model (a `melama convert
+    import-hf` folder, a seed checkpoint, a run's). A dist-checkpoint without config.yaml (written
+    elsewhere) is left to the load to judge."""
+    key = f"checkpoint.init_from {path}"
+    if not path.exists():
+        return (f"{key} does not exist: give a `melama convert import-hf` folder, a run folder or one of its "
+                "checkpoints")
+    try:
+        folder = find_checkpoint(path)
+        if not (folder / CONFIG).is_file():
+            return None
+        cfg = read_config(folder)
+        strategy = strategy_for(cfg.peft)
+    except UserError as err:
+        return f"checkpoint.init_from: {err}"
+    if strategy.checkpoint_holds_base:
+        return None
+    return (f"{key} is an adapter checkpoint ({strategy.describe()}): it holds {strategy.trained} only, not a model. "
+            f"Start from its base ({cfg.checkpoint.init_from}), or from the model with them merged in: "
+            f"`melama convert export-hf --ckpt {path} --merge-lora --out HF`, then `melama convert import-hf "
+            "--hf-dir HF --out CKPT` and checkpoint.init_from=CKPT")

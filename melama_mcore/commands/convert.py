@@ -4,7 +4,7 @@ LoRA adapters out to Hugging Face PEFT.
     melama convert import-hf --hf-dir Llama-2-7b-hf --out ckpt/llama2-7b --tp 2 --pp 1
     melama train ... checkpoint.init_from=ckpt/llama2-7b model.preset=llama2-7b
     melama convert export-hf --ckpt outputs/run --out me-llama-7b-hf --dtype bf16
-    melama convert export-peft --ckpt outputs/chat --out me-llama-7b-chat-lora
+    melama convert export-peft --ckpt outputs/chat --out me-llama-7b-chat-lora --base-hf me-llama-7b-hf
     melama convert export-hf --ckpt outputs/chat --out me-llama-7b-chat-hf --merge-lora
 
 The conversions are the checkpoint room's library (checkpoint/convert.py); `--verify` is the trunk's
@@ -25,6 +25,7 @@ import torch
 from melama_mcore.checkpoint.convert import DEFAULT_SHARD_BYTES, DTYPES, export_hf, export_peft, import_hf
 from melama_mcore.cli import positive_int
 from melama_mcore.errors import UserError
+from melama_mcore.output_paths import check_new_folder
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--tokenizer", type=Path,
                      help="a sentencepiece .model or a HF tokenizer folder to copy alongside instead of the run's; "
                           "also the vocabulary size when the checkpoint records none")
+    exp.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                     help="export with a --tokenizer whose vocabulary differs from the one the checkpoint records "
+                          "(refused otherwise)")
     exp.add_argument("--merge-lora", action="store_true",
                      help="--ckpt is an adapter checkpoint: write its base with the LoRA adapters merged in")
     exp.add_argument("--base", type=Path,
@@ -115,12 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoints/ folder or one iter_* folder; saved at any TP/PP) as a PEFT adapter: "
                     "adapter_config.json (peft_type LORA, r, lora_alpha, target_modules in Hugging Face names) "
                     "and adapter_model.safetensors, which peft.PeftModel.from_pretrained loads on the base "
-                    "exported with `melama convert export-hf`.")
+                    "exported with `melama convert export-hf`. adapter_config.json names the Hugging Face base "
+                    "(base_model_name_or_path), so that peft.AutoPeftModelForCausalLM.from_pretrained(OUT) loads "
+                    "both: --base-hf, else the folder the base was imported from with `melama convert import-hf` "
+                    "(recorded in its model_identity.json) if it still holds the base's weights, else none.")
     peft.add_argument("--ckpt", required=True, type=Path, help="adapter checkpoint (see above)")
     peft.add_argument("--out", required=True, type=Path, help="new folder for the adapter (must not exist)")
     peft.add_argument("--base", type=Path,
                       help="the base model the adapters were trained on (default: the checkpoint.init_from the "
                            "adapter run recorded); checked against the architecture the adapters recorded")
+    peft.add_argument("--base-hf", metavar="PATH_OR_ID",
+                      help="the Hugging Face model adapter_config.json names as the base: a folder holding the "
+                           "base's weights (its `melama convert export-hf`; checked: architecture and norm weights), "
+                           "or a Hub model id such as meta-llama/Llama-2-7b-hf (taken as given)")
     return parser
 
 
@@ -128,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    check_new_folder(args.out, "--out")  # before anything is read: the output is published whole, never replaced
+    if args.command == "export-hf" and args.base is not None and not args.merge_lora:
+        raise UserError("--base names the base model of --merge-lora: add --merge-lora, or leave --base out")
     verify = None
     if getattr(args, "verify", False):
         check_verify_possible()  # before converting
@@ -137,12 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "import-hf":
         import_hf(args.hf_dir, args.out, args.tp, args.pp, args.vp, args.make_vocab_size_divisible_by, verify)
     elif args.command == "export-hf":
-        if args.base is not None and not args.merge_lora:
-            raise UserError("--base names the base model of --merge-lora: add --merge-lora, or leave --base out")
         export_hf(args.ckpt, args.out, args.dtype, args.tokenizer, args.max_shard_size, merge_lora=args.merge_lora,
-                  base=args.base, verify=verify)
+                  base=args.base, verify=verify, allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
     else:
-        export_peft(args.ckpt, args.out, args.base)
+        export_peft(args.ckpt, args.out, args.base, args.base_hf)
     log.info("wrote %s (peak RSS %.0f MiB)", args.out, peak_rss_mib())
     return 0
 

@@ -73,7 +73,9 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
+from melama_mcore.checkpoint.layout import write_atomically
 from melama_mcore.components.metrics import PEAK_TFLOPS
 from melama_mcore.config.job_config import JobConfig, PeftConfig, load_config
 from melama_mcore.config.validate import Environment, InvalidConfig, resolve, validate
@@ -81,6 +83,7 @@ from melama_mcore.errors import ConfigError, UserError
 from melama_mcore.models.llama import lora_tensors
 from melama_mcore.models.llama.config_registry import (PRESETS, LlamaArch, forward_flops_per_token, padded_vocab_size,
                                                      parameter_count, resolve_arch)
+from melama_mcore.output_paths import check_output_file, remove_created_folders
 from melama_mcore.strategies import METHODS, strategy_for
 
 GIB = 2**30
@@ -513,6 +516,15 @@ HEADER = ("  #  TP  PP  VP   DP MBS recompute distopt| weights  grads  optim  ac
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
+    created = check_output_file(args.json, "--json") if args.json else []  # before any work
+    try:
+        return _plan(args)
+    except BaseException:
+        remove_created_folders(created)  # only while empty: a report of why nothing fits is kept
+        raise
+
+
+def _plan(args) -> int:
     recipe_layout, peft = None, PeftConfig()
     if args.config:
         cfg = load_config(args.config)
@@ -584,8 +596,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write_json(path: str | None, report: dict) -> None:
     if path:
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
+        write_atomically(Path(path), json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ def load_blend(spec) -> Blend:
     where = "blend"
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder, not a blend file: give the blend's YAML file (data.blend; "
+                              "see examples/configs/)")
         if not path.is_file():
             raise ConfigError(f"{path}: blend file not found")
         try:

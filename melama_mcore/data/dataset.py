@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import logging
 import math
 import os
 import re
@@ -45,6 +46,13 @@ from melama_mcore.output_paths import check_output_dir
 
 _SPLIT = re.compile(r"\s*\d+(\.\d*)?\s*(,\s*\d+(\.\d*)?\s*){0,2}")
 _MAX_BLENDED_DATASETS = 32766  # BlendedDataset keeps dataset ids as int16
+
+
+def _not_single_dataset_note(record: logging.LogRecord) -> bool:
+    """megatron warns "Building a BlendedDataset for a single MegatronDataset" whenever a blend has
+    one train prefix: build_blended always gives weights (so a one-prefix blend draws its samples as
+    any blend does), and the note asks nothing of the user."""
+    return "BlendedDataset for a single MegatronDataset" not in record.getMessage()
 
 
 class _MegatronTokenizerView:
@@ -246,6 +254,8 @@ def build_blended(dataset_class, config, blend: Blend, tokens: dict[str, int], *
     part}). `config(**blend_fields)` makes the dataset class's config; `tokens` weighs prefixes.
     For pre-training (GPTDataset) and packed instruction data (data/sft) alike."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+    logging.getLogger("megatron.core.datasets.blended_dataset").addFilter(_not_single_dataset_note)  # once
 
     def build(sizes, **data):
         cfg = config(**data)

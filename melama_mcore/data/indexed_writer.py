@@ -8,10 +8,10 @@ list until `finalize`; here they are spilled to a side file and the index is wri
 `commit(meta)` also writes `{prefix}.meta.json`, what `melama preprocess` records about how the pair was
 made (data/provenance.py); Megatron-LM's readers ignore it.
 
-Atomicity: everything is written to `*.incomplete` names; `commit` removes any old `.idx` and
-`.meta.json` first, then publishes the new `.meta.json`, renames `.bin` and finally `.idx`. A run
-killed at any point therefore leaves no pair that looks valid (no `.idx`, or an `.idx` next to
-exactly the `.bin` it describes and its own `.meta.json`, or none).
+Atomicity: everything is written to `*.incomplete` names (`prepare`); `publish` removes any old
+`.idx` and `.meta.json` first, then publishes the new `.meta.json`, renames `.bin` and finally `.idx`
+(`commit` does both). A run killed at any point therefore leaves no pair that looks valid (no
+`.idx`, or an `.idx` next to exactly the `.bin` it describes and its own `.meta.json`, or none).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class IndexedWriter:
         self._lengths = open(self.lengths_tmp, "wb")
         self.documents = 0
         self.tokens = 0
+        self._meta = None  # prepare's record, published with the pair
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """`tokens`: the documents' tokens concatenated; `lengths`: tokens per document."""
@@ -69,18 +70,31 @@ class IndexedWriter:
 
     def commit(self, meta: dict | None = None) -> None:
         """Publish the pair, and `meta` as `{prefix}.meta.json` when given."""
+        self.prepare(meta)
+        self.publish()
+
+    def prepare(self, meta: dict | None = None) -> None:
+        """Everything of commit but the renames: the index written, both files synced, `meta` written
+        under its `.incomplete` name. Several pairs that appear together (one per JSON key) are all
+        prepared before any is published: a failure then leaves none (abort removes these files)."""
         self._bin.close()
         self._lengths.close()
         self._write_index()
         os.remove(self.lengths_tmp)
         for path in (self.bin_tmp, self.idx_tmp):
             _fsync(path)
+        self._meta = meta
+        if meta is not None:
+            _write_json_synced(self.prefix + META_SUFFIX + INCOMPLETE, meta)
+
+    def publish(self) -> None:
+        """The renames that make a prepared pair exist (the old `.idx` and record removed first)."""
         final_bin, final_idx, final_meta = self.prefix + ".bin", self.prefix + ".idx", self.prefix + META_SUFFIX
         for stale in (final_idx, final_meta):  # never leave an old .idx or record beside a new .bin
             if os.path.exists(stale):
                 os.remove(stale)
-        if meta is not None:
-            write_json_atomically(final_meta, meta)
+        if self._meta is not None:
+            os.replace(final_meta + INCOMPLETE, final_meta)
         os.replace(self.bin_tmp, final_bin)
         os.replace(self.idx_tmp, final_idx)
 
@@ -116,13 +130,16 @@ class IndexedWriter:
 
 def write_json_atomically(path: str, obj) -> None:
     """`obj` as JSON at `path`, written under an `.incomplete` name, synced, then renamed."""
-    tmp = path + INCOMPLETE
-    with open(tmp, "w", encoding="utf-8") as f:
+    _write_json_synced(path + INCOMPLETE, obj)
+    os.replace(path + INCOMPLETE, path)
+
+
+def _write_json_synced(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync(path: str) -> None:

@@ -30,6 +30,8 @@ COMPRESSED_SUFFIXES = {".gz", ".zst", ".zstd"}
 DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 INSTRUCTION_KEYS = ("conversations", "messages", "instruction")  # what preprocess-sft reads
 _CHUNK = 1 << 20
+_JSON_NOUNS = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number",
+               type(None): "null"}
 _COMPRESSED_CHUNK = 1 << 16  # bounds the output of one decompress call
 
 
@@ -244,6 +246,18 @@ def _decode(data: bytes) -> tuple[str | None, str | None]:
         return None, f"not valid UTF-8 (byte {err.start} of the record)"
 
 
+def json_noun(value) -> str:
+    """A parsed JSON value's kind in JSON's words ("number", "object", "null"), not Python's ("int",
+    "dict", "NoneType"): for messages."""
+    return _JSON_NOUNS.get(type(value), type(value).__name__)
+
+
+def json_type(value) -> str:
+    """json_noun with its article: "a number", "an object", "null"."""
+    noun = json_noun(value)
+    return noun if noun == "null" else f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
 def parse_json_object(data: bytes) -> tuple[dict | None, str | None]:
     """One JSONL record: (object, None); (None, None) for a blank line; or (None, reason).
     The reason never quotes the document."""
@@ -257,7 +271,7 @@ def parse_json_object(data: bytes) -> tuple[dict | None, str | None]:
     except RecursionError:
         return None, "malformed JSON (nested too deeply)"
     if not isinstance(obj, dict):
-        return None, f"a JSON {type(obj).__name__}, expected an object"
+        return None, f"a JSON {json_noun(obj)}, expected an object"
     return obj, None
 
 
@@ -279,7 +293,7 @@ def parse_record(data: bytes, fmt: str, json_keys: list[str]) -> tuple[list[str]
             return None, f"missing key {key!r}"
         value = obj[key]
         if not isinstance(value, str):
-            return None, f"key {key!r} is a {type(value).__name__}, expected a string"
+            return None, f"key {key!r} is {json_type(value)}, expected a string"
         texts.append(value)
     return texts, None
 

@@ -279,9 +279,12 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_path: str, *, js
         run_pipeline(read_batches(files, input_format, text_unit, max_document_bytes), encode_batch,
                      lambda result, bar: _write(result, writers, summary, on_error, dtype_limit, tok, bar, start),
                      workers=workers, initializer=_init_worker, initargs=(options,), progress=progress, unit="docs")
+        # all pairs or none: every one is complete on disk before the first is renamed into place
         for key, writer in zip(json_keys, writers):
-            writer.commit(pretraining_meta(tok, json_key=key, prepend_bos=prepend_bos, append_eod=append_eod,
-                                           inputs=files, documents=writer.documents, tokens=writer.tokens))
+            writer.prepare(pretraining_meta(tok, json_key=key, prepend_bos=prepend_bos, append_eod=append_eod,
+                                            inputs=files, documents=writer.documents, tokens=writer.tokens))
+        for writer in writers:
+            writer.publish()
     except BaseException as err:
         for writer in writers:
             writer.abort()

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from melama_mcore.checkpoint.layout import ensure_writable_dir
 from melama_mcore.errors import UserError
+from melama_mcore.output_paths import check_output_dir
 from melama_mcore.report import figures, render
 from melama_mcore.report.compare import report_data
 from melama_mcore.report.inputs import read_inputs
@@ -29,7 +29,7 @@ class Report:
 
 
 def make_report(paths: list[Path], out: Path, labels: list[str] = (), baseline: str | None = None) -> Report:
-    ensure_writable_dir(out, "--out")
+    check_output_dir(out, "--out")
     inputs = read_inputs(paths, list(labels))
     data = report_data(inputs, baseline)
     missing = figures.unavailable()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from melama_mcore.data.inputs import json_type
+
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
 SPEAKERS = {"human": USER, "user": USER, "gpt": ASSISTANT, "agent": ASSISTANT, "assistant": ASSISTANT,
             "system": SYSTEM}
@@ -44,7 +46,7 @@ class RecordError(ValueError):
 
 
 def _kind(value) -> str:
-    return type(value).__name__
+    return json_type(value)
 
 
 def _string(obj: dict, key: str, where: str, required: bool = True) -> str | None:
@@ -56,21 +58,21 @@ def _string(obj: dict, key: str, where: str, required: bool = True) -> str | Non
     if value is None and not required:
         return None
     if not isinstance(value, str):
-        raise RecordError(f"{where}key {key!r} is a {_kind(value)}, expected a string")
+        raise RecordError(f"{where}key {key!r} is {_kind(value)}, expected a string")
     return value
 
 
 def _from_turns(items, key: str) -> Conversation:
     speaker_key, text_key = FORMATS[key]
     if not isinstance(items, list):
-        raise RecordError(f"{key!r} is a {_kind(items)}, expected a list of turns")
+        raise RecordError(f"{key!r} is {_kind(items)}, expected a list of turns")
     if not items:
         raise RecordError(f"{key!r} holds no turns")
     system, speakers, texts = None, [], []
     for number, item in enumerate(items, start=1):
         where = f"turn {number}: "
         if not isinstance(item, dict):
-            raise RecordError(f"{where}a {_kind(item)}, expected an object")
+            raise RecordError(f"{where}{_kind(item)}, expected an object")
         speaker = _string(item, speaker_key, where)
         role = SPEAKERS.get(speaker.strip().lower())
         if role is None:
