@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
 import numpy as np
 import pytest
@@ -151,6 +152,18 @@ def test_explicit_valid_prefixes(prefixes, tok):
     train, valid = build_pretraining_datasets(spec, tokenizer=tok, seq_length=SEQ, seed=0,
                                               train_samples=100, valid_samples=8)
     assert len(train) == 100 and {k: len(v) for k, v in valid.items()} == {"clinical": 8, "general": 8}
+
+
+def test_a_one_prefix_blend_prints_no_single_dataset_note(prefixes, tok, caplog):
+    """Issue 19: megatron's "Building a BlendedDataset for a single MegatronDataset" came with every
+    run of one train prefix (build_blended weights it like any blend, on purpose): a note that asks
+    nothing of the user."""
+    spec = [{"name": "general", "weight": 1, "train": prefixes["general"]}]
+    with caplog.at_level(logging.INFO):
+        train, _ = build_pretraining_datasets(spec, tokenizer=tok, seq_length=SEQ, seed=0, train_samples=20,
+                                              valid_samples=0)
+    assert len(train) == 20 and type(train).__name__ == "BlendedDataset"  # megatron's, built as before
+    assert "single MegatronDataset" not in caplog.text
 
 
 def test_blend_report(prefixes, tmp_path, capsys):

@@ -36,7 +36,8 @@ def _good(i):
 HOSTILE = {
     "malformed_json": (b'{"text": "' + SECRET.encode() + b'", \n', "malformed JSON"),
     "missing_key": (json.dumps({"body": SECRET}).encode() + b"\n", "missing key 'text'"),
-    "not_a_string": (json.dumps({"text": [SECRET]}).encode() + b"\n", "key 'text' is a list"),
+    # JSON's words for what the value is, not Python's ("a dict")
+    "not_a_string": (json.dumps({"text": {"note": SECRET}}).encode() + b"\n", "key 'text' is an object, expected a string"),
     "non_utf8": (b'{"text": "' + SECRET.encode() + b' \xff\xfe"}\n', "not valid UTF-8"),
     "huge_document": (json.dumps({"text": SECRET * 200}).encode() + b"\n", "larger than --max-document-bytes"),
 }
@@ -314,7 +315,10 @@ def test_directory_as_input_is_named_a_directory(tmp_path, spm_model, capsys):
                                   "a_folder"])
 def test_output_prefix_that_cannot_be_written(command, case, tmp_path, spm_model, monkeypatch, capsys):
     # Issues 14.3 and 19.1: a one-line error before any work, exit 2, nothing left behind.
-    monkeypatch.setattr(preprocess_module, "run_pipeline", lambda *a, **k: pytest.fail("work started"))
+    from melama_mcore.data.sft import preprocess as sft_preprocess_module  # its own name for run_pipeline
+
+    for module in (preprocess_module, sft_preprocess_module):
+        monkeypatch.setattr(module, "run_pipeline", lambda *a, **k: pytest.fail("work started"))
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps({"text": "x", "conversations": [{"from": "human", "value": "q"},
                                                                {"from": "gpt", "value": "a"}]}) + "\n")

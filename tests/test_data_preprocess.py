@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import filecmp
 import gzip
 import json
@@ -79,6 +80,30 @@ def test_one_output_pair_per_json_key(tmp_path, spm_model, sp):
     preprocess([str(src)], str(tmp_path / "pp"), spm_model, json_keys=["title", "abstract"], progress=False)
     for key in ("title", "abstract"):
         assert read_documents(tmp_path / f"pp_{key}_document") == [[1] + sp.encode(r[key]) for r in rows]
+
+
+def test_several_json_keys_are_published_all_or_none(tmp_path, spm_model, monkeypatch, capsys):
+    """Issue 19: a failure while finishing a later key's pair (here the disk fills up while its index
+    is written) left the first key's pair published. Every pair is now complete on disk before any
+    is renamed into place."""
+    from melama_mcore.data.indexed_writer import IndexedWriter
+
+    src = tmp_path / "papers.jsonl"
+    src.write_text("".join(json.dumps({"title": f"Case {i}", "abstract": f"Dose {i} mg."}) + "\n" for i in range(20)))
+    write_index, indexed = IndexedWriter._write_index, []
+
+    def disk_full_at_the_second_index(writer):
+        indexed.append(writer.prefix)
+        if len(indexed) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", writer.idx_tmp)
+        write_index(writer)
+
+    monkeypatch.setattr(IndexedWriter, "_write_index", disk_full_at_the_second_index)
+    assert melama(["preprocess", "--input", str(src), "--output-prefix", str(tmp_path / "pp"), "--tokenizer-model",
+                   spm_model, "--json-keys", "title", "abstract", "--workers", "1", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'pp_abstract_document.idx.incomplete'}: No space left on "
+                                       "device; nothing was written\n")
+    assert len(indexed) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["papers.jsonl"]
 
 
 def test_text_inputs_per_file_and_per_block(tmp_path, spm_model, sp):

@@ -280,12 +280,27 @@ def test_unknown_gpu_and_help(capsys):
 
 
 def test_json_lists_top_k(tmp_path):
-    out = tmp_path / "plan.json"
+    out = tmp_path / "new" / "plan.json"  # its folder made, as for every output
     assert run_main(planner.main, ["--preset", "llama2-13b", "--gpu", "h200", "--gpus", "16", "--gbs", "128",
                                    "--top", "3", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert len(report["layouts"]) == 3 and report["fitting_layouts"] >= 3
     assert all(r["fits"] for r in report["layouts"])
+    assert [p.name for p in out.parent.iterdir()] == ["plan.json"]  # written whole: no temporary file left
+
+
+@pytest.mark.parametrize("where", ["a folder", "under a file", "under /proc"])
+def test_a_json_path_that_cannot_be_written_is_refused_before_planning(where, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    path, message = {"a folder": (tmp_path, f"--json {tmp_path} is a folder; give a file name"),
+                     "under a file": (tmp_path / "afile" / "plan.json",
+                                      f"--json {tmp_path / 'afile' / 'plan.json'}: {tmp_path / 'afile'} is a file"),
+                     "under /proc": ("/proc/melama/plan.json", "cannot create the folder /proc/melama")}[where]
+    assert run_main(planner.main, ["--preset", "llama2-7b", "--gpu", "h100-80gb", "--gpus", "8", "--json",
+                                   str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
 
 
 # -- on a GPU: predicted vs measured peak memory --------------------------------------------------

@@ -47,8 +47,79 @@ def test_an_unusable_output_folder_is_refused_at_start_up(where, tiny_data, tmp_
         out.chmod(0o500)
     assert _train(tiny_data, tmp_path) == 2
     line = _error(capsys.readouterr().err)
-    assert "cannot be written" in line
+    assert line.startswith(f"error: output_dir {out}")
+    assert "is a file, not a folder; choose another output_dir" in line or f"cannot write in {out} (" in line
     assert not dist.is_initialized()  # refused before any process group, so before any step
+
+
+def test_a_failed_start_removes_the_output_folders_it_created(tiny_data, tmp_path, capsys):
+    """Also: a blend given as a folder says so (not "blend file not found")."""
+    out = tmp_path / "new" / "run"
+    code = melama(["train", f"output_dir={out}", *TINY, f"data.tokenizer={tiny_data['tokenizer']}",
+                   f"data.blend={tmp_path}"])
+    assert code == 2
+    assert _error(capsys.readouterr().err) == (f"error: {tmp_path} is a folder, not a blend file: give the blend's "
+                                               "YAML file (data.blend; see examples/configs/)")
+    assert not (tmp_path / "new").exists()
+
+
+def _fake_checkpoint(folder: Path, *overrides: str) -> Path:
+    """What init_from's start-up check reads of a checkpoint: its metadata.json and config.yaml."""
+    from melama_mcore.config.job_config import dump_config, load_config
+
+    folder.mkdir(parents=True)
+    (folder / "metadata.json").write_text("{}")
+    (folder / "config.yaml").write_text(dump_config(load_config(None, list(overrides))))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["adapter checkpoint", "Hugging Face folder", "interrupted save"])
+def test_an_init_from_that_cannot_start_a_run_says_what_to_give(kind, tiny_data, tmp_path, capsys):
+    if kind == "adapter checkpoint":
+        given = _fake_checkpoint(tmp_path / "lora", "peft.method=lora", "checkpoint.init_from=/models/base")
+        message = (f"checkpoint.init_from {given} is an adapter checkpoint (LoRA rank 16): it holds LoRA adapters "
+                   "only, not a model. Start from its base (/models/base), or from the model with them merged in: "
+                   f"`melama convert export-hf --ckpt {given} --merge-lora --out HF`")
+    elif kind == "Hugging Face folder":
+        given = tmp_path / "llama-hf"
+        given.mkdir()
+        (given / "config.json").write_text("{}")
+        message = (f"{given} is a Hugging Face model folder, not a checkpoint of this project: import it first with "
+                   f"`melama convert import-hf --hf-dir {given} --out CKPT`")
+    else:
+        given = _fake_checkpoint(tmp_path / "run" / "checkpoints" / "iter_0000010.partial")
+        message = f"{given} is an interrupted save, never published"
+    assert _train(tiny_data, tmp_path, f"checkpoint.init_from={given}") == 2
+    assert message in _error(capsys.readouterr().err)
+    assert not dist.is_initialized() and not (tmp_path / "out").exists()
+
+
+def test_the_process_groups_are_shut_down_when_the_trainer_fails_to_start(monkeypatch, capsys):
+    """A Trainer that fails after start() (a checkpoint that does not fit, found while loading) must
+    not leave the process groups to the interpreter's exit."""
+    from melama_mcore import train
+    from melama_mcore.errors import CheckpointError
+
+    def fails_after_start(cfg):
+        raise CheckpointError("checkpoint X does not fit this run")
+
+    shutdowns = []
+    monkeypatch.setattr(train, "Trainer", fails_after_start)
+    monkeypatch.setattr(train.parallel, "shutdown", lambda: shutdowns.append(True))
+    assert melama(["train", "training.device=cpu"]) == 2
+    assert _error(capsys.readouterr().err) == "error: checkpoint X does not fit this run"
+    assert shutdowns == [True]
+
+
+def test_a_seed_checkpoint_folder_that_exists_is_refused_first(tiny_data, tmp_path, capsys):
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    code = melama(["train", "--create-seed-checkpoint", str(seed), f"output_dir={tmp_path / 'out'}", *TINY,
+                   *data_overrides(tiny_data)])
+    assert code == 2
+    assert _error(capsys.readouterr().err) == (f"error: --create-seed-checkpoint {seed} already exists: choose a new "
+                                               "folder, or delete it first")
+    assert not dist.is_initialized() and not (tmp_path / "out").exists()
 
 
 def test_a_missing_init_from_says_it_does_not_exist(tiny_data, tmp_path, capsys):
