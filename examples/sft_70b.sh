@@ -3,7 +3,7 @@
 # (examples/configs/llama2_70b_me_llama_chat.yaml), with the same launcher as pre-training.
 #   bash examples/sft_70b.sh [overrides...]          e.g. training.train_iters=100
 # Then export the adapter for Hugging Face PEFT (or merge it into the base):
-#   melama convert export-peft --ckpt outputs/me-llama-70b-chat --out me-llama-70b-chat-lora
+#   melama convert export-peft --ckpt outputs/me-llama-70b-chat --out me-llama-70b-chat-lora --base-hf me-llama-70b-hf
 #   melama convert export-hf --ckpt outputs/me-llama-70b-chat --out me-llama-70b-chat-hf --merge-lora --dtype bf16
 set -euo pipefail
 cd "$(dirname "$0")/.."
