@@ -33,6 +33,7 @@ from melama_mcore.output_paths import check_new_folder, check_output_dir, remove
 
 LATEST = "latest"
 PARTIAL = ".partial"
+INCOMPLETE = ".incomplete"  # the converter's temporary folder (atomic_dir)
 METADATA = "metadata.json"  # megatron's: written last by a dist-checkpoint save
 CHECKSUMS = "checksums.json"  # crc32 of every file megatron wrote, checked before loading (checkpoint.verify_checksums)
 IDENTITY = "model_identity.json"  # resolved architecture and tokenizer vocabulary of the run that saved
@@ -122,7 +123,9 @@ def atomic_dir(final: Path, flag: str = "--out"):
     check_new_folder(final, flag)
     created = check_output_dir(final.parent, flag)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=PARTIAL, dir=final.parent))
+        # not `.partial`, which names a run's interrupted saves (refused by find_checkpoint): --verify
+        # opens this folder as a checkpoint before it is published
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=INCOMPLETE, dir=final.parent))
     except OSError as err:
         remove_created_folders(created)
         raise UserError(f"{flag} {final}: cannot create it ({err.strerror or err})") from None
