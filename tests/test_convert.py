@@ -311,6 +311,9 @@ def test_export_refuses_mismatched_or_corrupt_checkpoint(hf_dir, tmp_path):
                    "corrupt or truncated")  # named by its checksum before anything is read
     (ckpt / "checksums.json").unlink()  # unverifiable: the truncation is met after writing began
     assert_refused(convert("export-hf", "--ckpt", ckpt, "--out", out), out, "cannot read")
+    deeper = tmp_path / "new" / "hf_out"  # the folders made for it go too
+    result = convert("export-hf", "--ckpt", ckpt, "--out", deeper)
+    assert result.returncode == 2 and "cannot read" in result.stdout and not (tmp_path / "new").exists()
     assert_refused(convert("export-hf", "--ckpt", tmp_path, "--out", out), out, "is not a checkpoint")
 
 

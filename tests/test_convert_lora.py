@@ -73,8 +73,9 @@ def test_export_peft_loads_in_peft_with_the_framework_logits(adapter_run, tmp_pa
     assert config["base_model_name_or_path"] == str(adapter_run["hf"].resolve())
     assert check_peft_adapter(adapter) == config
     tokens, ours = torch.load(adapter_run["tokens"]), torch.load(adapter_run["logits"])
-    for model in (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32), adapter),
-                  AutoPeftModelForCausalLM.from_pretrained(adapter, dtype=torch.float32)):
+    on_base = AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32)
+    alone = AutoPeftModelForCausalLM.from_pretrained(adapter, dtype=torch.float32)  # loads the base it names
+    for model in (PeftModel.from_pretrained(on_base, adapter), alone):
         with torch.no_grad():
             assert relative_error(model(tokens).logits, ours) < 1e-5
     assert relative_error(hf_logits(base_hf, tokens), ours) > 1e-2  # the adapters matter

@@ -37,7 +37,8 @@ HOSTILE = {
     "malformed_json": (b'{"text": "' + SECRET.encode() + b'", \n', "malformed JSON"),
     "missing_key": (json.dumps({"body": SECRET}).encode() + b"\n", "missing key 'text'"),
     # JSON's words for what the value is, not Python's ("a dict")
-    "not_a_string": (json.dumps({"text": {"note": SECRET}}).encode() + b"\n", "key 'text' is an object, expected a string"),
+    "not_a_string": (json.dumps({"text": {"note": SECRET}}).encode() + b"\n",
+                     "key 'text' is an object, expected a string"),
     "non_utf8": (b'{"text": "' + SECRET.encode() + b' \xff\xfe"}\n', "not valid UTF-8"),
     "huge_document": (json.dumps({"text": SECRET * 200}).encode() + b"\n", "larger than --max-document-bytes"),
 }

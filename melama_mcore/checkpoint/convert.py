@@ -253,7 +253,10 @@ def peft_base_name(base: Checkpoint, base_hf: str | None) -> str | None:
         return str(path.resolve())
     source = (base.identity or {}).get(HF_SOURCE)
     if source is not None and Path(source).is_dir():
-        problem = hf_weights_differ(base, Path(source))
+        try:
+            problem = hf_weights_differ(base, Path(source))
+        except UserError as err:  # no longer a readable Hugging Face folder
+            problem = str(err)
         if problem is None:
             log.info("adapter_config.json names the Hugging Face folder the base was imported from, %s", source)
             return source

@@ -51,11 +51,13 @@ class HFCheckpoint:
         self.config = _read_json(folder / "config.json")
         self.files, weight_map, index = self._weight_files()
         self.index: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}
+        held: dict[Path, set[str]] = {}
         for path in self.files:
             for name, shape, dtype in self._scan(path):
                 self.index[name] = (path, shape, dtype)
+                held.setdefault(path, set()).add(name)
         for name, file in weight_map.items():
-            if self.index.get(name, (None,))[0] != folder / file:
+            if name not in held.get(folder / file, ()):
                 raise CheckpointError(f"{folder / file} does not hold {name}, which {index.name} says it does: "
                                       "a damaged or incomplete download? Fetch that file again")
 

@@ -113,7 +113,8 @@ class Checkpoint:
             log.warning("%s: exporting with it anyway (--allow-tokenizer-mismatch)", mismatch)
             return
         raise CheckpointError(f"{mismatch}: token ids would mean other text. Give the tokenizer it was trained with "
-                              "(--tokenizer PATH), or pass --allow-tokenizer-mismatch if you mean it")
+                              "(`melama convert export-hf --tokenizer PATH`), or pass --allow-tokenizer-mismatch if you "
+                              "mean it")
 
     def base(self, override: Path | None = None) -> Checkpoint:
         """The base model of an adapter checkpoint: `override` (--base), else its checkpoint.init_from;
