@@ -6,7 +6,9 @@
     checkpointer.py  the trainer's Checkpointer: save, resume, resharding (megatron dist-checkpointing)
     dcp_stream.py    streaming access to the dist-checkpoint files without megatron's model: a writer
                      that builds each chunk on demand, a reader of one layer at a time
-    hf_folder.py     Hugging Face model folders: a lazy reader, a streaming safetensors writer, tokenizers
+    hf_folder.py     Hugging Face model folders: a lazy reader (which checks the shards are complete), a
+                     streaming safetensors writer, tokenizers
+    peft_folder.py   Hugging Face PEFT adapter folders: their LoRA rank checked against their weights
     opened.py        any checkpoint a user names, opened: its kind (run, weights, adapters), config,
                      training strategy, architecture, identity, base and adapters
     convert.py       Hugging Face import and export, PEFT adapter folders (`melama convert`, `melama eval`)
