@@ -105,9 +105,12 @@ def test_all_problems_reported_at_once(monkeypatch, capsys):
     assert "tensor_parallel=8" in err and "precision must be" in err
 
 
-def test_missing_config_file_is_a_user_error(capsys):
+def test_missing_config_file_is_a_user_error(capsys, tmp_path):
     assert melama(["train", "--config", "no/such/recipe.yaml"]) == 2
     assert "config file not found: no/such/recipe.yaml" in capsys.readouterr().err
+    assert melama(["plan", "--config", str(tmp_path), "--gpu", "h100-80gb", "--gpus", "8"]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path} is a folder, not a config file: give a recipe YAML (see "
+                                       "examples/configs/)\n")
 
 
 def test_recipes_parse_and_pass_their_layout_checks():

@@ -227,6 +227,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
     cfg = JobConfig()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder, not a config file: give a recipe YAML (see examples/configs/)")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
