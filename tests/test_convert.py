@@ -237,6 +237,9 @@ def test_inputs_of_the_wrong_kind_say_what_to_give(hf_dir, tmp_path):
     assert_refused(convert("import-hf", "--hf-dir", ckpt, "--out", out), out,
                    f"error: {ckpt} is a checkpoint of this project, not a Hugging Face model folder: it needs no "
                    f"import (train from it with checkpoint.init_from={ckpt})")
+    weights = sorted(hf_dir.glob("*.safetensors"))[0]
+    assert_refused(convert("import-hf", "--hf-dir", weights, "--out", out), out,
+                   f"error: {weights} is a file: give the Hugging Face model's folder (config.json and the weights)")
     assert_refused(convert("export-hf", "--ckpt", hf_dir, "--out", out), out,
                    f"error: {hf_dir} is a Hugging Face model folder, not a checkpoint of this project: import it first "
                    f"with `melama convert import-hf --hf-dir {hf_dir} --out CKPT`")

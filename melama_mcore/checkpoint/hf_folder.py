@@ -65,6 +65,8 @@ class HFCheckpoint:
     def _not_hf_reason(folder: Path) -> str:
         if not folder.exists():
             return f"{folder} does not exist"
+        if not folder.is_dir():
+            return f"{folder} is a file: give the Hugging Face model's folder (config.json and the weights)"
         if any((root / marker).is_file() for root in (folder, folder / "checkpoints")
                for marker in ("metadata.json", "latest")):
             return (f"{folder} is a checkpoint of this project, not a Hugging Face model folder: it needs no import "
