@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from melama_mcore.eval.command import EvalOptions, main, model_arguments
 from melama_mcore.demo.mibe import write_demo_records
@@ -41,11 +42,15 @@ def refused(args, out: Path, *phrases: str) -> str:
 
 @pytest.fixture()
 def setup(tmp_path) -> dict:
-    """A Hugging Face folder that is never loaded (these runs stop before) and demo records."""
+    """A Hugging Face folder that is never loaded (these runs stop before; its weight file is whole, but
+    not the model's) and demo records."""
+    from safetensors.torch import save_file
+
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(CONFIG))
     (model / "tokenizer.model").write_bytes(b"")
+    save_file({"x": torch.zeros(1)}, model / "model.safetensors")
     data = tmp_path / "data"
     write_demo_records(data, records_per_task=2)
     return {"model": model, "data": data, "out": tmp_path / "out"}

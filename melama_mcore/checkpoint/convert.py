@@ -170,7 +170,7 @@ def export_hf(ckpt: Path, out: Path, dtype_name: str = "auto", tokenizer: Path |
         write_hf_model(tmp, sda.hf_shapes(arch), dtype, hf_tensors(reader, arch, adjust), max_shard_bytes,
                        sda.hf_config(arch, dtype))
         if carried is not None:
-            copy_tokenizer(carried, tmp)
+            copy_tokenizer(carried, tmp, source.cfg.data.chat_template)
         if verify is not None:
             rounded = dtype != torch.float32 and (merge_lora or dtype != stored)
             verify(Conversion(tmp, weights_of.folder, arch, padded, rounded_to=dtype if rounded else None,
@@ -204,5 +204,6 @@ def export_peft(ckpt: Path, out: Path, base: Path | None = None) -> None:
     adapters = source.own_tensors()
     log.info("%s (%s), trained on the base %s", source.strategy.name, source.strategy.settings(), base_model.folder)
     write_peft_adapter(out, adapters, source.arch, source.cfg.peft, str(base_model.folder))
+    copy_tokenizer(source.tokenizer(), out, source.cfg.data.chat_template)  # AutoTokenizer reads the adapter folder
     log.info("load it with peft.PeftModel.from_pretrained(base, %r) on that base exported by "
              "`melama convert export-hf --ckpt %s --out BASE_HF`", str(out), base_model.folder)
