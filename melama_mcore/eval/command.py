@@ -262,7 +262,8 @@ def _evaluate(options: EvalOptions) -> dict[str, dict[str, float | None]]:
         else:
             adapter_config = model_source.read_adapter_config(adapter) if adapter else None
         check_context(hf_dir, options.max_new_tokens)
-        prompt_format = prompts.resolve(hf_dir, options.chat, options.chat_template, adapter)
+        prompt_format = prompts.resolve(hf_dir, options.chat, options.chat_template, adapter,
+                                        model.template_origin)
         log.info("MIBE prompts: %s", prompt_format)
         model_args, run_args = model_arguments(options.backend, hf_dir, adapter, adapter_config, gpus)
         log.info("generating with lm-eval's %s backend (%s), greedy, at most %d new tokens, %s",

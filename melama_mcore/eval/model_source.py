@@ -115,10 +115,12 @@ def _tokenizer_of(ckpt: Checkpoint, override: Path | None, allow_mismatch: bool)
 
 @dataclass(frozen=True)
 class EvalModel:
-    """What lm-eval loads: a Hugging Face folder, and the PEFT adapter folder applied on it (a LoRA run's)."""
+    """What lm-eval loads: a Hugging Face folder, and the PEFT adapter folder applied on it (a LoRA run's);
+    `template_origin`: where the chat template in their tokenizer files comes from, for a temporary export."""
 
     hf_dir: Path
     adapter: Path | None = None
+    template_origin: str | None = None
 
 
 @contextlib.contextmanager
@@ -133,7 +135,7 @@ def hf_folder(source: ModelSource, scratch: Path) -> Iterator[EvalModel]:
         if not source.is_lora_run:
             log.info("exporting megatron checkpoint %s to a temporary Hugging Face folder", ckpt.folder)
             export_hf(ckpt.folder, tmp / "model", tokenizer=source.tokenizer, require_tokenizer=True)
-            yield EvalModel(tmp / "model")
+            yield EvalModel(tmp / "model", template_origin=_origin(ckpt, source.tokenizer))
             return
         run = open_checkpoint(ckpt.folder)  # its files verified now (the adapters are small)
         base = run.base()
@@ -142,7 +144,14 @@ def hf_folder(source: ModelSource, scratch: Path) -> Iterator[EvalModel]:
         export_hf(base.folder, tmp / "model", tokenizer=source.tokenizer, require_tokenizer=True)
         write_peft_adapter(tmp / "adapter", run.own_tensors(), run.arch, run.cfg.peft, str(base.folder))
         copy_tokenizer(source.tokenizer, tmp / "adapter", run.cfg.data.chat_template)  # as export-peft writes it
-        yield EvalModel(tmp / "model", tmp / "adapter")
+        yield EvalModel(tmp / "model", tmp / "adapter", _origin(run, source.tokenizer))
+
+
+def _origin(ckpt: Checkpoint, tokenizer: Path) -> str:
+    """Where the template an export carries comes from: the run's config, else its tokenizer's own."""
+    if ckpt.cfg.data.chat_template is not None:
+        return f"data.chat_template in {ckpt.folder / 'config.yaml'}, exported with the model"
+    return f"the chat template of its tokenizer {tokenizer}, exported with the model"
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ class PromptFormat:
     source: str        # why this one: the flag, or the model file it came from
     template: object | None = None  # a data.sft.templates template
     sha256: str | None = None       # of the template's Jinja text
+    system_prompt: str | None = None  # the default system prompt the template carries (preprocess-sft's)
 
     def apply(self, context: str) -> str:
         """The text sent to the model for an lm-eval context (few-shot examples and the question)."""
@@ -48,12 +49,14 @@ class PromptFormat:
 
     def describe(self) -> dict:
         """results.json's `protocol.template`."""
-        return {"name": self.name, "source": self.source, **({"sha256": self.sha256} if self.sha256 else {})}
+        return {"name": self.name, "source": self.source, **({"sha256": self.sha256} if self.sha256 else {}),
+                **({"system_prompt": self.system_prompt} if self.system_prompt is not None else {})}
 
     def __str__(self) -> str:
         if self.name is None:
             return f"plain ({self.source})"
-        return f"chat template {self.name} ({self.source}; sha256 {self.sha256[:12]})"
+        system = ", with the default system prompt it carries" if self.system_prompt is not None else ""
+        return f"chat template {self.name}{system} ({self.source}; sha256 {self.sha256[:12]})"
 
 
 def check_choice(spec: str | None) -> None:
@@ -84,9 +87,11 @@ def model_template(folder: Path) -> tuple[Path, str] | None:
     return (config, template) if isinstance(template, str) and template else None
 
 
-def resolve(hf_dir: Path, chat: bool | None, chat_template: str | None, adapter: Path | None = None) -> PromptFormat:
+def resolve(hf_dir: Path, chat: bool | None, chat_template: str | None, adapter: Path | None = None,
+            origin: str | None = None) -> PromptFormat:
     """The prompt format for the model in `hf_dir`, with the PEFT adapter folder `adapter` if any
-    (see the module doc)."""
+    (see the module doc); `origin`: where the model's own template comes from, when its files are a
+    temporary export (default: the file it is read from)."""
     if chat_template is None and chat is False:
         return PromptFormat(None, "--no-chat")
     own = (model_template(adapter) if adapter is not None else None) or model_template(hf_dir)
@@ -99,7 +104,7 @@ def resolve(hf_dir: Path, chat: bool | None, chat_template: str | None, adapter:
             where = f"the model {hf_dir}" + (f" and the adapter {adapter}" if adapter is not None else "")
             raise UserError(f"--chat-template {MODEL_TEMPLATE}: {where} carry no chat template (no "
                             f"{' or '.join(MODEL_TEMPLATE_FILES)} with one); name a template or a Jinja file")
-        return _load_own(*own, hf_dir)
+        return _load_own(*own, hf_dir, origin)
     return _load(chat_template, hf_dir, "--chat-template")
 
 
@@ -111,20 +116,22 @@ def _load(spec: str, hf_dir: Path, source: str) -> PromptFormat:
     return _checked(spec if spec in BUILT_IN else str(Path(spec)), source, template)
 
 
-def _load_own(file: Path, jinja: str, hf_dir: Path) -> PromptFormat:
-    """The model's own template; named after the built-in whose text it is, else `hf`."""
-    from melama_mcore.data.sft.templates import built_in_name, jinja_template
+def _load_own(file: Path, jinja: str, hf_dir: Path, origin: str | None) -> PromptFormat:
+    """The model's own template; named after the built-in it is (with a default system prompt or
+    not), else `hf`."""
+    from melama_mcore.data.sft.templates import identify, jinja_template
     from melama_mcore.data.tokenizer import load_tokenizer
 
     template = jinja_template(jinja, str(file), load_tokenizer(str(hf_dir)))
-    return _checked(built_in_name(jinja) or MODEL_TEMPLATE, f"the model's {file}", template)
+    name, system_prompt = identify(jinja)
+    return _checked(name or MODEL_TEMPLATE, origin or f"the model's {file}", template, system_prompt)
 
 
-def _checked(name: str, source: str, template) -> PromptFormat:
+def _checked(name: str, source: str, template, system_prompt: str | None = None) -> PromptFormat:
     from melama_mcore.data.sft.conversations import RecordError
     from melama_mcore.data.sft.templates import jinja_sha256
 
-    prompt_format = PromptFormat(name, source, template, jinja_sha256(template.jinja))
+    prompt_format = PromptFormat(name, source, template, jinja_sha256(template.jinja), system_prompt)
     try:
         prompt_format.apply("What is the usual adult dose?")
     except (RecordError, IndexError):

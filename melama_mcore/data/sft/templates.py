@@ -31,6 +31,7 @@ is used (transformers, lm-eval's --apply_chat_template, vLLM).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import re
 from pathlib import Path
@@ -95,21 +96,31 @@ def _jinja_string(text: str) -> str:
                          for ch in text) + '"'
 
 
+_SYSTEM_PROMPT_LINES = ("{#- the default system prompt it was tuned with (melama preprocess-sft --system-prompt) -#}\n"
+                        "{%- if not (messages and messages[0]['role'] == 'system') %}\n"
+                        "    {%- set messages = [{'role': 'system', 'content': ", "}] + messages %}\n{%- endif %}")
+_SYSTEM_PROMPT_TEXT = re.compile(re.escape(_SYSTEM_PROMPT_LINES[0]) + r'"([ -~]*?)"' + re.escape(_SYSTEM_PROMPT_LINES[1]))
+
+
 def with_system_prompt(jinja: str, system_prompt: str | None) -> str:
     """`jinja` rendering a conversation that has no system message as if it had `system_prompt`
     (preprocess-sft --system-prompt); unchanged for None. The lines added come first and render
     nothing; the template's own text follows unchanged."""
     if system_prompt is None:
         return jinja
-    return ("{#- the default system prompt it was tuned with (melama preprocess-sft --system-prompt) -#}\n"
-            "{%- if not (messages and messages[0]['role'] == 'system') %}\n"
-            f"    {{%- set messages = [{{'role': 'system', 'content': {_jinja_string(system_prompt)}}}] + messages %}}\n"
-            "{%- endif %}" + jinja)
+    return _SYSTEM_PROMPT_LINES[0] + _jinja_string(system_prompt) + _SYSTEM_PROMPT_LINES[1] + jinja
 
 
-def built_in_name(jinja: str) -> str | None:
-    """The built-in template whose Jinja text this is (no system prompt added), else None."""
-    return next((name for name, text in BUILT_IN_JINJA.items() if text == jinja), None)
+def identify(jinja: str) -> tuple[str | None, str | None]:
+    """(the built-in template, the default system prompt) a Jinja text is made of, as
+    with_system_prompt(BUILT_IN_JINJA[name], system_prompt) writes it; None for what it is not."""
+    system_prompt, body = None, jinja
+    found = _SYSTEM_PROMPT_TEXT.match(jinja)
+    if found:
+        candidate = codecs.decode(found[1], "unicode_escape")  # as Jinja's lexer reads a string literal
+        if with_system_prompt(jinja[found.end():], candidate) == jinja:
+            system_prompt, body = candidate, jinja[found.end():]
+    return next((name for name, text in BUILT_IN_JINJA.items() if text == body), None), system_prompt
 
 
 class _Text:
