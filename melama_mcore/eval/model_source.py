@@ -53,11 +53,13 @@ def is_hf_folder(path: Path) -> bool:
 @dataclass(frozen=True)
 class ModelSource:
     """What --model names, checked: a Hugging Face folder (`checkpoint` None) or a megatron checkpoint
-    (opened, its files not yet verified: the export verifies them) with the tokenizer it is read with."""
+    (opened, its files not yet verified: the export verifies them) with the tokenizer it is read with
+    (`tokenizer_given`: by --tokenizer, not its config)."""
 
     path: Path
     checkpoint: Checkpoint | None = None
     tokenizer: Path | None = None
+    tokenizer_given: bool = False
 
     @property
     def is_lora_run(self) -> bool:
@@ -87,7 +89,7 @@ def locate(path: Path, tokenizer: Path | None = None, allow_tokenizer_mismatch: 
         HFCheckpoint(path)  # every weight file listed is there and whole (their headers are read, not the tensors)
         return ModelSource(path)
     ckpt = open_checkpoint(path, tokenizer, verify=False)
-    return ModelSource(path, ckpt, _tokenizer_of(ckpt, tokenizer, allow_tokenizer_mismatch))
+    return ModelSource(path, ckpt, _tokenizer_of(ckpt, tokenizer, allow_tokenizer_mismatch), tokenizer is not None)
 
 
 def _tokenizer_of(ckpt: Checkpoint, override: Path | None, allow_mismatch: bool) -> Path:
@@ -134,14 +136,15 @@ def hf_folder(source: ModelSource, scratch: Path) -> Iterator[EvalModel]:
     with _temporary_folder(scratch) as tmp:
         if not source.is_lora_run:
             log.info("exporting megatron checkpoint %s to a temporary Hugging Face folder", ckpt.folder)
-            export_hf(ckpt.folder, tmp / "model", tokenizer=source.tokenizer, require_tokenizer=True)
+            export_hf(ckpt.folder, tmp / "model", tokenizer=source.tokenizer if source.tokenizer_given else None,
+                      require_tokenizer=True)
             yield EvalModel(tmp / "model", template_origin=_origin(ckpt, source.tokenizer))
             return
         run = open_checkpoint(ckpt.folder)  # its files verified now (the adapters are small)
         base = run.base()
         log.info("LoRA run %s: exporting its base %s (checkpoint.init_from) to a temporary Hugging Face folder, "
                  "its adapters (%s) as a PEFT adapter applied on it", run.folder, base.folder, run.strategy.settings())
-        export_hf(base.folder, tmp / "model", tokenizer=source.tokenizer, require_tokenizer=True)
+        export_hf(base.folder, tmp / "model", tokenizer=source.tokenizer, require_tokenizer=True)  # the run's
         write_peft_adapter(tmp / "adapter", run.own_tensors(), run.arch, run.cfg.peft, str(base.folder))
         copy_tokenizer(source.tokenizer, tmp / "adapter", run.cfg.data.chat_template)  # as export-peft writes it
         yield EvalModel(tmp / "model", tmp / "adapter", _origin(run, source.tokenizer))
