@@ -109,9 +109,11 @@ def test_outputs_checked_first_and_left_as_found(setup, tmp_path):
 
 
 def test_damaged_model_folder(setup):
-    """A truncated or missing weight file is named before lm-eval loads anything."""
+    """A truncated or missing weight file is named before lm-eval loads anything; a folder that lm-eval
+    cannot load (here: its tokenizer file is empty) is named in one line too."""
     common = ["--tasks", "pubmedqa", "--data-dir", setup["data"]]
     model, weights = setup["model"], setup["model"] / "model.safetensors"
+    refused(["--model", model, *common], setup["out"], f"--model {model}: lm-eval's hf backend cannot load it (")
     weights.write_bytes(weights.read_bytes()[:-2])
     refused(["--model", model, *common], setup["out"], f"{weights} is not a complete safetensors file",
             "Fetch it again")

@@ -271,7 +271,11 @@ def _evaluate(options: EvalOptions) -> dict[str, dict[str, float | None]]:
                  options.max_new_tokens, f"{options.num_fewshot}-shot" if options.num_fewshot else "zero-shot")
         shorter = None if options.max_new_tokens == GENERATION_BUDGET else {"max_gen_toks": options.max_new_tokens}
         start = time.time()
-        model = backends.load_model(options.backend, model_args, run_args, prompt_format)
+        try:
+            model = backends.load_model(options.backend, model_args, run_args, prompt_format)
+        except Exception as err:  # transformers, peft and vLLM raise many types for a folder they cannot load
+            raise DataError(f"--model {options.model}: lm-eval's {options.backend} backend cannot load it "
+                            f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]})") from None
         results = lm_eval.simple_evaluate(
             model=model, task_manager=manager, tasks=[obj for built in objects.values() for obj in built],
             num_fewshot=options.num_fewshot, limit=options.limit, log_samples=True,  # MIBE is scored from them
