@@ -133,6 +133,8 @@ def test_a_lora_run_is_scored_in_its_tuning_format_with_its_adapters(tuned, tmp_
     assert protocol["template"] == {"name": "llama2-chat", "source": origin, "sha256": jinja_sha256(template["jinja"]),
                                     "system_prompt": SYSTEM}
     assert f"MIBE prompts: chat template llama2-chat, with the default system prompt it carries ({origin}" in log
+    assert (f"- prompts: chat template llama2-chat, with a default system prompt ({origin}; sha256 "
+            f"{jinja_sha256(template['jinja'])})") in (out / "results.md").read_text()
     assert f"LoRA run {steps[-1]}: exporting its base {tuned['base']}" in log
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "samples_pubmedqa.jsonl"]
 

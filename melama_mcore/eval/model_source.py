@@ -166,12 +166,12 @@ def _temporary_folder(scratch: Path) -> Iterator[Path]:
     try:
         yield tmp
     finally:
-        with signals_held():
+        with _signals_held():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def signals_held() -> Iterator[None]:
+def _signals_held() -> Iterator[None]:
     """Ctrl-C and SIGTERM ignored inside (in the main thread; elsewhere handlers cannot be set)."""
     if threading.current_thread() is not threading.main_thread():
         yield
