@@ -161,6 +161,9 @@ def test_a_lora_run_is_scored_in_its_tuning_format_with_its_adapters(tuned, tmp_
 
 
 def test_me_llama_and_a_jinja_file_travel_the_same_way(tuned, tmp_path):
+    from transformers import AutoTokenizer
+
+    from melama_mcore.checkpoint.convert import export_hf
     from melama_mcore.data.sft.templates import ME_LLAMA_JINJA, jinja_sha256
 
     me_llama = marker_template(tmp_path, "me_llama", str(tuned["tokenizer"]))
@@ -175,6 +178,8 @@ def test_me_llama_and_a_jinja_file_travel_the_same_way(tuned, tmp_path):
     protocol = json.loads((tmp_path / "me_llama_eval" / "results.json").read_text())["protocol"]
     assert protocol["template"] == {"name": "me-llama", "sha256": jinja_sha256(ME_LLAMA_JINJA), "source":
                                     f"data.chat_template in {whole / 'config.yaml'}, exported with the model"}
+    export_hf(whole, tmp_path / "whole_hf")  # what a user exports of it: the template in its tokenizer files
+    assert AutoTokenizer.from_pretrained(tmp_path / "whole_hf").chat_template == ME_LLAMA_JINJA
 
     jinja = tmp_path / "chatml.jinja"
     jinja.write_text(CHATML)

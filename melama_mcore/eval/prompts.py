@@ -109,11 +109,11 @@ def resolve(hf_dir: Path, chat: bool | None, chat_template: str | None, adapter:
 
 
 def _load(spec: str, hf_dir: Path, source: str) -> PromptFormat:
-    from melama_mcore.data.sft.templates import BUILT_IN, load_template
+    from melama_mcore.data.sft.templates import load_template
     from melama_mcore.data.tokenizer import load_tokenizer
 
     template = load_template(spec, load_tokenizer(str(hf_dir)))  # the model's BOS/EOS text
-    return _checked(spec if spec in BUILT_IN else str(Path(spec)), source, template)
+    return _checked(spec, source, template)  # a built-in's name, or the file's path as given
 
 
 def _load_own(file: Path, jinja: str, hf_dir: Path, origin: str | None) -> PromptFormat:

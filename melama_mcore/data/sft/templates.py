@@ -280,7 +280,7 @@ def load_template(spec: str, tok, system_prompt: str | None = None):
             source = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise DataError(f"{spec}: cannot read the chat template ({type(err).__name__})") from None
-        template = JinjaTemplate(source, str(path), bos, eos, system_prompt)
+        template = JinjaTemplate(source, spec, bos, eos, system_prompt)  # named by its path as given
     check_template(template, spec)
     return template
 
