@@ -61,12 +61,13 @@ def test_built_in_jinja_renders_as_the_python_renderer(template_class, system_pr
     assert prompt == hf_tok.apply_chat_template([{"role": "user", "content": " Is it benign?\n"}],
                                                 chat_template=template.jinja, tokenize=False,
                                                 add_generation_prompt=True)
-    system = "" if system_prompt is None else system_prompt
-    by_hand = {"me-llama": f"<s>{system + chr(10) * 2 if system_prompt is not None else ''}Human: \n Is it benign?\n"
-                           "\n\nAssistant: \n",
-               "llama2-chat": "<s>[INST] " + (f"<<SYS>>\n{system}\n<</SYS>>\n\n Is it benign?" if system_prompt is not None
-                                              else "Is it benign?") + " [/INST]"}[template.name]
-    assert prompt == by_hand
+    if system_prompt is None:
+        by_hand = {"me-llama": "<s>Human: \n Is it benign?\n\n\nAssistant: \n",
+                   "llama2-chat": "<s>[INST] Is it benign? [/INST]"}
+    else:
+        by_hand = {"me-llama": f"<s>{system_prompt}\n\nHuman: \n Is it benign?\n\n\nAssistant: \n",
+                   "llama2-chat": f"<s>[INST] <<SYS>>\n{system_prompt}\n<</SYS>>\n\n Is it benign? [/INST]"}
+    assert prompt == by_hand[template.name]
 
 
 def test_preprocess_records_a_template_that_reproduces_its_data(tmp_path, hf_tokenizer_dir, hf_tok):

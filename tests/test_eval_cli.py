@@ -118,7 +118,8 @@ def test_damaged_model_folder(setup):
     refused(["--model", model, *common], setup["out"], f"{weights} is not a complete safetensors file",
             "Fetch it again")
     weights.unlink()
-    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
+    shard = "model-00001-of-00002.safetensors"
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": shard}}))
     refused(["--model", model, *common], setup["out"], "lists shards that are missing: model-00001-of-00002.safetensors")
 
 

@@ -32,8 +32,8 @@ from trunk_fixtures import run_train
 pytestmark = pytest.mark.slow
 
 SYSTEM = "Answer briefly."
-CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 LORA = ["peft.method=lora", "peft.rank=4", "peft.alpha=8", "peft.dropout=0.0", "optimizer.lr=1e-2",
         "peft.target_modules=[linear_qkv,linear_proj,linear_fc1,linear_fc2]"]
 
@@ -96,7 +96,8 @@ def tuned(spm_model, tmp_path_factory) -> dict:
                    seq_length=128, truncation="truncate", workers=1, progress=False)
     blend = [{"name": "chat", "weight": 1, "train": [str(root / "chat_sft_document")]}]
     run_train(root / "run", [f"data.tokenizer={tokenizer}", f"data.blend={json.dumps(blend)}", *LORA,
-                             f"checkpoint.init_from={root / 'base'}", "training.train_iters=2", "training.seq_length=128",
+                             f"checkpoint.init_from={root / 'base'}", "training.train_iters=2",
+                             "training.seq_length=128",
                              "checkpoint.save_interval=1", "logging.eval_iters=0"])
     write_demo_records(root / "mibe", records_per_task=2)
     return {"root": root, "tokenizer": tokenizer, "base": root / "base", "run": root / "run", "mibe": root / "mibe",

@@ -69,8 +69,8 @@ class ModelSource:
         if self.checkpoint is None:
             return f"{self.path} (Hugging Face folder)"
         if self.is_lora_run:
-            return (f"{self.path} (LoRA run {self.checkpoint.folder}: its base {self.checkpoint.cfg.checkpoint.init_from} "
-                    "plus its adapters)")
+            return (f"{self.path} (LoRA run {self.checkpoint.folder}: its base "
+                    f"{self.checkpoint.cfg.checkpoint.init_from} plus its adapters)")
         return f"{self.path} (megatron checkpoint {self.checkpoint.folder})"
 
 
@@ -106,7 +106,8 @@ def _tokenizer_of(ckpt: Checkpoint, override: Path | None, allow_mismatch: bool)
     recorded = (ckpt.identity or {}).get("tokenizer")
     if recorded:
         given = "--tokenizer" if override is not None else f"data.tokenizer of {ckpt.folder}"
-        for difference in identity_differences({"tokenizer": recorded}, {"tokenizer": load_tokenizer(str(path)).record()}):
+        mine = load_tokenizer(str(path)).record()
+        for difference in identity_differences({"tokenizer": recorded}, {"tokenizer": mine}):
             if not allow_mismatch:
                 raise CheckpointError(f"--model {ckpt.folder}: {difference}; token ids would be read as other text. "
                                       f"Give the tokenizer it was trained with ({given} now), or pass {MISMATCH_FLAG} "

@@ -167,7 +167,8 @@ def protocol_lines(protocol: dict) -> list[str]:
              "- prompts: " + (f"chat template {template['name']}" if template.get("name") else
                               "unknown" if unknown else "plain")
              + (", with a default system prompt" if template.get("system_prompt") is not None else "")
-             + f" ({template.get('source')}" + (f"; sha256 {template['sha256']}" if template.get("sha256") else "") + ")",
+             + f" ({template.get('source')}"
+             + (f"; sha256 {template['sha256']}" if template.get("sha256") else "") + ")",
              "- generation: " + ("unknown" if protocol.get("backend") is None else
                                  f"backend {protocol['backend']}, greedy, at most {protocol['max_new_tokens']} new "
                                  f"tokens, {protocol.get('num_fewshot') or 0}-shot; {protocol.get('selection')}")]

@@ -139,7 +139,8 @@ def marker_chat_template(meta: dict) -> dict | None:
     template without a system prompt is known by its name; any other is unknown (None)."""
     template = meta.get("template") or {}
     if isinstance(template.get("jinja"), str):
-        return {"name": template.get("name"), "jinja": template["jinja"], "system_prompt": template.get("system_prompt")}
+        return {"name": template.get("name"), "jinja": template["jinja"],
+                "system_prompt": template.get("system_prompt")}
     if template.get("name") in BUILT_IN_JINJA and not meta.get("system_prompt"):
         return {"name": template["name"], "jinja": BUILT_IN_JINJA[template["name"]], "system_prompt": None}
     return None

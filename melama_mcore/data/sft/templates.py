@@ -99,7 +99,8 @@ def _jinja_string(text: str) -> str:
 _SYSTEM_PROMPT_LINES = ("{#- the default system prompt it was tuned with (melama preprocess-sft --system-prompt) -#}\n"
                         "{%- if not (messages and messages[0]['role'] == 'system') %}\n"
                         "    {%- set messages = [{'role': 'system', 'content': ", "}] + messages %}\n{%- endif %}")
-_SYSTEM_PROMPT_TEXT = re.compile(re.escape(_SYSTEM_PROMPT_LINES[0]) + r'"([ -~]*?)"' + re.escape(_SYSTEM_PROMPT_LINES[1]))
+_SYSTEM_PROMPT_TEXT = re.compile(re.escape(_SYSTEM_PROMPT_LINES[0]) + r'"([ -~]*?)"'
+                                 + re.escape(_SYSTEM_PROMPT_LINES[1]))
 
 
 def with_system_prompt(jinja: str, system_prompt: str | None) -> str:
