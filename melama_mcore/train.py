@@ -34,6 +34,7 @@ from melama_mcore.config.job_config import JobConfig, dump_config, load_config
 from melama_mcore.data.blend import load_blend
 from melama_mcore.data.loader import build_loader
 from melama_mcore.data.run_data import build_run_datasets, check_run_data, data_kind
+from melama_mcore.data.sft.indexed import blend_chat_template
 from melama_mcore.data.tokenizer import load_tokenizer
 from melama_mcore.distributed import parallel
 from melama_mcore.errors import UserError
@@ -70,6 +71,7 @@ class Trainer:
         """The rest of the start-up, once the outputs are known to be writable."""
         self.blend = load_blend(cfg.data.blend)
         self.data_kind = data_kind(self.blend)  # pre-training text, or packed instruction data
+        cfg.data.chat_template = blend_chat_template(self.blend)  # kept in every checkpoint's config.yaml
         t = cfg.training
         check_run_data(cfg, self.blend, self.data_kind, self.tokenizer)
         runtime = start(cfg, self.tokenizer.vocab_size)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from melama_mcore.eval.command import EvalOptions, main, model_arguments
 from melama_mcore.demo.mibe import write_demo_records
@@ -41,11 +42,15 @@ def refused(args, out: Path, *phrases: str) -> str:
 
 @pytest.fixture()
 def setup(tmp_path) -> dict:
-    """A Hugging Face folder that is never loaded (these runs stop before) and demo records."""
+    """A Hugging Face folder that is never loaded (these runs stop before; its weight file is whole, but
+    not the model's) and demo records."""
+    from safetensors.torch import save_file
+
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(CONFIG))
     (model / "tokenizer.model").write_bytes(b"")
+    save_file({"x": torch.zeros(1)}, model / "model.safetensors")
     data = tmp_path / "data"
     write_demo_records(data, records_per_task=2)
     return {"model": model, "data": data, "out": tmp_path / "out"}
@@ -90,6 +95,34 @@ def test_model_and_output_errors(setup, tmp_path):
     assert code == 2 and "already holds results.json" in stderr and (done / "results.json").read_text() == "{}"
 
 
+def test_outputs_checked_first_and_left_as_found(setup, tmp_path):
+    """--out is checked before any work; a run refused after it created --out removes it again."""
+    common = ["--model", setup["model"], "--tasks", "pubmedqa", "--data-dir", setup["data"]]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    refused(common, blocker / "results", f"--out {blocker / 'results'}: {blocker} is a file, not a folder")
+    new = tmp_path / "new" / "out"
+    refused([*common, "--chat-template", "llama-2"], new, "--chat-template 'llama-2': not one of")
+    assert not (tmp_path / "new").exists()
+    refused([*common, "--tokenizer", setup["model"] / "tokenizer.model"], new,
+            f"--tokenizer applies to a megatron checkpoint; the Hugging Face folder {setup['model']} is read")
+
+
+def test_damaged_model_folder(setup):
+    """A truncated or missing weight file is named before lm-eval loads anything; a folder that lm-eval
+    cannot load (here: its tokenizer file is empty) is named in one line too."""
+    common = ["--tasks", "pubmedqa", "--data-dir", setup["data"]]
+    model, weights = setup["model"], setup["model"] / "model.safetensors"
+    refused(["--model", model, *common], setup["out"], f"--model {model}: lm-eval's hf backend cannot load it (")
+    weights.write_bytes(weights.read_bytes()[:-2])
+    refused(["--model", model, *common], setup["out"], f"{weights} is not a complete safetensors file",
+            "Fetch it again")
+    weights.unlink()
+    shard = "model-00001-of-00002.safetensors"
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": shard}}))
+    refused(["--model", model, *common], setup["out"], "lists shards that are missing: model-00001-of-00002.safetensors")
+
+
 def test_small_context_and_vllm_missing(setup):
     common = ["--model", setup["model"], "--tasks", "pubmedqa", "--data-dir", setup["data"]]
     refused([*common, "--backend", "vllm"], setup["out"], "--backend vllm needs vLLM")
@@ -116,6 +149,17 @@ def test_adapter_errors(setup, tmp_path):
     other = lora_adapter(tmp_path / "other", hidden=32)  # trained on a model with hidden size 32, not 48
     refused([*common, "--adapter", other], setup["out"], f"--adapter {other} does not fit the model",
             "down_proj of layer 0 has output size 48, the adapter's lora_B 32")
+    # a config whose rank is not its weights' (edited by hand, or from another save): one line, not peft's
+    # size-mismatch traceback per matrix
+    wrong_rank = lora_adapter(tmp_path / "wrong_rank", hidden=48)
+    config = json.loads((wrong_rank / "adapter_config.json").read_text())
+    (wrong_rank / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    refused([*common, "--adapter", wrong_rank], setup["out"],
+            f"--adapter {wrong_rank}: its adapter_config.json gives model.layers.0.mlp.down_proj rank 8 (r), but "
+            "its lora_A has rank 4: the config and the weights are of different adapters")
+    (wrong_rank / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"v_proj": 2}}))
+    refused([*common, "--adapter", wrong_rank], setup["out"], "gives model.layers.0.self_attn.v_proj rank 2 "
+            "(rank_pattern 'v_proj'), but its lora_A has rank 4")
     deeper = tmp_path / "deeper"
     (setup["model"] / "config.json").write_text(json.dumps({**CONFIG, "num_hidden_layers": 1}))
     refused([*common, "--adapter", lora_adapter(deeper, hidden=48)], setup["out"], "adapts layer 1",

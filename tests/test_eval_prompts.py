@@ -4,6 +4,7 @@ here by the instruction-tuning code itself and, independently, written out by ha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from melama_mcore.data.sft.conversations import Conversation
-from melama_mcore.data.sft.templates import load_template
+from melama_mcore.data.sft.templates import BUILT_IN_JINJA, load_template
 from melama_mcore.data.tokenizer import load_tokenizer
 from melama_mcore.errors import UserError
 from melama_mcore.eval.prompts import check_choice, resolve
@@ -56,14 +57,23 @@ def test_the_model_carries_its_template(model_dirs):
 
 
 @pytest.mark.parametrize("name,by_hand", [
-    ("llama2-chat", "<s>[INST] " + QUERY.strip() + " [/INST] "),  # Meta's chat_completion: prompt stripped
-    ("me-llama", f"<s>Human: \n{QUERY}\n\nAssistant: \n"),         # Me-LLaMA's wrapper after the BOS
+    ("llama2-chat", "<s>[INST] " + QUERY.strip() + " [/INST]"),  # Meta's chat_completion: prompt stripped
+    ("me-llama", f"<s>Human: \n{QUERY}\n\nAssistant: \n"),        # Me-LLaMA's wrapper after the BOS
 ])
-def test_a_named_training_template(model_dirs, name, by_hand):
+def test_a_named_training_template(model_dirs, name, by_hand, tmp_path):
+    sha256 = hashlib.sha256(BUILT_IN_JINJA[name].encode()).hexdigest()  # identified by its Jinja equivalent
     for folder in (model_dirs["plain"], model_dirs["jinja"]):  # the flag wins over the model's own
         chosen = resolve(folder, chat=None, chat_template=name)
-        assert chosen.describe() == {"name": name, "source": "--chat-template"}
+        assert chosen.describe() == {"name": name, "source": "--chat-template", "sha256": sha256}
         assert chosen.apply(QUERY) == training_prompt_part(name, folder, QUERY) == by_hand
+    # A model (or its adapter) carrying that Jinja text: named after it, the same identity and prompts.
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "chat_template.jinja").write_text(BUILT_IN_JINJA[name])
+    own = resolve(model_dirs["jinja"], chat=None, chat_template=None, adapter=adapter)  # the adapter's wins
+    assert own.describe() == {"name": name, "source": f"the model's {adapter / 'chat_template.jinja'}",
+                              "sha256": sha256}
+    assert own.apply(QUERY) == by_hand
 
 
 def test_a_jinja_file(model_dirs, tmp_path):
@@ -84,7 +94,7 @@ def test_plain_prompts_and_the_chat_flag(model_dirs):
     fallback = resolve(model_dirs["plain"], chat=True, chat_template=None)  # --chat without a model template
     assert fallback.name == "me-llama" and fallback.source.startswith("--chat, and the model carries no chat template")
     assert resolve(model_dirs["jinja"], chat=True, chat_template=None).name == "hf"
-    with pytest.raises(UserError, match="--chat-template hf: the model .* carries no chat template"):
+    with pytest.raises(UserError, match="--chat-template hf: the model .* carry no chat template"):
         resolve(model_dirs["plain"], chat=None, chat_template="hf")
     with pytest.raises(UserError, match="'llama-2': not one of me-llama, llama2-chat, hf and no such file"):
         check_choice("llama-2")

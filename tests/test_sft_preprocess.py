@@ -104,8 +104,11 @@ def test_hf_template_equals_transformers_apply_chat_template(tmp_path, hf_tokeni
                                                return_assistant_tokens_mask=True)
             assert ids == reference["input_ids"]
             assert mask == reference["assistant_masks"]
-    assert read_marker(tmp_path / "hf_sft_document")["template"]["name"] == "hf"
-    assert len(read_marker(tmp_path / "file_sft_document")["template"]["sha256"]) == 64
+    # the template as it travels with the data: its name, its text, no system prompt
+    assert read_marker(tmp_path / "hf_sft_document")["template"] == {"name": "hf", "jinja": LLAMA2_JINJA_PLAIN,
+                                                                     "system_prompt": None}
+    assert read_marker(tmp_path / "file_sft_document")["template"] == {"name": str(jinja), "jinja": LLAMA2_JINJA,
+                                                                       "system_prompt": None}
 
 
 def test_template_errors_are_one_line(tmp_path, spm_model, hf_tokenizer_dir, capsys):

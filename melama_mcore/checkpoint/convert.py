@@ -178,7 +178,7 @@ def export_hf(ckpt: Path, out: Path, dtype_name: str = "auto", tokenizer: Path |
         write_hf_model(tmp, sda.hf_shapes(arch), dtype, hf_tensors(reader, arch, adjust), max_shard_bytes,
                        sda.hf_config(arch, dtype))
         if carried is not None:
-            copy_tokenizer(carried, tmp)
+            copy_tokenizer(carried, tmp, source.cfg.data.chat_template)
         if verify is not None:
             rounded = dtype != torch.float32 and (merge_lora or dtype != stored)
             verify(Conversion(tmp, weights_of.folder, arch, padded, rounded_to=dtype if rounded else None,
@@ -187,11 +187,13 @@ def export_hf(ckpt: Path, out: Path, dtype_name: str = "auto", tokenizer: Path |
 
 
 def write_peft_adapter(out: Path, adapters: dict[str, torch.Tensor], arch: LlamaArch, peft,
-                       base_model_name_or_path: str | None, dtype: torch.dtype | None = None) -> None:
+                       base_model_name_or_path: str | None, dtype: torch.dtype | None = None, *,
+                       tokenizer: Path | None = None, chat_template: dict | None = None) -> None:
     """A Hugging Face PEFT adapter folder at `out` (adapter_config.json + adapter_model.safetensors),
     which `peft.PeftModel.from_pretrained` loads on the exported base, from the global adapter
     tensors of the `peft:` settings; atomically (nothing appears there unless complete; an existing
-    `out` is refused). `dtype`: of the written tensors (default: as given)."""
+    `out` is refused). `dtype`: of the written tensors (default: as given). `tokenizer` and
+    `chat_template` (a tuned run's) are written beside them (copy_tokenizer)."""
     from safetensors.torch import save_file
 
     strategy = strategy_for(peft)
@@ -200,6 +202,8 @@ def write_peft_adapter(out: Path, adapters: dict[str, torch.Tensor], arch: Llama
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(strategy.peft_config(base_model_name_or_path), indent=2))
+        if tokenizer is not None or chat_template is not None:
+            copy_tokenizer(tokenizer, tmp, chat_template)
 
 
 def hf_weights_differ(base: Checkpoint, hf_dir: Path) -> str | None:
@@ -278,7 +282,9 @@ def export_peft(ckpt: Path, out: Path, base: Path | None = None, base_hf: str | 
     adapters = source.own_tensors()
     log.info("%s (%s), trained on the base %s", source.strategy.name, source.strategy.settings(), base_model.folder)
     hf_base = peft_base_name(base_model, base_hf)
-    write_peft_adapter(out, adapters, source.arch, source.cfg.peft, hf_base)
+    # The tokenizer (and the tuning template) go into the adapter folder: AutoTokenizer reads it there.
+    write_peft_adapter(out, adapters, source.arch, source.cfg.peft, hf_base,
+                       tokenizer=source.tokenizer(), chat_template=source.cfg.data.chat_template)
     if hf_base is not None:
         log.info("load it with peft.AutoPeftModelForCausalLM.from_pretrained(%r)", str(out))
     else:

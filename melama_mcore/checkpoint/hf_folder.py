@@ -1,12 +1,12 @@
 """Hugging Face LLaMA model folders: read lazily (config.json + safetensors or .bin shards), written
-as sharded safetensors tensor by tensor, and the tokenizer files beside the weights."""
+as sharded safetensors tensor by tensor, and the tokenizer files beside the weights (with the chat
+template a run was tuned with)."""
 
 from __future__ import annotations
 
 import json
 import os
 import pickle
-import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +21,7 @@ from melama_mcore.models.llama.config_registry import LlamaArch
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' file for it, read before tokenizer_config.json's
 
 
 def _read_json(path: Path) -> dict:
@@ -228,19 +229,47 @@ def write_hf_model(folder: Path, shapes: dict[str, tuple[int, ...]], dtype: torc
     return len(shards)
 
 
-def copy_tokenizer(source: Path, out: Path) -> None:
-    """A HF tokenizer folder's files, or a sentencepiece model as tokenizer.model with a LlamaTokenizer
-    config: what `transformers.AutoTokenizer.from_pretrained(out)` reads."""
-    if source.is_dir():
+def copy_tokenizer(source: Path | None, out: Path, chat_template: dict | None = None) -> None:
+    """A HF tokenizer folder's files (its chat_template.jinja too), or a sentencepiece model as
+    tokenizer.model with a LlamaTokenizer config: what `transformers.AutoTokenizer.from_pretrained(out)`
+    reads (None: no tokenizer); then `chat_template`, a tuned run's (write_chat_template). Each file
+    appears whole (written under a temporary name, then renamed): export-peft adds them to a
+    published folder."""
+    if source is None:
+        pass
+    elif source.is_dir():
         found = [n for n in TOKENIZER_FILES if (source / n).is_file()]
         if not found:
             raise UserError(f"tokenizer {source}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) in that folder")
-        for name in found:
-            shutil.copyfile(source / name, out / name)
+        for name in found + ([CHAT_TEMPLATE_FILE] if (source / CHAT_TEMPLATE_FILE).is_file() else []):
+            _write_file(out / name, (source / name).read_bytes())
     elif source.is_file() and source.suffix == ".model":
-        shutil.copyfile(source, out / "tokenizer.model")
-        (out / "tokenizer_config.json").write_text(json.dumps(
+        _write_file(out / "tokenizer.model", source.read_bytes())
+        _write_file(out / "tokenizer_config.json", json.dumps(
             {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-             "add_bos_token": True, "add_eos_token": False}, indent=2))
+             "add_bos_token": True, "add_eos_token": False}, indent=2).encode())
     else:
         raise UserError(f"tokenizer {source}: expected a sentencepiece .model file or a tokenizer folder")
+    write_chat_template(out, chat_template)
+
+
+def write_chat_template(folder: Path, chat_template: dict | None) -> None:
+    """A tuned run's chat template (its data.chat_template: {"name", "jinja", "system_prompt"}) into
+    the tokenizer files of `folder`, where Hugging Face keeps it and every reader finds it
+    (`tokenizer.apply_chat_template`, lm-eval's --apply_chat_template, vLLM, `melama eval`):
+    chat_template.jinja (what transformers writes, and reads first) and `chat_template` in
+    tokenizer_config.json when there is one (what older transformers read). A template the copied
+    tokenizer carried is replaced; None (a run that was not instruction-tuned) changes nothing."""
+    if chat_template is None:
+        return
+    jinja = chat_template["jinja"]
+    _write_file(folder / CHAT_TEMPLATE_FILE, jinja.encode("utf-8"))
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        _write_file(config, json.dumps({**_read_json(config), "chat_template": jinja}, indent=2).encode())
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

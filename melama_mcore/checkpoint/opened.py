@@ -19,6 +19,7 @@ and gives what an export or an evaluation needs: `weights()` (a reader of its mo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -38,6 +39,12 @@ from melama_mcore.models.llama.config_registry import LlamaArch, resolve_arch
 from melama_mcore.strategies import TrainingStrategy, strategy_for
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    """A command may check the same tokenizer twice (eval: at start, then in the export)."""
+    log.warning(message)
 
 RUN, WEIGHTS, ADAPTERS = "run", "weights", "adapters"
 _STEP_FOLDER = re.compile(r"iter_\d{7,}")  # layout.step_dir's names
@@ -93,7 +100,7 @@ class Checkpoint:
             path, given = Path(self.cfg.data.tokenizer), f"data.tokenizer in {self.folder / CONFIG}"
             if not path.exists():
                 raise CheckpointError(f"{self.folder}: the tokenizer its config.yaml names (data.tokenizer), {path}, "
-                                      "does not exist here: pass --tokenizer PATH to `melama convert export-hf`")
+                                      "does not exist here: pass --tokenizer PATH")
         self._check_tokenizer(path, given, allow_mismatch)
         return path
 
@@ -110,11 +117,10 @@ class Checkpoint:
         mismatch = (f"{given} {path} ({difference}) is not the tokenizer {self.folder} "
                     f"was trained with, {recorded['path']} ({recorded['vocab_size']:,} tokens)")
         if allow_mismatch:
-            log.warning("%s: exporting with it anyway (--allow-tokenizer-mismatch)", mismatch)
+            _warn_once(f"{mismatch}: using it anyway (--allow-tokenizer-mismatch)")
             return
         raise CheckpointError(f"{mismatch}: token ids would mean other text. Give the tokenizer it was trained with "
-                              "(`melama convert export-hf --tokenizer PATH`), or pass --allow-tokenizer-mismatch if you "
-                              "mean it")
+                              "(--tokenizer PATH), or pass --allow-tokenizer-mismatch if you mean it")
 
     def base(self, override: Path | None = None) -> Checkpoint:
         """The base model of an adapter checkpoint: `override` (--base), else its checkpoint.init_from;

@@ -103,6 +103,11 @@ class DataConfig:
     cache_dir: str | None = None  # megatron's dataset index cache; default: <output_dir>/data_cache
     # Train although the data records another tokenizer (vocabulary) than data.tokenizer; refused by default.
     allow_tokenizer_mismatch: bool = False
+    # Set by the trainer, not by a recipe (a recipe's value is replaced): the chat template the
+    # instruction data was rendered with, {"name", "jinja", "system_prompt"} from its preprocess-sft
+    # markers (null for pre-training data). Every checkpoint's config.yaml keeps it; `melama convert
+    # export-hf`/`export-peft` write it into the tokenizer files, where `melama eval` reads it.
+    chat_template: dict | None = None
 
 
 @dataclass

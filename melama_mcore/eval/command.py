@@ -6,11 +6,12 @@
     melama eval rescore results/chat --out results/chat-strict --extractor strict
 
 --model is a run folder, a checkpoint folder (this project's megatron checkpoint, any TP/PP; exported
-to a temporary Hugging Face folder on the fly) or a Hugging Face folder. Generation is greedy with
-at most 256 new tokens, zero-shot unless --num-fewshot, as in the Me-LLaMA paper. Scores follow the
-released scorer (`--extractor mibe-compat`, the default) and are computed under `strict` too. Prompts
-are the model's own chat template when its folder carries one, else plain (--chat-template,
---chat, --no-chat to choose).
+to a temporary Hugging Face folder on the fly; a LoRA run: its base, from its checkpoint.init_from,
+with its adapters applied) or a Hugging Face folder. Generation is greedy with at most 256 new
+tokens, zero-shot unless --num-fewshot, as in the Me-LLaMA paper. Scores follow the released scorer
+(`--extractor mibe-compat`, the default) and are computed under `strict` too. Prompts are the model's
+own chat template when it carries one (a tuned run's: the template it was tuned with, which its
+exports carry), else plain (--chat-template, --chat, --no-chat to choose).
 
 Writes OUT/results.json ({"protocol": {...}, task: {metric: value}}), OUT/results.md (dataset x metric
 tables) and, with --log-samples, OUT/samples_<task>.jsonl for each MIBE task (prompts, generations
@@ -20,9 +21,11 @@ and records: test inputs may be patient text, so this is opt-in). Scoring: docs/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib.util
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -36,6 +39,7 @@ from melama_mcore.eval.extraction import DEFAULT_EXTRACTOR, check_extractor
 from melama_mcore.eval.rescore import add_extractor_argument
 from melama_mcore.eval.scoring import Generated, task_result
 from melama_mcore.eval.tasks import GENERATION_BUDGET, GROUP, TASK_DIR, TASKS
+from melama_mcore.output_paths import check_output_dir, remove_created_folders
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,8 @@ class EvalOptions:
     chat: bool | None = None  # True: chat prompts (--chat); False: plain (--no-chat); None: the model's template, if any
     chat_template: str | None = None  # a template name or Jinja file (--chat-template); wins over `chat`
     max_new_tokens: int = GENERATION_BUDGET  # the paper's; a smaller budget only from Python (the demo)
+    tokenizer: Path | None = None  # a megatron checkpoint's tokenizer instead of its data.tokenizer (--tokenizer)
+    allow_tokenizer_mismatch: bool = False  # evaluate although its vocabulary is not the checkpoint's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,18 +209,32 @@ def selection(extractor: str, limit: int | None) -> str:
 
 def evaluate(options: EvalOptions) -> dict[str, dict[str, float | None]]:
     """Run the evaluation and write its outputs; returns {task: {metric: value}} (results.json without
-    its protocol)."""
-    import torch
-
+    its protocol). --out is checked first; folders it created are removed again if the run fails."""
     quiet_libraries()
     check_extractor(options.extractor)
     if (options.out / "results.json").exists():
         raise UserError(f"{options.out} already holds results.json: choose a new --out or delete it")
+    created = check_output_dir(options.out, "--out")
+    try:
+        return _evaluate(options)
+    except BaseException:
+        remove_created_folders(created)
+        raise
+
+
+def _evaluate(options: EvalOptions) -> dict[str, dict[str, float | None]]:
+    import torch
+
     check_backend(options.backend)
     prompts.check_choice(options.chat_template)
-    megatron = model_source.locate(options.model)
+    source = model_source.locate(options.model, options.tokenizer, options.allow_tokenizer_mismatch)
+    if source.is_lora_run and options.adapter:
+        raise UserError(f"--model {options.model} is a LoRA run, which carries its adapters; --adapter applies "
+                        "other ones: evaluate one or the other")
     adapter_config = model_source.read_adapter_config(options.adapter) if options.adapter else None
-    log.info("model %s (%s)", options.model, f"megatron checkpoint {megatron}" if megatron else "Hugging Face folder")
+    if options.adapter:
+        model_source.check_adapter_rank(options.adapter, adapter_config)
+    log.info("model %s", source)
 
     metadata = {"data_dir": str(options.data_dir) if options.data_dir else None, "extractor": options.extractor}
     manager, objects = load_tasks(options.tasks, metadata)
@@ -235,19 +255,27 @@ def evaluate(options: EvalOptions) -> dict[str, dict[str, float | None]]:
     # tokenizer's chat template when a path says "chat" does not apply to them.
     logging.getLogger("lm_eval.evaluator").addFilter(lambda record: "chat variant" not in record.getMessage())
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    with model_source.hf_folder(options.model, options.out) as hf_dir:
+    with model_source.hf_folder(source, options.out) as model:
+        hf_dir, adapter = model.hf_dir, model.adapter or options.adapter  # a LoRA run's own, or --adapter
         if options.adapter:
             model_source.check_adapter_fits(options.adapter, adapter_config, hf_dir)
+        else:
+            adapter_config = model_source.read_adapter_config(adapter) if adapter else None
         check_context(hf_dir, options.max_new_tokens)
-        prompt_format = prompts.resolve(hf_dir, options.chat, options.chat_template)
+        prompt_format = prompts.resolve(hf_dir, options.chat, options.chat_template, adapter,
+                                        model.template_origin)
         log.info("MIBE prompts: %s", prompt_format)
-        model_args, run_args = model_arguments(options.backend, hf_dir, options.adapter, adapter_config, gpus)
+        model_args, run_args = model_arguments(options.backend, hf_dir, adapter, adapter_config, gpus)
         log.info("generating with lm-eval's %s backend (%s), greedy, at most %d new tokens, %s",
                  options.backend, run_args.get("device", f"tensor parallel {model_args.get('tensor_parallel_size')}"),
                  options.max_new_tokens, f"{options.num_fewshot}-shot" if options.num_fewshot else "zero-shot")
         shorter = None if options.max_new_tokens == GENERATION_BUDGET else {"max_gen_toks": options.max_new_tokens}
         start = time.time()
-        model = backends.load_model(options.backend, model_args, run_args, prompt_format)
+        try:
+            model = backends.load_model(options.backend, model_args, run_args, prompt_format)
+        except Exception as err:  # transformers, peft and vLLM raise many types for a folder they cannot load
+            raise DataError(f"--model {options.model}: lm-eval's {options.backend} backend cannot load it "
+                            f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]})") from None
         results = lm_eval.simple_evaluate(
             model=model, task_manager=manager, tasks=[obj for built in objects.values() for obj in built],
             num_fewshot=options.num_fewshot, limit=options.limit, log_samples=True,  # MIBE is scored from them
@@ -308,8 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(see melama eval rescore --help)",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path,
-                        help="run folder, megatron checkpoint folder (any TP/PP) or Hugging Face folder")
+                        help="run folder (a LoRA run: its base plus its adapters), megatron checkpoint folder (any "
+                             "TP/PP) or Hugging Face folder")
     parser.add_argument("--adapter", type=Path, help="a PEFT (LoRA) adapter folder to apply to the model")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="a megatron checkpoint's tokenizer, instead of the one its config.yaml names "
+                             "(data.tokenizer); it must have the vocabulary the checkpoint recorded")
+    parser.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                        help="evaluate a megatron checkpoint with a tokenizer whose vocabulary is not the one it "
+                             "was trained with (refused by default: its token ids would mean other text)")
     parser.add_argument("--tasks", required=True, type=task_names,
                         help=f"comma-separated: {GROUP} (all twelve), {', '.join(TASKS)}, and any lm-eval task "
                              "or group (e.g. mmlu, arc_easy)")
@@ -341,6 +376,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM (a scheduler's stop, `kill`) ends the run as Ctrl-C does: what it created is removed (the
+    temporary export under --out, a new --out) and nothing that looks like results is left."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["rescore"]:
@@ -352,8 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     options = EvalOptions(model=args.model, tasks=args.tasks, out=args.out, adapter=args.adapter,
                           data_dir=args.data_dir, backend=args.backend, limit=args.limit,
                           num_fewshot=args.num_fewshot, extractor=args.extractor, log_samples=args.log_samples,
-                          chat=args.chat, chat_template=args.chat_template)
-    evaluate(options)
+                          chat=args.chat, chat_template=args.chat_template, tokenizer=args.tokenizer,
+                          allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
+    with sigterm_interrupts():
+        evaluate(options)
     print((options.out / "results.md").read_text(encoding="utf-8"), end="")
     log.info("wrote %s", options.out / "results.json")
     return 0

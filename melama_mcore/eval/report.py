@@ -165,7 +165,10 @@ def protocol_lines(protocol: dict) -> list[str]:
     lines = [f"- extractor: {extractor} ({why}); the {other_extractor(extractor)} extractor's numbers are in "
              f"their own table",
              "- prompts: " + (f"chat template {template['name']}" if template.get("name") else
-                              "unknown" if unknown else "plain") + f" ({template.get('source')})",
+                              "unknown" if unknown else "plain")
+             + (", with a default system prompt" if template.get("system_prompt") is not None else "")
+             + f" ({template.get('source')}"
+             + (f"; sha256 {template['sha256']}" if template.get("sha256") else "") + ")",
              "- generation: " + ("unknown" if protocol.get("backend") is None else
                                  f"backend {protocol['backend']}, greedy, at most {protocol['max_new_tokens']} new "
                                  f"tokens, {protocol.get('num_fewshot') or 0}-shot; {protocol.get('selection')}")]

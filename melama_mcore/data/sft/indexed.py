@@ -5,8 +5,9 @@ For `--output-prefix data/medqa`, the dataset prefix (what a blend lists) is `da
   `melama preprocess`); readable by megatron-core's IndexedDataset like any pre-training pair;
 - `data/medqa_sft_document_loss_mask.bin/.idx`: uint8, one per token, 1 where the token is trained
   (answers and the EOS after each), with the same document boundaries;
-- `data/medqa_sft_document.sft.json`: the marker: format, template, tokenizer, sequence length and
-  counts. A prefix with a marker is instruction data (`is_sft_prefix`); the trainer needs no switch.
+- `data/medqa_sft_document.sft.json`: the marker: format, template ({"name", "jinja", "system_prompt"}:
+  what travels with the model, `blend_chat_template`), tokenizer, sequence length and counts. A prefix
+  with a marker is instruction data (`is_sft_prefix`); the trainer needs no switch.
 
 Publishing order (each step atomic): old marker and old token index removed, mask pair, marker, token
 pair. A run killed at any point leaves no token index beside a missing or stale marker, so no
@@ -16,14 +17,18 @@ instruction data can be mistaken for pre-training data or paired with another ru
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
 from melama_mcore.data.indexed_writer import INCOMPLETE, IndexedWriter, write_json_atomically
+from melama_mcore.data.sft.templates import BUILT_IN_JINJA, jinja_sha256
 from melama_mcore.data.verify import verify_indexed_dataset
 from melama_mcore.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "melama-sft", 1
 MASK_SUFFIX = "_loss_mask"
@@ -126,6 +131,56 @@ def read_marker(prefix) -> dict:
         raise DataError(f"{path}: format version {meta.get('version')!r}, this melama reads {VERSION}; "
                         "run preprocess-sft again")
     return meta
+
+
+def marker_chat_template(meta: dict) -> dict | None:
+    """The chat template a marker records ({"name", "jinja", "system_prompt"}). Markers written before
+    the template's text was recorded ({"name"[, "sha256"]} and a "system_prompt" flag): a built-in
+    template without a system prompt is known by its name; any other is unknown (None)."""
+    template = meta.get("template") or {}
+    if isinstance(template.get("jinja"), str):
+        return {"name": template.get("name"), "jinja": template["jinja"],
+                "system_prompt": template.get("system_prompt")}
+    if template.get("name") in BUILT_IN_JINJA and not meta.get("system_prompt"):
+        return {"name": template["name"], "jinja": BUILT_IN_JINJA[template["name"]], "system_prompt": None}
+    return None
+
+
+def _described(template: dict) -> str:
+    system = ", with a system prompt" if template["system_prompt"] is not None else ""
+    return f"{template['name']}{system} (sha256 {jinja_sha256(template['jinja'])[:12]})"
+
+
+def blend_chat_template(blend) -> dict | None:
+    """The chat template a blend's instruction data was rendered with, which the trainer keeps in the
+    run's config (data.chat_template) so that every checkpoint, export and evaluation carries it;
+    None for pre-training data, and (with a warning) for data whose markers do not record the
+    template's text. A blend of prefixes rendered with different templates is refused: a model tuned
+    in two formats has no one format its exports could carry and evaluation could prompt in."""
+    prefixes = list(dict.fromkeys(_strip(p) for source in blend.sources for p in source.train + (source.valid or [])))
+    if not prefixes or not is_sft_prefix(prefixes[0]):  # a blend is all instruction data or none (is_sft_blend)
+        return None
+    found, unknown = {}, []  # jinja text -> (template, its prefixes); prefixes without a known template
+    for prefix in prefixes:
+        template = marker_chat_template(read_marker(prefix))
+        if template is None:
+            unknown.append(prefix)
+        else:
+            found.setdefault(template["jinja"], (template, []))[1].append(prefix)
+    if len(found) > 1:
+        (first, first_prefixes), (second, second_prefixes) = list(found.values())[:2]
+        raise DataError(f"the blend's instruction data was rendered with different chat templates: "
+                        f"{', '.join(first_prefixes)} with {_described(first)}, {', '.join(second_prefixes)} with "
+                        f"{_described(second)}. A model is tuned in one format, the one its exports carry and "
+                        "evaluation prompts in: run preprocess-sft again on one side with the other's "
+                        "--chat-template (and --system-prompt)")
+    if unknown:
+        if int(os.environ.get("RANK", "0")) == 0:
+            log.warning("%s: the marker does not record the chat template's text (written by an older preprocess-sft); "
+                        "this run's checkpoints and exports carry no chat template (run preprocess-sft again to have "
+                        "it travel, or name it at evaluation: melama eval --chat-template)", ", ".join(unknown))
+        return None
+    return next(iter(found.values()))[0] if found else None
 
 
 def verify_sft_prefix(prefix, vocab_size: int | None = None) -> dict:

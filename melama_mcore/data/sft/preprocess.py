@@ -25,7 +25,7 @@ from melama_mcore.data.preprocess import (Batch, check_token_ids, handle_bad_rec
                                           run_pipeline, show_progress)
 from melama_mcore.data.sft.conversations import RecordError, conversation_from_record
 from melama_mcore.data.sft.indexed import FORMAT, VERSION, SFTWriter, output_files, sft_prefix
-from melama_mcore.data.sft.templates import CHOICES, load_template, template_identity
+from melama_mcore.data.sft.templates import CHOICES, load_template, travelling
 from melama_mcore.data.sft.tokenize import refuse_special_text, special_text_pattern, tokenize_rendered
 from melama_mcore.data.tokenizer import load_tokenizer
 from melama_mcore.errors import DataError, UserError
@@ -102,7 +102,8 @@ _WORKER = {}
 
 def _init_worker(options: SFTOptions) -> None:
     tok = load_tokenizer(options.tokenizer_path, num_threads=1)
-    _WORKER.update(tok=tok, options=options, template=load_template(options.chat_template, tok),
+    _WORKER.update(tok=tok, options=options,
+                   template=load_template(options.chat_template, tok, options.system_prompt),
                    specials=special_text_pattern(tok.special_texts))
 
 
@@ -135,8 +136,6 @@ def encode_batch(batch: Batch) -> EncodedSFTBatch:
         if reason is None:
             try:
                 conv = conversation_from_record(obj)
-                if conv.system is None:
-                    conv.system = opt.system_prompt
                 refuse_special_text(conv, _WORKER["specials"])
                 rendered.append(template.render(conv))
                 continue
@@ -198,7 +197,8 @@ def preprocess_sft(inputs: list[str], output_prefix: str, tokenizer_path: str, *
         raise DataError(f"{tokenizer_path}: the tokenizer cannot report where its tokens come from in the text "
                         f"({type(err).__name__}), which the loss masks need; use a fast tokenizer "
                         "(tokenizer.json) or the sentencepiece .model") from None
-    template = load_template(chat_template, tok)  # a broken template stops here, before any worker starts
+    # a broken template stops here, before any worker starts
+    template = load_template(chat_template, tok, system_prompt)
     workers = max(1, workers or os.cpu_count() or 1)
     options = SFTOptions(tokenizer_path, chat_template, seq_length, truncation, train_on_all, system_prompt)
     prefix = sft_prefix(output_prefix)
@@ -215,10 +215,9 @@ def preprocess_sft(inputs: list[str], output_prefix: str, tokenizer_path: str, *
         summary.seconds = time.perf_counter() - start
         writer.commit({
             "format": FORMAT, "version": VERSION,
-            "template": template_identity(template),
+            "template": travelling(template),  # what the trainer keeps in the run's config (data.chat_template)
             "tokenizer": tok.record(),
             "seq_length": seq_length, "truncation": truncation, "train_on_all": train_on_all,
-            "system_prompt": system_prompt is not None,
             "inputs": [str(f) for f in files],
             "counts": summary.counts(),
         })
@@ -260,7 +259,8 @@ loss mask:
 outputs (for --output-prefix data/medqa; list data/medqa_sft_document in a blend):
   data/medqa_sft_document.bin/.idx             token ids (uint16 below 65,500 tokens, else int32)
   data/medqa_sft_document_loss_mask.bin/.idx   loss mask, uint8, same sample boundaries
-  data/medqa_sft_document.sft.json             marker: template, tokenizer, sequence length, counts
+  data/medqa_sft_document.sft.json             marker: template (name, Jinja text, system prompt), tokenizer,
+                                               sequence length, counts
   A blend of such prefixes trains as instruction tuning; nothing else needs switching. Training
   refuses them under another tokenizer (vocabulary) than the marker records. The output location is
   checked before any work; existing outputs are refused unless --overwrite; a file listed twice too.
@@ -286,7 +286,8 @@ text containing a special token such as </s>, non-UTF-8 bytes, a line over --max
     parser.add_argument("--train-on-all", action="store_true",
                         help="loss on every token (prompts too), not only on answers")
     parser.add_argument("--system-prompt", default=None,
-                        help="system prompt for records that have none (default: none)")
+                        help="system prompt for records that have none (default: none); it travels with the "
+                             "template into the model's exports, so evaluation prompts carry it too")
     parser.add_argument("--max-document-bytes", type=int, default=DEFAULT_MAX_DOCUMENT_BYTES,
                         help="larger records are bad records (default: 64 MiB); bounds memory")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist already")
