@@ -224,6 +224,7 @@ def test_a_stopped_evaluation_leaves_nothing_in_out(tuned, tmp_path, monkeypatch
     """A real signal, sent once the temporary export (base and adapters) is written: the run ends as
     interrupted, and neither the export nor the --out it created is left. (With a tokenizer of another
     vocabulary, allowed: the override lets the run reach its export.)"""
+    from melama_mcore.checkpoint import opened
     from melama_mcore.eval import backends
 
     out = tmp_path / "out"
@@ -238,6 +239,7 @@ def test_a_stopped_evaluation_leaves_nothing_in_out(tuned, tmp_path, monkeypatch
         raise AssertionError("melama eval did not handle SIGTERM")
 
     monkeypatch.setattr(backends, "load_model", load_model)
+    opened._warn_once.cache_clear()  # printed once per process: this test's run must print it
     previous = signal.signal(signal.SIGTERM, not_handled)
     try:
         code, stderr = eval_cli("--model", tuned["run"], "--tasks", "pubmedqa", "--data-dir", tuned["mibe"],
