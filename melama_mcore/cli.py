@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from melama_mcore.distributed.launch import launch_env
-from melama_mcore.errors import ConfigError, UserError
+from melama_mcore.errors import UserError
 from melama_mcore.logs import setup_logging
 
 SUBCOMMANDS = {
@@ -40,7 +40,7 @@ def positive_int(text: str) -> int:
 
 def run_main(main, argv) -> int:
     """Run a subcommand's main, turning a UserError into a message and an exit code. A config error
-    is the same on every rank of a job: only rank 0 prints it."""
+    that every rank meets alike (a config error, a checkpoint of another model) is printed by rank 0 only."""
     try:
         launch = launch_env()
     except UserError as err:
@@ -50,7 +50,7 @@ def run_main(main, argv) -> int:
     try:
         return int(main(argv) or 0)
     except UserError as err:
-        if launch.rank == 0 or not isinstance(err, ConfigError):
+        if launch.rank == 0 or not err.same_on_every_rank:
             print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

@@ -200,14 +200,17 @@ def test_a_config_error_under_torchrun_is_printed_once(tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_init_from_of_another_model_says_what_to_change(tiny_data, tmp_path):
-    """A weights-only start from a checkpoint of another size: refused, naming the field and what to
-    do -- not "another output_dir", which is a resume's remedy."""
+    """A weights-only start from a checkpoint of another size: refused once (not once per rank), naming
+    the field and what to do -- not "another output_dir", which is a resume's remedy."""
     seed = tmp_path / "seed"
     run_train(tmp_path / "init", data_overrides(tiny_data) + [f"--create-seed-checkpoint={seed}"])
     result = run_train(tmp_path / "run", data_overrides(tiny_data) + [f"checkpoint.init_from={seed}",
-                                                                       "model.num_layers=2"], check=False)
+                                                                       "model.num_layers=2"], nproc=2, check=False)
     assert result.returncode == 2, result.stdout[-2000:]
+    # Both ranks find the same difference; rank 0 alone says it. Nor does either rank warn that a CPU
+    # has no CUDA kernels (rank 0 notes it).
     [line] = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
+    assert "[rank1]" not in result.stdout, result.stdout[-2000:]
     assert "model.num_layers: checkpoint 4, this run 2" in line and "checkpoint.init_from" in line
     assert "another output_dir" not in line and "Traceback" not in result.stdout
     metrics = Path(tmp_path / "run" / "metrics.jsonl")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from melama_mcore.checkpoint.layout import CHECKSUMS, IDENTITY, LATEST
-from melama_mcore.errors import CheckpointError
+from melama_mcore.errors import CheckpointError, CheckpointMismatchError
 from melama_mcore.strategies import strategy_for
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def check_identity(folder: Path, identity: dict | None, with_adapters: bool = Fa
                   "run in another output_dir" if with_adapters else
                   "Set model.* and data.tokenizer to the checkpoint's, or start from a checkpoint of this model "
                   "(checkpoint.init_from)")
-        raise CheckpointError(f"checkpoint {folder} does not fit this run: {'; '.join(diffs)}. {advice}")
+        raise CheckpointMismatchError(f"checkpoint {folder} does not fit this run: {'; '.join(diffs)}. {advice}")
 
 
 # -- no code in pickles ------------------------------------------------------------------------------

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _logged: set[str] = set()
 _state: tuple[str, str] | None = None  # (backend, reason), resolved on first use
+# Reasons that are the machine's or the user's choice, not a fault: said once by rank 0 (INFO), not
+# warned on every rank of a CPU run.
+_EXPECTED = ("CUDA is not available", "MELAMA_KERNELS=torch")
 
 
 # assume_constant_result: torch.compile runs these at trace time and keeps their (constant)
@@ -34,7 +37,8 @@ def _fallback(reason: str) -> bool:
     """Log (once per reason) that the reference runs; returns False (= not native)."""
     if reason not in _logged:
         _logged.add(reason)
-        log.warning("melama kernels: using the torch reference: %s", reason)
+        level = logging.INFO if reason in _EXPECTED else logging.WARNING
+        log.log(level, "melama kernels: using the torch reference: %s", reason)
     return False
 
 
