@@ -89,13 +89,17 @@ def test_all_checkpoints_equal_separate_calls_and_the_runs_own_validation(run, t
 
 
 def test_steps_scores_those_checkpoints_only(run, tmp_path):
+    """With --samples 8, the run's own count (one global batch): exactly the run's validation, no note."""
     out = tmp_path / "ppl"
-    eval_ppl("--model", run["dir"] / "checkpoints", "--blend", run["blend"], "--out", out, "--steps", "3,1")
+    result = eval_ppl("--model", run["dir"] / "checkpoints", "--blend", run["blend"], "--out", out, "--steps", "3,1",
+                      "--samples", "8")
     assert sorted(p.name for p in out.glob("iter_*")) == ["iter_0000001", "iter_0000003"]
+    assert "--samples" not in result.stdout + result.stderr
     logged = logged_validation(run["dir"])
     for step in (1, 3):
         report = read(out / f"iter_{step:07d}" / "perplexity.json")
         assert {s: v["loss"] for s, v in report["sources"].items()} == logged[step]
+        assert {v["sequences"] for v in report["sources"].values()} == {8}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -130,18 +134,14 @@ def test_a_series_of_checkpoints_saved_with_another_model_is_refused(run, tmp_pa
     assert not out.exists()
 
 
-def test_samples_scores_exactly_that_many_or_says_what_it_rounds_to(run, tmp_path):
+def test_samples_scores_that_many_or_says_what_it_rounds_to(run, tmp_path):
+    """3 is no whole number of micro-batches of 2: 4 are scored (4 x 32 tokens), said in one line."""
     ckpt = run["dir"] / "checkpoints" / "iter_0000003"
-    exact = eval_ppl("--model", ckpt, "--blend", run["blend"], "--out", tmp_path / "four", "--samples", "4")
-    assert "--samples" not in exact.stdout + exact.stderr
-    four = read(tmp_path / "four" / "perplexity.json")
-    for values in four["sources"].values():
+    result = eval_ppl("--model", ckpt, "--blend", run["blend"], "--out", tmp_path / "three", "--samples", "3")
+    notes = [line for line in (result.stdout + result.stderr).splitlines() if "--samples 3" in line]
+    assert len(notes) == 1 and "scoring 4 sequences per source instead" in notes[0], notes
+    for values in read(tmp_path / "three" / "perplexity.json")["sources"].values():
         assert values["sequences"] == 4 and values["tokens"] == 4 * SEQ_LENGTH
-    # 3 is not a whole number of micro-batches of 2: rounded up to 4, said in one line, the same 4.
-    rounded = eval_ppl("--model", ckpt, "--blend", run["blend"], "--out", tmp_path / "three", "--samples", "3")
-    notes = [line for line in (rounded.stdout + rounded.stderr).splitlines() if "--samples 3" in line]
-    assert len(notes) == 1 and "scoring 4 sequences per source instead" in notes[0]
-    assert read(tmp_path / "three" / "perplexity.json")["sources"] == four["sources"]
 
 
 def test_an_adapter_run_is_scored_checkpoint_by_checkpoint_on_its_base(run, tiny_data, tmp_path):
@@ -156,3 +156,12 @@ def test_an_adapter_run_is_scored_checkpoint_by_checkpoint_on_its_base(run, tiny
     for step in (1, 2):
         report = read(out / f"iter_{step:07d}" / "perplexity.json")
         assert {s: v["loss"] for s, v in report["sources"].items()} == logged[step]
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(run, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "ppl"
+    code = melama(["eval-ppl", "--model", str(run["dir"]), "--blend", str(run["blend"]), "--out", str(out),
+                   "--all-checkpoints"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"error: --out {out}: {tmp_path / 'file'} is a file, not a folder; choose another --out\n"

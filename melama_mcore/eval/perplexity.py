@@ -138,12 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def checkpoints_to_score(args) -> list[tuple[int | None, Path]]:
-    """(step, folder) of each checkpoint asked for, in step order (step None: a folder that is not a
-    run's iter_*). Every mistake is found here, before any work."""
+def checkpoints_to_score(args) -> tuple[list[tuple[int | None, Path]], list[Path]]:
+    """((step, folder) of each checkpoint asked for, in step order (step None: a folder that is not a
+    run's iter_*), the incomplete folders --all-checkpoints passes over). Every mistake is found
+    here, before any work."""
     if not (args.all_checkpoints or args.steps):
         ckpt = find_checkpoint(args.model)
-        return [(checkpoint_step(ckpt), ckpt)]
+        return [(checkpoint_step(ckpt), ckpt)], []
     flag = "--all-checkpoints" if args.all_checkpoints else "--steps"
     if (args.model / METADATA).is_file():
         raise ConfigError(f"{flag} scores the checkpoints of a run, but --model {args.model} is one checkpoint: give "
@@ -156,11 +157,8 @@ def checkpoints_to_score(args) -> list[tuple[int | None, Path]]:
         if missing:
             raise ConfigError(f"--steps: {args.model} has no checkpoint of step {', '.join(map(str, missing))}; "
                               f"its checkpoints are of steps {', '.join(map(str, complete))}")
-        return [(s, complete[s]) for s in args.steps]
-    if skipped:
-        log.info("skipping %d incomplete checkpoint folder(s) (interrupted saves): %s", len(skipped),
-                 ", ".join(folder.name for folder in skipped))
-    return list(complete.items())
+        return [(s, complete[s]) for s in args.steps], []
+    return list(complete.items()), skipped
 
 
 def check_one_run(checkpoints: list[tuple[int | None, Path]]) -> None:
@@ -186,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples is not None and args.samples < 1:
         raise ConfigError("--samples must be at least 1")
 
-    checkpoints = checkpoints_to_score(args)
+    checkpoints, skipped = checkpoints_to_score(args)
     series = args.all_checkpoints or bool(args.steps)
     if series:
         check_one_run(checkpoints)
@@ -195,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"{checkpoints[-1][1]}: the run validated on nothing (logging.eval_iters=0): give "
                           "--samples N")
     created = check_output_dir(args.out, "--out")
+    if skipped:
+        log.info("skipping %d incomplete checkpoint folder(s) (interrupted saves): %s", len(skipped),
+                 ", ".join(folder.name for folder in skipped))
     try:
         results = _score(args, cfg, checkpoints, series)
     except BaseException:
