@@ -176,7 +176,7 @@ def check_one_run(checkpoints: list[tuple[int | None, Path]]) -> None:
         if got != expected:
             key = next(k for k in expected if got[k] != expected[k])
             raise ConfigError(f"{folder} was saved with another {key} than {latest} ({got[key]!r}, not "
-                                  f"{expected[key]!r}): not one run's checkpoints; score them separately")
+                              f"{expected[key]!r}): not one run's checkpoints; score them separately")
 
 
 def main(argv: list[str] | None = None) -> int:
