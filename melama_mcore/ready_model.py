@@ -12,6 +12,8 @@ benchmark:
     for_inference(cfg, runtime, checkpoint)
                                      build, then a checkpoint's weights: the model's, or an adapter
                                      checkpoint's base (its init_from) and then its adapters
+    load_checkpoint(ready, runtime, checkpoint)
+                                     another checkpoint of the same run into that model (a series)
 """
 
 from __future__ import annotations
@@ -85,11 +87,17 @@ def for_inference(cfg: JobConfig, runtime: Runtime, checkpoint: Path, identity: 
     own tensors only (an adapter checkpoint; cfg is its config) loads on its base: `base`, else
     cfg.checkpoint.init_from."""
     ready = build(cfg, runtime, training=False)
-    checkpointer = Checkpointer(cfg, ready.chunks, None, None, identity=identity, strategy=runtime.strategy)
-    if runtime.strategy.checkpoint_holds_base:
-        checkpointer.load_weights(str(checkpoint))
-    else:
-        checkpointer.load_weights(str(base or cfg.checkpoint.init_from))
-        checkpointer.load_own(checkpoint)
-    ready.checkpointer = checkpointer
+    ready.checkpointer = Checkpointer(cfg, ready.chunks, None, None, identity=identity, strategy=runtime.strategy)
+    if not runtime.strategy.checkpoint_holds_base:
+        ready.checkpointer.load_weights(str(base or cfg.checkpoint.init_from))
+    load_checkpoint(ready, runtime, checkpoint)
     return ready
+
+
+def load_checkpoint(ready: ReadyModel, runtime: Runtime, checkpoint: Path) -> None:
+    """Another checkpoint of the same run into a model from for_inference, without building it
+    again: its weights, or (an adapter checkpoint) its adapters over the base already loaded."""
+    if runtime.strategy.checkpoint_holds_base:
+        ready.checkpointer.load_weights(str(checkpoint))
+    else:
+        ready.checkpointer.load_own(checkpoint)

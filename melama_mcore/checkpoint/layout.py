@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -83,6 +84,36 @@ def find_checkpoint(path: Path) -> Path:
         raise CheckpointError(f"{path} is a Hugging Face model folder, not a checkpoint of this project: import it "
                               f"first with `melama convert import-hf --hf-dir {path} --out CKPT` and give CKPT")
     raise CheckpointError(f"{path} is not a checkpoint: expected a metadata.json, or a 'latest' marker of a run")
+
+
+_STEP_FOLDER = re.compile(r"iter_(\d+)")
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of a run's checkpoint folder, from its name (iter_0000200 -> 200); None for a
+    folder of another name (a weights-only import)."""
+    found = _STEP_FOLDER.fullmatch(folder.name)
+    return int(found.group(1)) if found else None
+
+
+def run_checkpoints(path: Path) -> tuple[dict[int, Path], list[Path]]:
+    """Every complete checkpoint of a run (its output folder, or its checkpoints/ folder) by step, in
+    step order, and the iter_* folders passed over: interrupted saves (.partial) and folders without
+    metadata.json. CheckpointError when `path` holds no checkpoint of a run."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path} does not exist" if not path.exists() else f"{path} is not a folder")
+    root = next((r for r in (path, path / "checkpoints") if r.is_dir() and any(r.glob("iter_*"))), None)
+    if root is None:
+        raise CheckpointError(f"{path} holds no checkpoint of a run: expected iter_* folders in it or in its "
+                              "checkpoints/ folder")
+    complete, skipped = {}, []
+    for folder in sorted(root.glob("iter_*")):
+        step = checkpoint_step(folder)
+        if step is not None and (folder / METADATA).is_file():
+            complete[step] = folder
+        elif folder.is_dir():
+            skipped.append(folder)
+    return dict(sorted(complete.items())), skipped
 
 
 # -- writing ------------------------------------------------------------------------------------------
