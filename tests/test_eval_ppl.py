@@ -165,3 +165,16 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(run, tmp_path,
                    "--all-checkpoints"])
     err = capsys.readouterr().err
     assert code == 2 and err == f"error: --out {out}: {tmp_path / 'file'} is a file, not a folder; choose another --out\n"
+
+
+def test_an_out_holding_another_runs_series_is_refused(run, tmp_path, capsys):
+    """melama report would read the other run's points as part of this run's curve."""
+    out = tmp_path / "ppl"
+    (out / "iter_0000005").mkdir(parents=True)
+    (out / "iter_0000005" / "perplexity.json").write_text(json.dumps({"checkpoint": str(tmp_path / "other" / "iter_0000005")}))
+    code = melama(["eval-ppl", "--model", str(run["dir"]), "--blend", str(run["blend"]), "--out", str(out),
+                   "--all-checkpoints"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: --out {out} already holds iter_0000005/perplexity.json"), err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["iter_0000005"]

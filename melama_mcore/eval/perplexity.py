@@ -179,6 +179,21 @@ def check_one_run(checkpoints: list[tuple[int | None, Path]]) -> None:
                               f"{expected[key]!r}): not one run's checkpoints; score them separately")
 
 
+def check_no_other_series(out: Path, checkpoints: list[tuple[int | None, Path]]) -> None:
+    """`melama report` reads every iter_*/perplexity.json of a folder as one series: scores of another
+    run's checkpoints left in --out would be drawn into this run's curve. Those of this run's own
+    checkpoints may stay (a later --steps call adds points to its series)."""
+    run = checkpoints[-1][1].resolve().parent
+    for found in sorted(out.glob(f"iter_*/{PERPLEXITY_FILE}")) if out.is_dir() else []:
+        try:
+            scored = Path(json.loads(found.read_text(encoding="utf-8"))["checkpoint"]).resolve().parent
+        except (OSError, ValueError, KeyError, TypeError):
+            scored = None
+        if scored != run:
+            raise ConfigError(f"--out {out} already holds {found.relative_to(out)}, not of a checkpoint of {run}: "
+                              "its points would join this run's series; choose another --out")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.samples is not None and args.samples < 1:
@@ -192,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.samples and cfg.logging.eval_iters < 1:
         raise ConfigError(f"{checkpoints[-1][1]}: the run validated on nothing (logging.eval_iters=0): give "
                           "--samples N")
+    if series:
+        check_no_other_series(args.out, checkpoints)
     created = check_output_dir(args.out, "--out")
     if skipped:
         log.info("skipping %d incomplete checkpoint folder(s) (interrupted saves): %s", len(skipped),
