@@ -12,6 +12,8 @@ exist yet: a converted checkpoint, published whole) creates nothing.
     check_output_file(path, flag)             one file (its folder created; an existing file is replaced)
     check_output_prefix(prefix, flag, files)  the files of an output prefix (its folder created)
     check_new_folder(path, flag)              a folder that must not exist yet (nothing created)
+
+and the one way every command writes a file: `write_atomic(path, text_or_bytes)` (whole or not at all).
 """
 
 from __future__ import annotations
@@ -24,6 +26,24 @@ from pathlib import Path
 from melama_mcore.errors import UserError
 
 _PROBE_PREFIX = ".melama-write-check-"
+
+
+def write_atomic(path: Path, content: str | bytes) -> Path:
+    """Write `path` whole or not at all: a hidden temporary beside it, flushed to disk, then renamed
+    over it, so a reader (or a crash) never meets half a file. A write that fails (a full disk) is
+    a one-line UserError and leaves nothing."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path} not written ({err.strerror or err}): free space or choose another place") from None
+    return path
 
 
 def check_output_dir(path, flag: str) -> list[Path]:

@@ -29,10 +29,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 from melama_mcore.checkpoint.integrity import (check_identity, check_no_code, file_checksums, first_line,
                                                verify_checksums)
 from melama_mcore.checkpoint.layout import (LATEST, PARTIAL, find_checkpoint, latest_step, partial_dir, publish, seal,
-                                            step_dir, write_atomically)
+                                            step_dir)
 from melama_mcore.components.optimizer import ensure_optimizer_state, load_optimizer_state
 from melama_mcore.config.job_config import JobConfig, dump_config
 from melama_mcore.errors import CheckpointError
+from melama_mcore.output_paths import write_atomic
 from melama_mcore.strategies import TrainingStrategy, strategy_for
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,7 @@ class Checkpointer:
         self._publish(partial, final)
 
         def make_latest():
-            write_atomically(self.root / LATEST, str(train_state.step))
+            write_atomic(self.root / LATEST, str(train_state.step))
             self._prune()
 
         _agreed("publishing the checkpoint", make_latest if rank0 else None)

@@ -18,6 +18,7 @@ from melama_mcore.checkpoint.integrity import refusal_reason
 from melama_mcore.errors import CheckpointError, UserError
 from melama_mcore.models.llama import state_dict_adapter as sda
 from melama_mcore.models.llama.config_registry import LlamaArch
+from melama_mcore.output_paths import write_atomic
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -242,10 +243,10 @@ def copy_tokenizer(source: Path | None, out: Path, chat_template: dict | None = 
         if not found:
             raise UserError(f"tokenizer {source}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) in that folder")
         for name in found + ([CHAT_TEMPLATE_FILE] if (source / CHAT_TEMPLATE_FILE).is_file() else []):
-            _write_file(out / name, (source / name).read_bytes())
+            write_atomic(out / name, (source / name).read_bytes())
     elif source.is_file() and source.suffix == ".model":
-        _write_file(out / "tokenizer.model", source.read_bytes())
-        _write_file(out / "tokenizer_config.json", json.dumps(
+        write_atomic(out / "tokenizer.model", source.read_bytes())
+        write_atomic(out / "tokenizer_config.json", json.dumps(
             {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
              "add_bos_token": True, "add_eos_token": False}, indent=2).encode())
     else:
@@ -263,13 +264,8 @@ def write_chat_template(folder: Path, chat_template: dict | None) -> None:
     if chat_template is None:
         return
     jinja = chat_template["jinja"]
-    _write_file(folder / CHAT_TEMPLATE_FILE, jinja.encode("utf-8"))
+    write_atomic(folder / CHAT_TEMPLATE_FILE, jinja.encode("utf-8"))
     config = folder / "tokenizer_config.json"
     if config.is_file():
-        _write_file(config, json.dumps({**_read_json(config), "chat_template": jinja}, indent=2).encode())
+        write_atomic(config, json.dumps({**_read_json(config), "chat_template": jinja}, indent=2).encode())
 
-
-def _write_file(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

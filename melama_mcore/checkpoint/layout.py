@@ -30,7 +30,7 @@ from pathlib import Path
 
 from melama_mcore.config.job_config import JobConfig, load_config
 from melama_mcore.errors import CheckpointError, ConfigError, UserError
-from melama_mcore.output_paths import check_new_folder, check_output_dir, remove_created_folders
+from melama_mcore.output_paths import check_new_folder, check_output_dir, remove_created_folders, write_atomic
 
 LATEST = "latest"
 PARTIAL = ".partial"
@@ -117,24 +117,15 @@ def run_checkpoints(path: Path) -> tuple[dict[int, Path], list[Path]]:
 
 
 # -- writing ------------------------------------------------------------------------------------------
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def seal(folder: Path, checksums: dict[str, int] | None, identity: dict | None, config_yaml: str) -> None:
     """What makes a folder of dist-checkpoint files one of this project's checkpoints, written after
     the tensor files and before the folder is published: their checksums (None: not computed),
     the model identity (None: unknown) and the config."""
     if checksums is not None:
-        write_atomically(folder / CHECKSUMS, json.dumps(checksums, indent=0))
+        write_atomic(folder / CHECKSUMS, json.dumps(checksums, indent=0))
     if identity is not None:
-        write_atomically(folder / IDENTITY, json.dumps(identity))
-    write_atomically(folder / CONFIG, config_yaml)
+        write_atomic(folder / IDENTITY, json.dumps(identity))
+    write_atomic(folder / CONFIG, config_yaml)
 
 
 def publish(partial: Path, final: Path) -> None:

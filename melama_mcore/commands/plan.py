@@ -75,7 +75,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from melama_mcore.checkpoint.layout import write_atomically
 from melama_mcore.components.metrics import PEAK_TFLOPS
 from melama_mcore.config.job_config import JobConfig, PeftConfig, load_config
 from melama_mcore.config.validate import Environment, InvalidConfig, resolve, validate
@@ -83,7 +82,7 @@ from melama_mcore.errors import ConfigError, UserError
 from melama_mcore.models.llama import lora_tensors
 from melama_mcore.models.llama.config_registry import (PRESETS, LlamaArch, forward_flops_per_token, padded_vocab_size,
                                                      parameter_count, resolve_arch)
-from melama_mcore.output_paths import check_output_file, remove_created_folders
+from melama_mcore.output_paths import check_output_file, remove_created_folders, write_atomic
 from melama_mcore.strategies import METHODS, strategy_for
 
 GIB = 2**30
@@ -596,7 +595,7 @@ def _plan(args) -> int:
 
 def _write_json(path: str | None, report: dict) -> None:
     if path:
-        write_atomically(Path(path), json.dumps(report, indent=1))
+        write_atomic(Path(path), json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

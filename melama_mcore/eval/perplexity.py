@@ -39,8 +39,7 @@ from melama_mcore.data.tokenizer import load_tokenizer
 from melama_mcore.distributed import parallel
 from melama_mcore.distributed.launch import launch_env
 from melama_mcore.errors import CheckpointError, ConfigError
-from melama_mcore.eval.report import write_atomic
-from melama_mcore.output_paths import check_output_dir, remove_created_folders
+from melama_mcore.output_paths import check_output_dir, remove_created_folders, write_atomic
 from melama_mcore.startup import start
 
 log = logging.getLogger("melama")

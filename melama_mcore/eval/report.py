@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from melama_mcore.eval import metrics
 from melama_mcore.eval.scoring import COUNTS, TaskResult, other_extractor
 from melama_mcore.eval.tasks import ALL_METRICS, MULTILABEL, NER, SUMMARY, TASKS
+from melama_mcore.output_paths import write_atomic
 
 GENERAL_NAMES = {"acc": "accuracy", "acc_norm": "accuracy_norm"}  # lm-eval's names -> ours
 PROTOCOL = "protocol"  # results.json's one key that is not a task
@@ -24,14 +24,6 @@ UNKNOWN_TEMPLATE = {"name": None, "source": "unknown (rescored from samples file
 NER_DETAIL = ("entity_precision", "entity_recall", "entity_f1",
               "entity_precision_overlap", "entity_recall_overlap", "entity_f1_overlap")
 
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _number(value) -> float | None:

@@ -7,12 +7,10 @@ this one does not are removed (only those its report.json names)."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from melama_mcore.errors import UserError
-from melama_mcore.output_paths import check_output_dir
+from melama_mcore.output_paths import check_output_dir, write_atomic
 from melama_mcore.report import figures, render
 from melama_mcore.report.compare import report_data
 from melama_mcore.report.inputs import read_inputs
@@ -47,20 +45,6 @@ def make_report(paths: list[Path], out: Path, labels: list[str] = (), baseline: 
     for name in stale:
         (out / name).unlink(missing_ok=True)
     return Report(out, data, files, missing)
-
-
-def write_atomic(path: Path, content: str | bytes) -> Path:
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(content.encode("utf-8") if isinstance(content, str) else content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{path} not written ({err.strerror or err}): free space or choose another --out") from None
-    return path
 
 
 def _previous_pictures(out: Path) -> set[str]:
