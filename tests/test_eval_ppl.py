@@ -16,6 +16,8 @@ import pytest
 from melama_mcore.cli import main as melama
 from trunk_fixtures import data_overrides, run_train
 
+pytestmark = pytest.mark.slow  # a training run and eval-ppl processes
+
 SEQ_LENGTH = 32  # trunk_fixtures.TINY: micro-batches of 2 sequences, global batches of 8, one per validation
 LORA = ["peft.method=lora", "peft.rank=4", "peft.alpha=8", "peft.dropout=0.0", "optimizer.lr=1e-2"]
 
