@@ -281,6 +281,27 @@ def test_export_refuses_a_tokenizer_the_checkpoint_was_not_trained_with(hf_dir, 
                    f"error: --tokenizer {spm_model} has 400 tokens, more than the vocabulary of {ckpt} (300)")
 
 
+def test_an_import_records_the_tokenizer_of_its_folder(hf_dir, tmp_path, spm_model):
+    """Meta's folders carry tokenizer.model: the import records it (config.yaml and the vocabulary in
+    model_identity.json), so its export, eval and eval-ppl need no --tokenizer."""
+    from melama_mcore.checkpoint.hf_folder import copy_tokenizer
+    from melama_mcore.checkpoint.integrity import model_identity
+    from melama_mcore.config.job_config import load_config
+    from melama_mcore.data.tokenizer import load_tokenizer
+
+    hf, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
+    shutil.copytree(hf_dir, hf)
+    copy_tokenizer(Path(spm_model), hf)
+    import_hf(hf, ckpt)
+    assert load_config(ckpt / "config.yaml").data.tokenizer == str((hf / "tokenizer.model").resolve())
+    recorded = json.loads((ckpt / "model_identity.json").read_text())["tokenizer"]
+    expected = model_identity(None, load_tokenizer(spm_model))["tokenizer"]
+    assert {k: recorded[k] for k in ("vocab_size", "vocab_sha256")} == {k: expected[k] for k in ("vocab_size", "vocab_sha256")}
+    result = convert("export-hf", "--ckpt", ckpt, "--out", out)
+    assert result.returncode == 0, result.stdout
+    assert (out / "tokenizer.model").read_bytes() == Path(spm_model).read_bytes()
+
+
 def test_conversions_print_no_library_warnings(hf_dir, tmp_path):
     """torch's "torch.distributed is disabled ..." (DCP called for one process, on purpose) and the
     like are not printed: the warning filters as a command has them, every warning recorded."""
@@ -445,7 +466,7 @@ def test_conversions_carry_the_source_architecture(tmp_path):
     assert resolve_arch(cfg.model, None) == sda.arch_from_hf_config(json.loads((hf / "config.json").read_text()))
     result = convert("export-hf", "--ckpt", ckpt, "--out", out)
     assert result.returncode == 0, result.stdout
-    assert f"tokenizer: none: {ckpt} names no tokenizer (weights-only imports have none)" in result.stdout
+    assert f"tokenizer: none: {ckpt} names no tokenizer (nor had the Hugging Face folder it was imported from)" in result.stdout
     exported = json.loads((out / "config.json").read_text())
     original = json.loads((hf / "config.json").read_text())
     for key in ("architectures", "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",

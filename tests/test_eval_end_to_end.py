@@ -268,14 +268,17 @@ def test_checkpoint_without_a_tokenizer(world, tmp_path):
     from melama_mcore.checkpoint.convert import import_hf
     from melama_mcore.eval.command import main
 
+    hf = tmp_path / "hf"  # the folder without its tokenizer files: the import records none
+    shutil.copytree(world["hf"], hf, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
     ckpt = tmp_path / "imported"
-    import_hf(world["hf"], ckpt, 1, 1, None, 128)  # an import's config.yaml names no tokenizer
+    import_hf(hf, ckpt, 1, 1, None, 128)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = run_main(main, ["--model", str(ckpt), "--tasks", "pubmedqa", "--data-dir", str(world["data"]),
                                "--out", str(tmp_path / "out")])
     assert code == 2
     assert err.getvalue().strip().splitlines()[-1] == (
-        f"error: {ckpt}: its config.yaml names no tokenizer (data.tokenizer; a weights-only import has none): "
+        f"error: {ckpt}: its config.yaml names no tokenizer (data.tokenizer; an import of a Hugging Face folder "
+        "without tokenizer.model has none): "
         "pass --tokenizer TOKENIZER, the one its weights were trained with")
     assert not (tmp_path / "out").exists()

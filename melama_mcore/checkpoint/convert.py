@@ -35,6 +35,7 @@ from melama_mcore.checkpoint.opened import ADAPTERS, Checkpoint, open_checkpoint
 from melama_mcore.checkpoint.peft_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from melama_mcore.config.job_config import dump_config
 from melama_mcore.config.validate import TP, PP, VP, Environment, InvalidConfig, resolve, validate
+from melama_mcore.data.tokenizer import load_tokenizer
 from melama_mcore.errors import CheckpointError, UserError
 from melama_mcore.models.llama import state_dict_adapter as sda
 from melama_mcore.models.llama.config_registry import LlamaArch, padded_vocab_size
@@ -81,32 +82,40 @@ def check_layout(arch: LlamaArch, tp: int, pp: int, vp: int | None) -> None:
         raise UserError("invalid layout: " + "; ".join(p.message for p in err.problems)) from None
 
 
-def import_config_yaml(arch: LlamaArch, tp: int, pp: int, vp: int | None, divisible_by: int) -> str:
+def import_config_yaml(arch: LlamaArch, tp: int, pp: int, vp: int | None, divisible_by: int,
+                       tokenizer: Path | None = None) -> str:
     """The checkpoint's config.yaml: the model section a run must match (the source's architecture,
-    its context length as the sequence length) and the layout converted for."""
+    its context length as the sequence length), the layout converted for and the Hugging Face
+    folder's tokenizer (data.tokenizer, when it has a sentencepiece one)."""
     cfg = sda.arch_config(arch, tp, pp, vp, divisible_by)
     cfg.training.seq_length = arch.max_position_embeddings
+    cfg.data.tokenizer = str(tokenizer) if tokenizer is not None else cfg.data.tokenizer
     return dump_config(cfg)
 
 
 def import_hf(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, vp: int | None = None, divisible_by: int = 128,
               verify: Verify | None = None) -> tuple[LlamaArch, int]:
     """A weights-only dist-checkpoint at `out` from a Hugging Face LlamaForCausalLM folder, checked for
-    a run at TP x PP (x VP) and its vocabulary padded for TP."""
+    a run at TP x PP (x VP) and its vocabulary padded for TP; the folder's sentencepiece tokenizer
+    (tokenizer.model) recorded as the checkpoint's."""
     hf = HFCheckpoint(hf_dir)
     arch = sda.arch_from_hf_config(hf.config)
     check_layout(arch, tp, pp, vp)
     dtype = hf.check(arch)
     padded = padded_vocab_size(arch.vocab_size, divisible_by, tp)
+    # Meta's LLaMA-2 folders carry their sentencepiece model: recorded, eval-ppl and export-hf of the
+    # import use it, and a run that starts from it with another vocabulary is refused (identity).
+    spm = hf_dir.resolve() / "tokenizer.model"
+    tokenizer = load_tokenizer(spm) if spm.is_file() else None
     log.info("importing %s: %d layers, hidden %d, %d heads / %d KV groups, vocab %d (padded to %d for TP %d), "
              "%d positions, %s", hf_dir, arch.num_layers, arch.hidden_size, arch.num_attention_heads,
              arch.num_query_groups, arch.vocab_size, padded, tp, arch.max_position_embeddings, dtype)
     with atomic_dir(out) as tmp:
         write_dist_checkpoint(tmp, sda.import_chunks(arch, padded, tp), sda.extra_state_objects(arch), hf.read, dtype)
-        # Weights only: an import records no tokenizer (a run from it names one in data.tokenizer), and
-        # the folder it came from: the Hugging Face base of adapters trained on it (export_peft).
-        identity = {**model_identity(arch, None), HF_SOURCE: str(hf_dir.resolve())}
-        seal(tmp, file_checksums(tmp), identity, import_config_yaml(arch, tp, pp, vp, divisible_by))
+        # The folder it came from is recorded too: the Hugging Face base of adapters trained on it (export_peft).
+        identity = {**model_identity(arch, tokenizer), HF_SOURCE: str(hf_dir.resolve())}
+        seal(tmp, file_checksums(tmp), identity,
+             import_config_yaml(arch, tp, pp, vp, divisible_by, spm if tokenizer is not None else None))
         if verify is not None:
             verify(Conversion(hf_dir, tmp, arch, padded))
     return arch, padded
@@ -151,9 +160,9 @@ def export_hf(ckpt: Path, out: Path, dtype_name: str = "auto", tokenizer: Path |
                         "peft.method: lora)")
     carried = source.tokenizer(tokenizer, allow_tokenizer_mismatch)
     if carried is None and require_tokenizer:
-        raise CheckpointError(f"{source.folder}: its config.yaml names no tokenizer (data.tokenizer; a weights-only "
-                              f"import has none): export it with `melama convert export-hf --ckpt {source.folder} "
-                              "--tokenizer TOKENIZER --out DIR` and use DIR")
+        raise CheckpointError(f"{source.folder}: its config.yaml names no tokenizer (data.tokenizer; an import of a "
+                              "Hugging Face folder without tokenizer.model has none): export it with `melama convert "
+                              f"export-hf --ckpt {source.folder} --tokenizer TOKENIZER --out DIR` and use DIR")
     weights_of = source.base(base) if merge_lora else source
     reader, padded, stored = weights_of.weights()
     adjust = None
@@ -172,7 +181,7 @@ def export_hf(ckpt: Path, out: Path, dtype_name: str = "auto", tokenizer: Path |
         log.info("tokenizer: %s (%s), copied into the export", carried,
                  "--tokenizer" if tokenizer is not None else "the run's, data.tokenizer")
     else:
-        log.warning("tokenizer: none: %s names no tokenizer (weights-only imports have none); the export holds the "
+        log.warning("tokenizer: none: %s names no tokenizer (nor had the Hugging Face folder it was imported from); the export holds the "
                     "model only, pass --tokenizer to add one", source.folder)
     with atomic_dir(out) as tmp:
         write_hf_model(tmp, sda.hf_shapes(arch), dtype, hf_tensors(reader, arch, adjust), max_shard_bytes,

@@ -87,7 +87,7 @@ class Checkpoint:
 
     def tokenizer(self, override: Path | None = None, allow_mismatch: bool = False) -> Path | None:
         """The tokenizer the run trained with (data.tokenizer in its config.yaml), or `override`; None
-        when there is none (a weights-only import records no tokenizer). Checked against the
+        when there is none (an import of a Hugging Face folder without tokenizer.model). Checked against the
         vocabulary the checkpoint records (or, without a record, the model's vocabulary size): another
         one is refused, naming both, unless `allow_mismatch`."""
         if override is not None:

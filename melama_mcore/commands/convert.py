@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "transformers.AutoModelForCausalLM.from_pretrained. Vocabulary padding is stripped; the "
                     "architecture, context length, RoPE base and norm eps are the checkpoint's. The tokenizer "
                     "the run trained with (data.tokenizer in the checkpoint's config.yaml) is copied alongside, "
-                    "so AutoTokenizer, lm-eval and vLLM load the folder as it is; a weights-only import records "
-                    "none (--tokenizer adds one). With --merge-lora, --ckpt is an adapter checkpoint (a run "
+                    "so AutoTokenizer, lm-eval and vLLM load the folder as it is; an import records its Hugging Face "
+                    "folder's tokenizer.model, if it had one (--tokenizer gives another). With --merge-lora, --ckpt is an adapter checkpoint (a run "
                     "with peft.method=lora) and the adapters are merged into the weights of its base.")
     exp.add_argument("--ckpt", required=True, type=Path, help="checkpoint folder (see above)")
     exp.add_argument("--out", required=True, type=Path, help="new folder for the HF model (must not exist)")

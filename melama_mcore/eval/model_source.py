@@ -96,8 +96,9 @@ def _tokenizer_of(ckpt: Checkpoint, override: Path | None, allow_mismatch: bool)
     """The tokenizer a megatron checkpoint is evaluated with: --tokenizer, else the run's; refused when
     its vocabulary is not the one the checkpoint recorded (Checkpoint.tokenizer, as for an export)."""
     if override is None and not ckpt.cfg.data.tokenizer:
-        raise CheckpointError(f"{ckpt.folder}: its config.yaml names no tokenizer (data.tokenizer; a weights-only "
-                              "import has none): pass --tokenizer TOKENIZER, the one its weights were trained with")
+        raise CheckpointError(f"{ckpt.folder}: its config.yaml names no tokenizer (data.tokenizer; an import "
+                              "of a Hugging Face folder without tokenizer.model has none): pass --tokenizer "
+                              "TOKENIZER, the one its weights were trained with")
     return ckpt.tokenizer(override, allow_mismatch)
 
 
