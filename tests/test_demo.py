@@ -85,7 +85,10 @@ def test_demo_runs_every_stage(tmp_path):
     assert adapter_config["peft_type"] == "LORA"
     assert adapter_config["base_model_name_or_path"] == str((out / "hf" / "base").resolve())
 
-    # Both models scored, under both extractors; each with the prompts it should have had.
+    # Both models scored, under both extractors; each with the prompts it should have had. Not asserted:
+    # that the chat model scores above the base. QUICK's 10-step base is too weak for 5 LoRA steps to
+    # teach it an answer format (both score 0 on the choice tasks); the default demo's gain is in
+    # docs/evaluation.md.
     results = {name: json.loads((out / "eval" / name / "results.json").read_text()) for name in ("base", "chat")}
     for name, scores in results.items():
         assert sorted(k for k in scores if k != "protocol") == ["i2b2", "mednli", "pubmedqa", "pubmedsum"], name
