@@ -135,11 +135,9 @@ def export_and_answer(run_dir: Path, chat_dir: Path, out: Path, log_path: Path) 
 
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     model = AutoPeftModelForCausalLM.from_pretrained(adapter, dtype=torch.float32)
-    if tokenizer.chat_template:
-        inputs = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)
-    else:  # an export without a template: Me-LLaMA's wrapper, what the demo tunes with
-        inputs = tokenizer(f"Human: \n{PROMPT}\n\nAssistant: \n", return_tensors="pt")
+    # export-peft writes the template the adapters were tuned with (step 6's me-llama) into the tokenizer files.
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=24, do_sample=False)
     answer = tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
