@@ -11,15 +11,20 @@ Each step is the real tool a user runs on real data:
      15:1:4 as Me-LLaMA does; stop half-way with a checkpoint       (melama train, training.stop_after_step)
   5. run the same command again: it resumes from the checkpoint and finishes
   Instruction tuning (Me-LLaMA-chat)
-  6. write a synthetic medical instruction set and tokenise it with the Me-LLaMA chat template,
+  6. write a synthetic medical instruction set, with questions shaped like the evaluation's (their
+     answer formats; none of its test records), and tokenise it with the Me-LLaMA chat template,
      loss on answers only                                           (melama preprocess-sft)
   7. train LoRA adapters on the pretrained model, conversations packed, TP=2   (melama train, peft.*)
-  8. export the base to Hugging Face and the adapters to PEFT, and answer one prompt with them
-     (melama convert export-hf / export-peft; transformers + peft generate)
+  8. export the base to Hugging Face and the adapters to PEFT (naming that base), and answer one
+     prompt with them in the template the export carries
+     (melama convert export-hf / export-peft; AutoPeftModelForCausalLM generates)
   Evaluation
-  9. a tiny MIBE run (PubMedQA-, MedNLI-, NER- and summarisation-shaped records) of the chat model
-     on lm-evaluation-harness, and the results table               (melama eval)
-Steps 8-9 need the `eval` extra (transformers, peft, lm-eval); without it the demo ends after 7.
+  9. a tiny MIBE run (PubMedQA-, MedNLI-, NER- and summarisation-shaped records) on
+     lm-evaluation-harness of the base (plain prompts) and of the chat model (the template it was
+     tuned with), scored under both extractors, and a base-vs-chat table      (melama eval)
+ 10. one report over both runs and both evaluations: curves, scores, the change against the base
+     (melama report; pictures with the `report` extra)
+Steps 8-10 need the `eval` extra (transformers, peft, lm-eval); without it the demo ends after 7.
 """
 
 from __future__ import annotations
@@ -38,19 +43,25 @@ from melama_mcore.data.preprocess import preprocess
 from melama_mcore.data.sft.preprocess import preprocess_sft
 from melama_mcore.data.train_tokenizer import train_sentencepiece
 from melama_mcore.demo.corpus import write_demo_corpus
-from melama_mcore.demo.instructions import write_synthetic_instructions
-from melama_mcore.demo.mibe import run_demo_evaluation
+from melama_mcore.demo.instructions import write_mibe_format_instructions, write_synthetic_instructions
+from melama_mcore.demo.mibe import held_out_queries, run_demo_evaluation
 from melama_mcore.distributed.launch import free_local_port
 from melama_mcore.errors import UserError
+from melama_mcore.report.build import REPORT_HTML, REPORT_MD, make_report
 
 # Shipped in the package (examples/configs/tiny_cpu.yaml links here), so an installed copy finds it too.
 DEFAULT_RECIPE = Path(__file__).with_name("tiny_cpu.yaml")
 DOMAINS = {"biomedical": 15, "clinical": 1, "general": 4}
-CHAT = ["peft.method=lora", "peft.rank=8", "peft.alpha=16", "optimizer.lr=2e-3", "optimizer.min_lr=2e-4",
-        "training.global_batch_size=16", "checkpoint.save_interval=1000"]
-CHAT_STEPS_PER_PRETRAINING_STEP = 0.4  # 40 LoRA steps after the recipe's 100
+# The chat stage's sequences are the tiny preset's whole context: with the demo's small tokenizers a
+# MIBE-shaped question takes 100-200 tokens, and cutting it at the recipe's 128 cut off its answer.
+# 1e-2 is about the largest rate the adapters train at without diverging (2e-2 did).
+CHAT_SEQ_LENGTH = 256
+CHAT = ["peft.method=lora", "peft.rank=8", "peft.alpha=16", "optimizer.lr=1e-2", "optimizer.min_lr=1e-3",
+        "training.global_batch_size=16", "checkpoint.save_interval=1000", f"training.seq_length={CHAT_SEQ_LENGTH}"]
+CHAT_STEPS_PER_PRETRAINING_STEP = 0.5  # 50 LoRA steps after the recipe's 100
+MIBE_FORMAT_SAMPLES = 1000  # instruction samples shaped like the evaluation's records, beside the 600 others
 PROMPT = "What is the usual first-line treatment for type 2 diabetes?"
-STEPS = 9
+STEPS = 10
 
 
 def _say(step: int, message: str) -> None:
@@ -76,9 +87,11 @@ def prepare_data(out: Path, docs_per_source: int, vocab_size: int) -> tuple[Path
 def prepare_instructions(out: Path, tokenizer: Path, seq_length: int) -> list[dict]:
     """Step 6: the synthetic instruction set through preprocess-sft (Me-LLaMA's template). Returns the blend."""
     _say(6, "writing a synthetic medical instruction set and tokenising it with the Me-LLaMA chat template")
-    files = write_synthetic_instructions(out / "instructions", samples=600, seed=0)
+    files = [*write_synthetic_instructions(out / "instructions", samples=600, seed=0).values(),
+             write_mibe_format_instructions(out / "instructions", samples=MIBE_FORMAT_SAMPLES,
+                                            held_out=held_out_queries())]
     prefix = out / "data" / "instructions"
-    summary = preprocess_sft([str(p) for p in files.values()], str(prefix), str(tokenizer), seq_length=seq_length,
+    summary = preprocess_sft([str(p) for p in files], str(prefix), str(tokenizer), seq_length=seq_length,
                              truncation="truncate", workers=2, progress=False)
     return [{"name": "instructions", "weight": 1, "train": [summary.prefix]}]
 
@@ -105,27 +118,40 @@ def _run(cmd: list[str], log_path: Path, show: tuple[str, ...] = ("error",)) -> 
 
 def export_and_answer(run_dir: Path, chat_dir: Path, out: Path, log_path: Path) -> tuple[Path, Path, str]:
     """Step 8: the pretrained base as a Hugging Face folder (with its tokenizer), the adapters as a
-    PEFT adapter, and transformers + peft answering one prompt in the Me-LLaMA chat format."""
+    PEFT adapter naming that base, and AutoPeftModelForCausalLM answering one prompt, wrapped by the
+    tokenizer's own chat template (the one the adapters were tuned with, which the export carries)."""
     _say(8, "exporting the base to Hugging Face and the adapters to PEFT; answering one prompt with them")
     base, adapter = out / "hf" / "base", out / "hf" / "chat-lora"
     melama = [sys.executable, "-m", "melama_mcore.cli", "convert"]
     _run(melama + ["export-hf", "--ckpt", str(run_dir), "--out", str(base)], log_path)
-    _run(melama + ["export-peft", "--ckpt", str(chat_dir), "--out", str(adapter)], log_path)
+    _run(melama + ["export-peft", "--ckpt", str(chat_dir), "--out", str(adapter), "--base-hf", str(base)], log_path)
 
     import torch
     import transformers
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()  # a bar per weight load: noise in the demo's output
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
-    inputs = tokenizer(f"Human: \n{PROMPT}\n\nAssistant: \n", return_tensors="pt")
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter, dtype=torch.float32)
+    # export-peft writes the template the adapters were tuned with (step 6's me-llama) into the tokenizer files.
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=24, do_sample=False)
     answer = tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return base, adapter, answer.strip()
+
+
+def write_report(run_dir: Path, chat_dir: Path, evaluations: dict[str, Path], out: Path) -> Path:
+    """Step 10: `melama report` over both runs and both evaluations, the change against the base."""
+    _say(10, "one report over both runs and both evaluations, against the base (melama report)")
+    report = make_report([run_dir, chat_dir, *evaluations.values()], out / "report",
+                         labels=["pre-training", "chat (LoRA)", *evaluations], baseline="base")
+    if report.pictures_missing:
+        print(f"    no pictures: {report.pictures_missing}", flush=True)
+    return report.folder
 
 
 def summarize(run_dir: Path, chat_dir: Path, out: Path, answer: str | None, seconds: float) -> str:
@@ -159,7 +185,8 @@ def summarize(run_dir: Path, chat_dir: Path, out: Path, answer: str | None, seco
     ]
     if answer is not None:
         lines += [f"  exports        {out / 'hf' / 'base'} (Hugging Face), {out / 'hf' / 'chat-lora'} (PEFT adapter)",
-                  f"  evaluation     {out / 'eval' / 'results.json'}, {out / 'eval' / 'results.md'}"]
+                  f"  evaluation     {out / 'eval' / 'base'}, {out / 'eval' / 'chat'} (results.json, results.md)",
+                  f"  report         {out / 'report' / REPORT_HTML} (and {REPORT_MD})"]
     lines.append(f"  logs           {out / 'train.log'}")
     return "\n".join(lines)
 
@@ -175,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nproc", type=int, default=2, help="training processes (TP=2 needs 2)")
     parser.add_argument("overrides", nargs="*",
                         help="pre-training overrides, e.g. training.train_iters=10 for a quick run (LoRA then "
-                             "trains 2/5 as many steps)")
+                             "trains half as many steps)")
     return parser
 
 
@@ -202,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     run_training(Path(args.config), overrides, args.nproc, log_path)
 
     # Instruction tuning: LoRA adapters on the pretrained model.
-    chat_blend = prepare_instructions(out, tokenizer, cfg.training.seq_length)
+    chat_blend = prepare_instructions(out, tokenizer, CHAT_SEQ_LENGTH)
     chat_dir = out / "chat"
     lora_steps = max(1, round(cfg.training.train_iters * CHAT_STEPS_PER_PRETRAINING_STEP))
     _say(7, f"training LoRA adapters on the pretrained model for {lora_steps} steps (packed conversations, "
@@ -215,12 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     answer = None
     missing = [m for m in ("transformers", "peft", "lm_eval") if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"[demo] steps 8-9 (export, chat answer, evaluation) need {', '.join(missing)}: "
+        print(f"[demo] steps 8-10 (export, chat answer, evaluation, report) need {', '.join(missing)}: "
               "pip install 'melama-mcore[eval]'", flush=True)
     else:
         base, adapter, answer = export_and_answer(run_dir, chat_dir, out, log_path)
-        _say(9, "a tiny MIBE evaluation of the chat model on lm-evaluation-harness")
-        run_demo_evaluation(base, out, adapter=adapter)
+        _say(9, "a tiny MIBE evaluation of the base and the chat model on lm-evaluation-harness")
+        evaluations = run_demo_evaluation(base, adapter, out)
+        write_report(run_dir, chat_dir, evaluations, out)
     print(summarize(run_dir, chat_dir, out, answer, time.time() - start))
     return 0
 

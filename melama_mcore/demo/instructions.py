@@ -8,6 +8,9 @@ Like Me-LLaMA's mix, lengths run from flash-card answers of a few words to summa
 - patient_chat.jsonl    ShareGPT (human/gpt): patient questions and doctor answers, 1-3 turns;
 - clinical_tasks.jsonl  Me-LLaMA (human/agent, `TASK: ...###INPUT: ...OUTPUT:` prompts): summaries of
                         abstracts and notes, and long discharge-letter answers.
+write_mibe_format_instructions adds mibe_format.jsonl (ShareGPT): questions shaped like the demo's
+MIBE records, answered in the released answer formats, so the demo's tuned model learns what it is
+scored on.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from melama_mcore.demo.corpus import (DISEASES, DRUGS, FINDINGS, OUTCOMES, SYMPTOMS, biomedical_abstract,
                                       clinical_note)
+from melama_mcore.demo.mibe import RECORD_MAKERS
 
 _CLASSES = {"metformin": "a biguanide", "empagliflozin": "an SGLT2 inhibitor", "lisinopril": "an ACE inhibitor",
             "apixaban": "a factor Xa inhibitor", "atorvastatin": "a statin", "prednisone": "a corticosteroid",
@@ -125,3 +129,32 @@ def write_synthetic_instructions(out_dir, samples: int = 1000, seed: int = 0) ->
         tmp.replace(path)
         paths[name] = path
     return paths
+
+
+# The one-word answers (PubMedQA, MedNLI) come three times as often as the long ones (NER spans,
+# summaries): a loss on answer tokens otherwise hears them 40 times less than the NER's HTML.
+_MIBE_FORMAT_ROTATION = ("pubmedqa", "mednli", "pubmedqa", "mednli", "i2b2", "pubmedqa", "mednli", "pubmedsum")
+
+
+def write_mibe_format_instructions(out_dir, samples: int, seed: int = 0, held_out=()) -> Path:
+    """Write mibe_format.jsonl into out_dir: `samples` conversations (the tasks in turn), each the
+    query of a record made by mibe.RECORD_MAKERS and its gold answer (yes/no/maybe, an NLI label, HTML
+    spans, a one-sentence summary), from a random stream of their own. A query in `held_out` (the test
+    records') is never written: the same words and numbers can come up again by chance."""
+    held_out = set(held_out)
+    rngs = {name: random.Random(f"sft-mibe:{seed}:{index}") for index, name in enumerate(RECORD_MAKERS)}
+    path = Path(out_dir) / "mibe_format.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.incomplete")
+    written = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        while written < samples:
+            name = _MIBE_FORMAT_ROTATION[written % len(_MIBE_FORMAT_ROTATION)]
+            record = RECORD_MAKERS[name](rngs[name])
+            if record["query"] in held_out:
+                continue
+            f.write(json.dumps({"id": f"mibe-{name}-{written}", "conversations": [
+                {"from": "human", "value": record["query"]}, {"from": "gpt", "value": record["answer"]}]}) + "\n")
+            written += 1
+    tmp.replace(path)
+    return path

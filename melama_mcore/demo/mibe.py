@@ -1,9 +1,12 @@
-"""The evaluation step of `melama demo`: small synthetic MIBE-shaped records and the results table.
+"""The evaluation step of `melama demo`: small synthetic MIBE-shaped records, the base and the chat
+model scored on them, and a short comparison table.
 
 Records are invented from the demo corpus's word lists (no real patients or papers): PubMedQA-style
 yes/no/maybe questions, MedNLI-style premise/hypothesis pairs, i2b2-style entity tagging and
-PubMed-style summaries, in the released schema. Scores of the demo's tiny model are meaningless;
-the point is the pipeline (checkpoint -> HF export -> lm-eval generation -> extraction -> metrics).
+PubMed-style summaries, in the released schema. The demo's instruction set holds records of the same
+makers from another random stream (instructions.write_mibe_format_instructions, test records left
+out), so the tuned model learns the answer formats it is scored on; the tiny model's scores show that
+it learnt them, not medicine.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from pathlib import Path
 
 from melama_mcore.demo.corpus import DISEASES, DRUGS, OUTCOMES, SYMPTOMS
 from melama_mcore.eval.command import EvalOptions, evaluate
-from melama_mcore.eval.extraction import WORD, spans_to_html
+from melama_mcore.eval.extraction import EXTRACTORS, WORD, spans_to_html
+from melama_mcore.eval.tasks import TASKS
 
 DEMO_TASKS = ("pubmedqa", "mednli", "i2b2", "pubmedsum")
+DEMO_RECORDS = 8  # test records per task
 DEMO_NEW_TOKENS = 32  # the tiny preset's context is 256 tokens: no room for the paper's 256 new ones
 _TESTS = ["chest x-ray", "complete blood count", "troponin level", "ECG", "CT scan", "urine culture",
           "echocardiogram", "lipid panel"]
@@ -71,37 +76,74 @@ def _pubmedsum(rng: random.Random) -> dict:
             "answer": f"{drug.capitalize()} {effect} {outcome} in adults with {disease}."}
 
 
-_MAKERS = {"pubmedqa": _pubmedqa, "mednli": _mednli, "i2b2": _i2b2, "pubmedsum": _pubmedsum}
+RECORD_MAKERS = {"pubmedqa": _pubmedqa, "mednli": _mednli, "i2b2": _i2b2, "pubmedsum": _pubmedsum}
 
 
-def write_demo_records(data_dir: Path, records_per_task: int = 8, seed: int = 0) -> tuple[str, ...]:
-    """Write <task>.jsonl test records (and a few <task>_train.jsonl examples for --num-fewshot) of
-    DEMO_TASKS into data_dir; returns the task names. Deterministic for a seed."""
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for index, (name, make) in enumerate(_MAKERS.items()):
+def demo_records(records_per_task: int = DEMO_RECORDS, seed: int = 0) -> dict[str, list[dict]]:
+    """{file stem: records}: <task> (test records) and <task>_train (3 examples for --num-fewshot) of
+    DEMO_TASKS. Deterministic for a seed."""
+    records = {}
+    for index, (name, make) in enumerate(RECORD_MAKERS.items()):
         rng = random.Random(f"{seed}:{index}")
         for stem, count in ((name, records_per_task), (f"{name}_train", 3)):
-            path = data_dir / f"{stem}.jsonl"
-            tmp = path.with_name(path.name + ".incomplete")
-            tmp.write_text("".join(json.dumps(make(rng)) + "\n" for _ in range(count)), encoding="utf-8")
-            tmp.replace(path)
+            records[stem] = [make(rng) for _ in range(count)]
+    return records
+
+
+def write_demo_records(data_dir: Path, records_per_task: int = DEMO_RECORDS, seed: int = 0) -> tuple[str, ...]:
+    """Write demo_records() as <stem>.jsonl files into data_dir; returns the task names."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for stem, records in demo_records(records_per_task, seed).items():
+        path = data_dir / f"{stem}.jsonl"
+        tmp = path.with_name(path.name + ".incomplete")
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+        tmp.replace(path)
     return DEMO_TASKS
 
 
-def print_results_table(out_dir: Path) -> None:
-    """Print the results.md a `melama eval` run wrote into out_dir."""
-    print((Path(out_dir) / "results.md").read_text(encoding="utf-8"), end="")
+def held_out_queries(records_per_task: int = DEMO_RECORDS) -> set[str]:
+    """The queries of the demo's test records: what its instruction set must not hold."""
+    return {r["query"] for stem, records in demo_records(records_per_task).items() if stem in DEMO_TASKS
+            for r in records}
 
 
-def run_demo_evaluation(model: Path, out: Path, adapter: Path | None = None) -> Path:
-    """The demo's step: records into out/mibe_data, `melama eval` of `model` (the demo's run folder,
-    or an HF folder with a PEFT `adapter`: then in the Me-LLaMA chat format) into out/eval with the
-    demo's short generations; prints the table. Returns the results folder."""
+def _template(results: dict) -> str:
+    template = results["protocol"]["template"] or {}
+    return template.get("name") or "plain prompts"
+
+
+def comparison_table(base: dict, chat: dict) -> str:
+    """Per task, the headline metric of the base and the chat model under the chosen extractor and
+    under the other one (results.json's `<metric>@<other>`), and the template each was prompted with."""
+    chosen = chat["protocol"]["extractor"]
+    other = next(e for e in EXTRACTORS if e != chosen)
+    width = max(len(f"{t} {TASKS[t].metrics[0]}") for t in DEMO_TASKS)
+    lines = [f"    {'':{width}}  {chosen:>15}  {other:>15}",
+             f"    {'task, metric':{width}}  {'base':>7} {'chat':>7}  {'base':>7} {'chat':>7}"]
+    for task in DEMO_TASKS:
+        metric = TASKS[task].metrics[0]
+        values = [row[task].get(m) for m in (metric, f"{metric}@{other}") for row in (base, chat)]
+        cells = [f"{v:7.3f}" if v is not None else f"{'n/a':>7}" for v in values]
+        lines.append(f"    {f'{task} {metric}':{width}}  {cells[0]} {cells[1]}  {cells[2]} {cells[3]}")
+    lines.append(f"    prompts: base {_template(base)}, chat {_template(chat)} "
+                 f"({chat['protocol']['template'] and chat['protocol']['template'].get('source')})")
+    return "\n".join(lines)
+
+
+def run_demo_evaluation(base: Path, adapter: Path, out: Path) -> dict[str, Path]:
+    """The demo's step: records into out/mibe_data; `melama eval` of the exported base with plain
+    prompts into out/eval/base, and of the base with the PEFT `adapter` into out/eval/chat, prompted
+    with the template the adapter's export carries; short generations. Prints the comparison and
+    returns the two results folders."""
     out = Path(out)
     write_demo_records(out / "mibe_data")
-    evaluate(EvalOptions(model=Path(model), tasks=list(DEMO_TASKS), out=out / "eval", data_dir=out / "mibe_data",
-                         adapter=adapter, chat=adapter is not None, log_samples=True,
-                         max_new_tokens=DEMO_NEW_TOKENS))
-    print_results_table(out / "eval")
-    return out / "eval"
+    folders = {"base": out / "eval" / "base", "chat": out / "eval" / "chat"}
+    for name, folder in folders.items():
+        evaluate(EvalOptions(model=Path(base), tasks=list(DEMO_TASKS), out=folder, data_dir=out / "mibe_data",
+                             adapter=adapter if name == "chat" else None, chat=False if name == "base" else None,
+                             log_samples=True, max_new_tokens=DEMO_NEW_TOKENS))
+    results = {name: json.loads((folder / "results.json").read_text(encoding="utf-8"))
+               for name, folder in folders.items()}
+    print(comparison_table(results["base"], results["chat"]), flush=True)
+    return folders
