@@ -168,8 +168,11 @@ def test_incomparable_inputs_are_kept_apart_with_their_reason(tmp_path):
               write_results(tmp_path / "eval" / "base", {"pubmedqa": {"accuracy": 0.5}}, protocol()),
               write_results(tmp_path / "eval" / "compat", {"pubmedqa": {"accuracy": 0.75}},
                             protocol(extractor="mibe-compat")),
-              write_results(tmp_path / "eval" / "fewshot", {"pubmedqa": {"accuracy": 0.875}},
-                            protocol(num_fewshot=3, template={"name": "mellama", "source": "builtin"})),
+              write_results(tmp_path / "eval" / "fewshot", {"pubmedqa": {"accuracy": 0.875}}, protocol(num_fewshot=3)),
+              # A chat model prompted in its own template: the base's comparison, not a protocol apart.
+              write_results(tmp_path / "eval" / "chat", {"pubmedqa": {"accuracy": 0.5625}},
+                            protocol(template={"name": "me-llama", "source": "chat-lora/chat_template.jinja",
+                                               "sha256": "636cc03b4b7a" + "0" * 52})),
               write_results(tmp_path / "eval" / "older", {"pubmedqa": {"accuracy": 0.625}}, None)]
     data = make_report(inputs, tmp_path / "report", baseline="base").data
 
@@ -184,16 +187,18 @@ def test_incomparable_inputs_are_kept_apart_with_their_reason(tmp_path):
             "loss": value / 100, "perplexity": value, "tokens": 4096, "sequences": 32, "change_pct": None}
 
     scores = {tuple(g["models"]): g for g in data["scores"]}
-    assert list(scores) == [("base",), ("compat",), ("fewshot",), ("older",)]
-    assert scores["compat",]["apart_reason"] == "extractor mibe-compat, not strict as base"
-    assert "num_fewshot 3, not none" in scores["fewshot",]["apart_reason"]
-    assert "template" in scores["fewshot",]["apart_reason"]
+    assert list(scores) == [("base", "chat"), ("compat",), ("fewshot",), ("older",)]
+    assert scores["base", "chat"]["tasks"]["pubmedqa"]["metrics"]["accuracy"]["chat"] == {"value": 0.5625,
+                                                                                        "change": 0.0625}
+    assert scores["compat",]["apart_reason"] == "extractor mibe-compat, not strict as base, chat"
+    assert scores["fewshot",]["apart_reason"] == "num_fewshot 3, not none as base, chat"
     assert "records no protocol" in scores["older",]["apart_reason"]
     assert scores["older",]["tasks"]["pubmedqa"]["metrics"]["accuracy"] == {"older": {"value": 0.625, "change": None}}
 
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "Group 2 is shown apart, not comparable with group 1: scored at seq_length 4096" in markdown
-    assert "Group 2 is shown apart, not comparable with group 1: extractor mibe-compat, not strict as base." in markdown
+    assert "Group 2 is shown apart, not comparable with group 1: extractor mibe-compat, not strict as base, chat." in markdown
+    assert "base: backend hf, model m, prompts plain prompts; chat: backend hf, model m, prompts me-llama (sha256 636cc03b4b7a)." in markdown
 
 
 def test_a_folder_of_perplexity_outputs_is_one_checkpoint_series(tmp_path):

@@ -3,11 +3,11 @@
 Perplexities are compared only when scored at the same seq_length with the same tokenizer (a
 perplexity.json records it from phase 2 on: "tokenizer": {"path", "vocab_size", "vocab_hash"};
 compared by vocabulary size and hash, the path may differ); scores only when `melama eval` ran
-them under the same protocol (extractor, template, few-shot count, limit, new-token budget). Templates
-are the same when their Jinja texts are (the sha256 results.json records since phase 2: the text
-decides every prompt), whatever their name or where they came from (`source`, a path, is never
-compared); a template recorded without a sha256 (older results.json) is compared by its name.
-Inputs that differ form their own group, shown apart with the reason; nothing is averaged. The
+them under the same protocol (extractor, few-shot count, limit, new-token budget): the same records,
+scored by the same rule. The prompt template is not part of it: it belongs to the model (`melama
+eval` prompts each model in the template it was tuned with, a base model plainly), so a base and its
+chat model are compared, the paper's comparison, each shown with its template. Inputs that differ
+form their own group, shown apart with the reason; nothing is averaged. The
 baseline's group comes first; the change is against the baseline, in its group only.
 """
 
@@ -22,8 +22,8 @@ from melama_mcore.report.inputs import Input, PerplexityInput, PerplexityPoint, 
 from melama_mcore.report.runs import series
 
 FORMAT = "melama-report/1"
-# The protocol fields that change what a score means; backend and model may differ.
-COMPARED_PROTOCOL = ("extractor", "template", "num_fewshot", "limit", "max_new_tokens")
+# The protocol fields that change what a score means; backend, model and the model's template may differ.
+COMPARED_PROTOCOL = ("extractor", "num_fewshot", "limit", "max_new_tokens")
 
 
 def report_data(inputs: list[Input], baseline: str | None) -> dict:
@@ -170,29 +170,22 @@ def checkpoint_series(item: PerplexityInput, groups: list[dict], baseline: str |
 
 
 # -- scores -------------------------------------------------------------------------------------------
-def template_identity(template: dict | None) -> dict:
-    """What makes two prompt templates the same: the sha256 of the Jinja text when recorded, else the
-    name (None: plain prompts); never where it came from."""
+def template_text(template: dict | None) -> str:
+    """How a model was prompted, for the report: the template's name and the start of its sha256 (the
+    Jinja text decides every prompt; where it came from does not), or plain prompts."""
     template = template or {}
-    return {"sha256": template["sha256"]} if template.get("sha256") else {"name": template.get("name")}
-
-
-def _compared(protocol: dict, key: str):
-    return template_identity(protocol.get(key)) if key == "template" else protocol.get(key)
+    name, sha = template.get("name"), template.get("sha256")
+    return f"{name or 'plain prompts'}" + (f" (sha256 {sha[:12]})" if sha else "")
 
 
 def _protocol_key(item: ScoresInput) -> str | None:
     if item.protocol is None:
         return None
-    return json.dumps({k: _compared(item.protocol, k) for k in COMPARED_PROTOCOL}, sort_keys=True)
+    return json.dumps({k: item.protocol.get(k) for k in COMPARED_PROTOCOL}, sort_keys=True)
 
 
 def _show(key: str, protocol: dict) -> str:
     value = protocol.get(key)
-    if key == "template":
-        identity = template_identity(value)
-        name = (value or {}).get("name")
-        return f"{name or 'plain'}" + (f" (sha256 {identity['sha256'][:12]})" if "sha256" in identity else "")
     if isinstance(value, dict):
         return json.dumps(value, sort_keys=True)
     return "none" if value is None else str(value)
@@ -204,7 +197,7 @@ def score_reason(item: ScoresInput, main: ScoresInput, main_labels: str) -> str:
     if main.protocol is None:
         return f"the results.json of {main_labels} records no protocol (this one's does)"
     return "; ".join(f"{key} {_show(key, item.protocol)}, not {_show(key, main.protocol)} as {main_labels}"
-                     for key in COMPARED_PROTOCOL if _compared(item.protocol, key) != _compared(main.protocol, key))
+                     for key in COMPARED_PROTOCOL if item.protocol.get(key) != main.protocol.get(key))
 
 
 def _task_order(names) -> list[str]:

@@ -8,7 +8,7 @@ import base64
 import html
 from dataclasses import dataclass
 
-from melama_mcore.report.compare import column_label
+from melama_mcore.report.compare import column_label, template_text
 from melama_mcore.report.figures import Picture
 
 
@@ -183,10 +183,7 @@ def _perplexity_series(item: dict) -> list[Block]:
 def _protocol_text(protocol: dict | None) -> str:
     if protocol is None:
         return "protocol not recorded"
-    template = protocol.get("template")
-    if isinstance(template, dict):
-        template = f"{template.get('name') or 'none'} ({template.get('source')})"
-    return (f"extractor {protocol.get('extractor')}, template {template}, few-shot {protocol.get('num_fewshot')}, "
+    return (f"extractor {protocol.get('extractor')}, few-shot {protocol.get('num_fewshot')}, "
             f"limit {protocol.get('limit')}, max new tokens {protocol.get('max_new_tokens')}")
 
 
@@ -195,7 +192,8 @@ def _score_group(number: int, group: dict) -> list[Block]:
     out += _comparability(number, group, "scores")
     backends = {label: p for label, p in group["protocols"].items() if p}
     if backends:
-        out.append(Text("Scored with: " + "; ".join(f"{label}: backend {p.get('backend')}, model {p.get('model')}"
+        out.append(Text("Scored with: " + "; ".join(f"{label}: backend {p.get('backend')}, model {p.get('model')}, "
+                                                    f"prompts {template_text(p.get('template'))}"
                                                     for label, p in backends.items()) + "."))
     base = group["baseline"]
     models = group["models"]  # the baseline first
