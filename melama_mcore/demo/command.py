@@ -54,11 +54,15 @@ DEFAULT_RECIPE = Path(__file__).with_name("tiny_cpu.yaml")
 DOMAINS = {"biomedical": 15, "clinical": 1, "general": 4}
 # The chat stage's sequences are the tiny preset's whole context: with the demo's small tokenizers a
 # MIBE-shaped question takes 100-200 tokens, and cutting it at the recipe's 128 cut off its answer.
-# 1e-2 is about the largest rate the adapters train at without diverging (2e-2 did).
+# 1e-2 is about the largest rate the adapters train at without diverging (2e-2 did). The loss is
+# averaged per sample, not per token: a one-word answer ("yes", "neutral") then weighs as much as a
+# long letter; per token, the long answers drowned the short ones, and the tuned model never learnt
+# the answer formats it is scored on.
 CHAT_SEQ_LENGTH = 256
 CHAT = ["peft.method=lora", "peft.rank=8", "peft.alpha=16", "optimizer.lr=1e-2", "optimizer.min_lr=1e-3",
-        "training.global_batch_size=16", "checkpoint.save_interval=1000", f"training.seq_length={CHAT_SEQ_LENGTH}"]
-CHAT_STEPS_PER_PRETRAINING_STEP = 0.5  # 50 LoRA steps after the recipe's 100
+        "training.global_batch_size=16", "checkpoint.save_interval=1000", f"training.seq_length={CHAT_SEQ_LENGTH}",
+        "training.loss_normalization=sample"]
+CHAT_STEPS_PER_PRETRAINING_STEP = 0.8  # 80 LoRA steps after the recipe's 100
 MIBE_FORMAT_SAMPLES = 1000  # instruction samples shaped like the evaluation's records, beside the 600 others
 PROMPT = "What is the usual first-line treatment for type 2 diabetes?"
 STEPS = 10

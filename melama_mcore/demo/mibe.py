@@ -21,16 +21,16 @@ from melama_mcore.eval.extraction import EXTRACTORS, WORD, spans_to_html
 from melama_mcore.eval.tasks import TASKS
 
 DEMO_TASKS = ("pubmedqa", "mednli", "i2b2", "pubmedsum")
-DEMO_RECORDS = 8  # test records per task
+DEMO_RECORDS = 12  # test records per task; the choice tasks' answers in equal shares
 DEMO_NEW_TOKENS = 32  # the tiny preset's context is 256 tokens: no room for the paper's 256 new ones
 _TESTS = ["chest x-ray", "complete blood count", "troponin level", "ECG", "CT scan", "urine culture",
           "echocardiogram", "lipid panel"]
 _EFFECTS = {"yes": "reduced", "no": "did not change", "maybe": "may have reduced"}
 
 
-def _pubmedqa(rng: random.Random) -> dict:
+def _pubmedqa(rng: random.Random, gold: int | None = None) -> dict:
     disease, drug, outcome = rng.choice(DISEASES), rng.choice(DRUGS), rng.choice(OUTCOMES)
-    gold = rng.randrange(3)
+    gold = rng.randrange(3) if gold is None else gold
     choices = ["yes", "no", "maybe"]
     context = (f"In a cohort of {rng.randint(40, 900)} adults with {disease}, {drug} "
                f"{_EFFECTS[choices[gold]]} {outcome} over {rng.randint(6, 36)} months.")
@@ -39,11 +39,11 @@ def _pubmedqa(rng: random.Random) -> dict:
     return {"query": query, "answer": choices[gold], "choices": choices, "gold": gold}
 
 
-def _mednli(rng: random.Random) -> dict:
+def _mednli(rng: random.Random, gold: int | None = None) -> dict:
     symptom, disease = rng.choice(SYMPTOMS), rng.choice(DISEASES)
     premise = f"A {rng.randint(19, 94)}-year-old {rng.choice(['man', 'woman'])} presented with {symptom}."
     choices = ["entailment", "contradiction", "neutral"]
-    gold = rng.randrange(3)
+    gold = rng.randrange(3) if gold is None else gold
     hypothesis = [f"The patient has {symptom}.", f"The patient denies {symptom}.",
                   f"The patient has a history of {disease}."][gold]
     query = ("Decide whether the hypothesis follows from the premise: entailment, contradiction or neutral.\n"
@@ -77,16 +77,22 @@ def _pubmedsum(rng: random.Random) -> dict:
 
 
 RECORD_MAKERS = {"pubmedqa": _pubmedqa, "mednli": _mednli, "i2b2": _i2b2, "pubmedsum": _pubmedsum}
+CHOICE_TASKS = ("pubmedqa", "mednli")  # their makers take the answer (`gold`) to write
 
 
 def demo_records(records_per_task: int = DEMO_RECORDS, seed: int = 0) -> dict[str, list[dict]]:
     """{file stem: records}: <task> (test records) and <task>_train (3 examples for --num-fewshot) of
-    DEMO_TASKS. Deterministic for a seed."""
+    DEMO_TASKS. The test records of a choice task take its answers in turn, so that a model which has
+    learnt only the answer format (one answer to every question) scores a third, not zero or one by
+    the luck of a draw. Deterministic for a seed."""
     records = {}
     for index, (name, make) in enumerate(RECORD_MAKERS.items()):
         rng = random.Random(f"{seed}:{index}")
-        for stem, count in ((name, records_per_task), (f"{name}_train", 3)):
-            records[stem] = [make(rng) for _ in range(count)]
+        if name in CHOICE_TASKS:
+            records[name] = [make(rng, gold=i % 3) for i in range(records_per_task)]
+        else:
+            records[name] = [make(rng) for _ in range(records_per_task)]
+        records[f"{name}_train"] = [make(rng) for _ in range(3)]
     return records
 
 
