@@ -177,9 +177,10 @@ def test_export_tokenizer_files_carry_the_template(tmp_path, spm_model, hf_token
     assert AutoTokenizer.from_pretrained(plain).chat_template == LLAMA2_JINJA_PLAIN == hf_tok.chat_template
 
 
-def test_report_compares_templates_by_their_text(tmp_path):
-    """Two evaluations in the same template are comparable whatever its name and source (a flag, the
-    model's file); another text, or a default system prompt, sets a score apart."""
+def test_report_names_each_models_template_by_its_text(tmp_path):
+    """The template is the model's, not the protocol's: evaluations in any template are compared (one
+    group), each named by its template's text (sha256), whatever its name and source (a flag, the
+    model's file); a default system prompt is another text."""
     from melama_mcore.report.build import make_report
 
     me_llama = jinja_sha256(ME_LLAMA_JINJA)
@@ -198,9 +199,13 @@ def test_report_compares_templates_by_their_text(tmp_path):
                     "num_fewshot": None, "backend": "hf", "model": label}
         (folder / "results.json").write_text(json.dumps({"protocol": protocol, "pubmedqa": {"accuracy": 0.5}}))
         inputs.append(folder)
-    data = make_report(inputs, tmp_path / "report", baseline="flag").data
-    groups = {tuple(g["models"]): g for g in data["scores"]}
-    assert list(groups) == [("flag", "own", "file"), ("system",), ("older",)]
-    assert groups["system",]["apart_reason"] == (f"template me-llama (sha256 {with_system[:12]}), not me-llama "
-                                                 f"(sha256 {me_llama[:12]}) as flag, own, file")
-    assert groups["older",]["apart_reason"].startswith("template me-llama, not me-llama (sha256")
+    report = make_report(inputs, tmp_path / "report", baseline="flag")
+    [group] = report.data["scores"]
+    assert group["models"] == list(templates)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    scored_with = next(line for line in markdown.splitlines() if line.startswith("Scored with: "))
+    assert (f"flag: backend hf, model flag, prompts me-llama (sha256 {me_llama[:12]}); "
+            f"own: backend hf, model own, prompts me-llama (sha256 {me_llama[:12]}); "
+            f"file: backend hf, model file, prompts tpl/me.jinja (sha256 {me_llama[:12]}); "
+            f"system: backend hf, model system, prompts me-llama (sha256 {with_system[:12]}); "
+            "older: backend hf, model older, prompts me-llama.") in scored_with
