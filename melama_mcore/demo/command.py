@@ -30,6 +30,7 @@ Steps 8-10 need the `eval` extra (transformers, peft, lm-eval); without it the d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -251,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         base, adapter, answer = export_and_answer(run_dir, chat_dir, out, log_path)
         _say(9, "a tiny MIBE evaluation of the base and the chat model on lm-evaluation-harness")
-        evaluations = run_demo_evaluation(base, adapter, out)
+        # lm-eval's progress bars (a few per task, each over in a blink) go to the log with the other
+        # steps' output; the evaluation's own log lines and its table stay on the console.
+        with open(log_path, "a") as log, contextlib.redirect_stderr(log):
+            evaluations = run_demo_evaluation(base, adapter, out)
         write_report(run_dir, chat_dir, evaluations, out)
     print(summarize(run_dir, chat_dir, out, answer, time.time() - start))
     return 0

@@ -234,7 +234,7 @@ def _evaluate(options: EvalOptions) -> dict[str, dict[str, float | None]]:
     adapter_config = model_source.read_adapter_config(options.adapter) if options.adapter else None
     if options.adapter:
         model_source.check_adapter_rank(options.adapter, adapter_config)
-    log.info("model %s", source)
+    log.info("model %s%s", source, f" + PEFT adapter {options.adapter}" if options.adapter else "")
 
     metadata = {"data_dir": str(options.data_dir) if options.data_dir else None, "extractor": options.extractor}
     manager, objects = load_tasks(options.tasks, metadata)
