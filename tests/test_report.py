@@ -312,3 +312,22 @@ def test_the_command_writes_the_report_and_says_where(tmp_path, capsys):
     assert melama(["report", "--out", str(tmp_path / "r"), str(ppl / "perplexity.json"), "--label", "base"]) == 0
     assert f"wrote {tmp_path / 'r' / 'report.html'}" in capsys.readouterr().out
     assert json.loads((tmp_path / "r" / "report.json").read_text())["inputs"][0]["label"] == "base"
+
+
+def test_bertscore_of_another_scorer_is_shown_without_a_change(tmp_path):
+    """bertscore_f1 depends on the BERTScore model and layer (results.json's protocol.bertscore):
+    under another scorer than the baseline's its value is shown, its change is not; ROUGE's is."""
+    paper = {"model": "bert-base-multilingual-cased", "path": "/m", "layer": 9, "identified_by": "config name"}
+    other = dict(paper, model="roberta-large", layer=17)
+    summary = lambda rouge, bert: {"pubmedsum": {"rouge_1": rouge, "bertscore_f1": bert}}  # noqa: E731
+    inputs = [write_results(tmp_path / "base", summary(0.25, 0.5), protocol(bertscore=paper)),
+              write_results(tmp_path / "same", summary(0.5, 0.75), protocol(bertscore=paper)),
+              write_results(tmp_path / "other", summary(0.375, 0.625), protocol(bertscore=other))]
+    data = make_report(inputs, tmp_path / "report", baseline="base").data
+    [group] = data["scores"]
+    metrics = group["tasks"]["pubmedsum"]["metrics"]
+    assert metrics["bertscore_f1"]["same"] == {"value": 0.75, "change": 0.25}
+    assert metrics["bertscore_f1"]["other"] == {"value": 0.625, "change": None}
+    assert metrics["rouge_1"]["other"] == {"value": 0.375, "change": 0.125}
+    assert group["notes"] == ["bertscore_f1 of other was scored with BERTScore roberta-large layer 17, not "
+                              "bert-base-multilingual-cased layer 9 as base: its change is not shown"]

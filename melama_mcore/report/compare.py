@@ -200,6 +200,24 @@ def score_reason(item: ScoresInput, main: ScoresInput, main_labels: str) -> str:
                      for key in COMPARED_PROTOCOL if item.protocol.get(key) != main.protocol.get(key))
 
 
+def _bertscore_scorer(item: ScoresInput) -> tuple:
+    """The BERTScore model and layer a results.json's bertscore_f1 came from (None, None: not recorded)."""
+    scorer = (item.protocol or {}).get("bertscore") or {}
+    return scorer.get("model"), scorer.get("layer")
+
+
+def _bertscore_notes(other_scorer: dict, base: ScoresInput | None, tasks: dict) -> list[str]:
+    """Why a bertscore_f1 has no change: another BERTScore model or layer than the baseline's scored it."""
+    scored = {label for t in tasks.values() for metric, by_label in t["metrics"].items()
+              if metric.startswith("bertscore") for label, cell in by_label.items() if cell["value"] is not None}
+    if base is None or base.label not in scored:
+        return []
+    base_model, base_layer = _bertscore_scorer(base)
+    return [f"bertscore_f1 of {label} was scored with BERTScore {model} layer {layer}, not {base_model} layer "
+            f"{base_layer} as {base.label}: its change is not shown"
+            for label, (model, layer) in other_scorer.items() if label in scored]
+
+
 def _task_order(names) -> list[str]:
     """MIBE's tasks in the paper's order, then the others as they came."""
     names = list(dict.fromkeys(names))
@@ -220,6 +238,8 @@ def score_groups(inputs: list[ScoresInput], baseline: str | None) -> list[dict]:
             notes.append("protocol not recorded (results.json written before melama eval recorded it): these "
                          "may not have been scored alike")
         tasks = {}
+        other_scorer = {m.label: _bertscore_scorer(m) for m in members
+                        if base is not None and m is not base and _bertscore_scorer(m) != _bertscore_scorer(base)}
         for task in _task_order(t for m in members for t in m.tasks):
             metric_names = list(dict.fromkeys(name for m in members for name in m.tasks.get(task, {})))
             metric_names.sort(key=lambda name: "@" in name)  # the other extractor's after the chosen one's
@@ -232,14 +252,14 @@ def score_groups(inputs: list[ScoresInput], baseline: str | None) -> list[dict]:
                         continue
                     value = m.tasks[task][metric]
                     change = (value - reference if m is not base and value is not None and reference is not None
-                              else None)
+                              and not (metric.startswith("bertscore") and m.label in other_scorer) else None)
                     metrics[metric][m.label] = {"value": value, "change": change}
             tasks[task] = {"suite": "MIBE" if task in TASKS else "lm-eval",
                            "dataset": TASKS[task].dataset if task in TASKS else None, "metrics": metrics}
         out.append({
             "protocol": None if members[0].protocol is None else {k: members[0].protocol.get(k) for k in COMPARED_PROTOCOL},
             "apart_reason": None if number == 0 else score_reason(members[0], main[0], _labels(main)),
-            "notes": notes,
+            "notes": notes + _bertscore_notes(other_scorer, base, tasks),
             "baseline": base.label if base is not None else None,
             "models": [m.label for m in members],
             "protocols": {m.label: m.protocol for m in members},
