@@ -180,3 +180,26 @@ def test_an_out_holding_another_runs_series_is_refused(run, tmp_path, capsys):
     assert code == 2 and err.startswith(f"error: --out {out} already holds iter_0000005/perplexity.json"), err
     assert len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in out.iterdir()) == ["iter_0000005"]
+
+
+def test_another_tokenizer_is_refused_unless_the_user_means_it(run, corpus, tmp_path, capsys):
+    """Issue 19.3 for eval-ppl: a --tokenizer of another vocabulary than the checkpoint's (same size,
+    where no token-range check sees it) is refused before any work, naming both, with the override eval
+    and export offer; with it, eval-ppl scores, saying so once for the checkpoint and once for the data."""
+    from melama_mcore.data.train_tokenizer import train_sentencepiece
+
+    other_spm_model = str(train_sentencepiece([str(corpus["clinical"])], str(tmp_path / "tok" / "other"),
+                                              vocab_size=512))
+    out = tmp_path / "ppl"
+    args = ["eval-ppl", "--model", str(run["dir"]), "--blend", str(run["blend"]), "--out", str(out),
+            "--tokenizer", other_spm_model]
+    code = melama(args)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: --tokenizer {other_spm_model} (512 tokens, another vocabulary)") and "pass --allow-tokenizer-mismatch" in err
+    assert not out.exists()
+    result = eval_ppl(*args[1:], "--allow-tokenizer-mismatch", "--samples", "8")
+    said = result.stdout + result.stderr
+    assert said.count("using it anyway (--allow-tokenizer-mismatch)") == 1, said[-2000:]
+    assert "training on it anyway (--allow-tokenizer-mismatch)" in said  # the data's tokenizer, too
+    assert read(out / "perplexity.json")["tokenizer"]["path"] == other_spm_model

@@ -55,13 +55,15 @@ def dataset_args(cfg: JobConfig) -> dict:
                 cache_dir=cfg.data.cache_dir or f"{cfg.output_dir}/data_cache")
 
 
-def check_run_data(cfg: JobConfig, blend, kind: DataKind, tokenizer: Tokenizer) -> None:
+def check_run_data(cfg: JobConfig, blend, kind: DataKind, tokenizer: Tokenizer,
+                   override: str = "data.allow_tokenizer_mismatch=true") -> None:
     """Before any process group: every input megatron's dataset builder would hang on or fail deep
     inside is refused now (only then can its cached indices be checked: later a rank may be writing
-    them). Instruction data is checked as its datasets are built."""
+    them). Instruction data is checked as its datasets are built. `override`: how the command lets a
+    user take data of another tokenizer (cfg.data.allow_tokenizer_mismatch)."""
     if kind is PRETRAINING:
         check_pretraining_data(blend, vocab_size=tokenizer.vocab_size, **dataset_args(cfg))
-    check_data_tokenizer(blend, tokenizer, allow_mismatch=cfg.data.allow_tokenizer_mismatch)
+    check_data_tokenizer(blend, tokenizer, allow_mismatch=cfg.data.allow_tokenizer_mismatch, override=override)
 
 
 def build_run_datasets(cfg: JobConfig, blend, kind: DataKind, tokenizer: Tokenizer, data_parallel_size: int):

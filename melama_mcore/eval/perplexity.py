@@ -30,6 +30,7 @@ from megatron.core import parallel_state
 
 from melama_mcore import ready_model, step
 from melama_mcore.checkpoint.integrity import model_identity
+from melama_mcore.checkpoint.opened import open_checkpoint
 from melama_mcore.checkpoint.layout import METADATA, checkpoint_step, find_checkpoint, read_config, run_checkpoints
 from melama_mcore.config.job_config import JobConfig
 from melama_mcore.data.blend import load_blend
@@ -130,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sequences per source, the first of the validation data (default: the run's "
                              "logging.eval_iters global batches, as its validation); rounded up, with a note, "
                              "to a whole number of micro-batches per data-parallel rank when the layout needs it")
-    parser.add_argument("--tokenizer", help="default: the run's data.tokenizer")
+    parser.add_argument("--tokenizer", help="default: the run's data.tokenizer; it must have the vocabulary the "
+                                            "checkpoint recorded, and the held-out data's")
+    parser.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                        help="score with a tokenizer whose vocabulary is not the checkpoint's or the data's (refused "
+                             "by default: token ids would mean other text)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to evaluate at (default 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
     parser.add_argument("--vp", type=int, default=None, help="virtual pipeline stages per rank (default none)")
@@ -203,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     if series:
         check_one_run(checkpoints)
     cfg = evaluation_config(checkpoints[-1][1], args)  # one setting for all: every checkpoint on the same samples
+    # The checkpoints' one tokenizer check (eval and export make it too), before any work; the data's
+    # follows in check_run_data, under the same flag.
+    open_checkpoint(checkpoints[-1][1], verify=False).tokenizer(Path(args.tokenizer) if args.tokenizer else None,
+                                                                args.allow_tokenizer_mismatch)
+    cfg.data.allow_tokenizer_mismatch = args.allow_tokenizer_mismatch
     if not args.samples and cfg.logging.eval_iters < 1:
         raise ConfigError(f"{checkpoints[-1][1]}: the run validated on nothing (logging.eval_iters=0): give "
                           "--samples N")
@@ -228,11 +238,12 @@ def _score(args, cfg: JobConfig, checkpoints: list, series: bool) -> list[dict]:
     blend = load_blend(cfg.data.blend)
     kind = data_kind(blend)
     scoring, count = scoring_config(cfg, args.samples, launch_env().world_size)
-    check_run_data(cfg, blend, kind, tokenizer)
+    check_run_data(cfg, blend, kind, tokenizer, override="--allow-tokenizer-mismatch")
     runtime = start(scoring, tokenizer.vocab_size)
     results = []
     try:
-        identity = model_identity(runtime.arch, tokenizer, scoring)
+        # Its tokenizer was checked (or its mismatch allowed) above; the architecture is checked at load.
+        identity = model_identity(runtime.arch, None if args.allow_tokenizer_mismatch else tokenizer, scoring)
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         _, valid = build_run_datasets(cfg, blend, kind, tokenizer, dp_size)
         t = scoring.training
