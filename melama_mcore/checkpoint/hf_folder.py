@@ -25,7 +25,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' file for it, read before tokenizer_config.json's
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object (config.json, an index, adapter_config.json); one-line errors."""
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -50,7 +51,7 @@ class HFCheckpoint:
         self.folder = folder
         if not (folder / "config.json").is_file():
             raise CheckpointError(self._not_hf_reason(folder))
-        self.config = _read_json(folder / "config.json")
+        self.config = read_json_object(folder / "config.json")
         self.files, weight_map, index = self._weight_files()
         self.index: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}
         held: dict[Path, set[str]] = {}
@@ -81,7 +82,7 @@ class HFCheckpoint:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             index = self.folder / index_name
             if index.is_file():
-                weight_map = _read_json(index).get("weight_map")
+                weight_map = read_json_object(index).get("weight_map")
                 if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
                     raise CheckpointError(f"{index}: no weight_map of tensor names to files")
                 names = sorted(set(weight_map.values()))
@@ -267,5 +268,5 @@ def write_chat_template(folder: Path, chat_template: dict | None) -> None:
     write_atomic(folder / CHAT_TEMPLATE_FILE, jinja.encode("utf-8"))
     config = folder / "tokenizer_config.json"
     if config.is_file():
-        write_atomic(config, json.dumps({**_read_json(config), "chat_template": jinja}, indent=2).encode())
+        write_atomic(config, json.dumps({**read_json_object(config), "chat_template": jinja}, indent=2).encode())
 

@@ -11,13 +11,13 @@ headers (no tensor is read).
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from pathlib import Path
 
 import torch
 
+from melama_mcore.checkpoint.hf_folder import read_json_object
 from melama_mcore.checkpoint.integrity import first_line, refusal_reason
 from melama_mcore.errors import CheckpointError
 
@@ -34,13 +34,7 @@ def _read_config(folder: Path) -> dict:
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG}: not a PEFT adapter folder")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: cannot read it ({type(err).__name__})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(path)
 
 
 def adapter_shapes(folder: Path) -> tuple[Path, dict[str, tuple[int, ...]]]:
