@@ -10,6 +10,8 @@ import json
 import random
 from pathlib import Path
 
+from melama_mcore.output_paths import write_atomic
+
 DISEASES = ["type 2 diabetes", "heart failure", "sepsis", "asthma", "COPD", "atrial fibrillation",
              "chronic kidney disease", "rheumatoid arthritis", "hypertension", "pneumonia",
              "major depressive disorder", "hepatocellular carcinoma", "multiple sclerosis",
@@ -96,6 +98,11 @@ def general_text(rng: random.Random) -> str:
 _SOURCES = {"biomedical": biomedical_abstract, "clinical": clinical_note, "general": general_text}
 
 
+def write_jsonl(path: Path, records) -> Path:
+    """The demo's files: one JSON record per line, written whole (output_paths.write_atomic)."""
+    return write_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
 def write_demo_corpus(out_dir, docs_per_source: int = 2000, seed: int = 0) -> dict[str, Path]:
     """Write biomedical.jsonl, clinical.jsonl, general.jsonl ({"text": ...} per line) into out_dir.
 
@@ -107,11 +114,5 @@ def write_demo_corpus(out_dir, docs_per_source: int = 2000, seed: int = 0) -> di
     paths = {}
     for index, (name, make) in enumerate(_SOURCES.items()):
         rng = random.Random(f"{seed}:{index}")  # one stream per source: sizes do not interact
-        path = out / f"{name}.jsonl"
-        tmp = path.with_suffix(".jsonl.incomplete")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for _ in range(docs_per_source):
-                f.write(json.dumps({"text": make(rng)}) + "\n")
-        tmp.replace(path)
-        paths[name] = path
+        paths[name] = write_jsonl(out / f"{name}.jsonl", ({"text": make(rng)} for _ in range(docs_per_source)))
     return paths

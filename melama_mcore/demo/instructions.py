@@ -15,12 +15,11 @@ scored on.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from melama_mcore.demo.corpus import (DISEASES, DRUGS, FINDINGS, OUTCOMES, SYMPTOMS, biomedical_abstract,
-                                      clinical_note)
+                                      clinical_note, write_jsonl)
 from melama_mcore.demo.mibe import RECORD_MAKERS
 
 _CLASSES = {"metformin": "a biguanide", "empagliflozin": "an SGLT2 inhibitor", "lisinopril": "an ACE inhibitor",
@@ -121,13 +120,7 @@ def write_synthetic_instructions(out_dir, samples: int = 1000, seed: int = 0) ->
     paths = {}
     for index, (name, (make, share)) in enumerate(_SOURCES.items()):
         rng = random.Random(f"sft:{seed}:{index}")
-        path = out / f"{name}.jsonl"
-        tmp = path.with_suffix(".jsonl.incomplete")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for _ in range(max(1, round(samples * share))):
-                f.write(json.dumps(make(rng)) + "\n")
-        tmp.replace(path)
-        paths[name] = path
+        paths[name] = write_jsonl(out / f"{name}.jsonl", (make(rng) for _ in range(max(1, round(samples * share)))))
     return paths
 
 
@@ -143,18 +136,12 @@ def write_mibe_format_instructions(out_dir, samples: int, seed: int = 0, held_ou
     records') is never written: the same words and numbers can come up again by chance."""
     held_out = set(held_out)
     rngs = {name: random.Random(f"sft-mibe:{seed}:{index}") for index, name in enumerate(RECORD_MAKERS)}
-    path = Path(out_dir) / "mibe_format.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.incomplete")
-    written = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        while written < samples:
-            name = _MIBE_FORMAT_ROTATION[written % len(_MIBE_FORMAT_ROTATION)]
-            record = RECORD_MAKERS[name](rngs[name])
-            if record["query"] in held_out:
-                continue
-            f.write(json.dumps({"id": f"mibe-{name}-{written}", "conversations": [
-                {"from": "human", "value": record["query"]}, {"from": "gpt", "value": record["answer"]}]}) + "\n")
-            written += 1
-    tmp.replace(path)
-    return path
+    conversations = []
+    while len(conversations) < samples:
+        name = _MIBE_FORMAT_ROTATION[len(conversations) % len(_MIBE_FORMAT_ROTATION)]
+        record = RECORD_MAKERS[name](rngs[name])
+        if record["query"] not in held_out:
+            conversations.append({"id": f"mibe-{name}-{len(conversations)}", "conversations": [
+                {"from": "human", "value": record["query"]}, {"from": "gpt", "value": record["answer"]}]})
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return write_jsonl(Path(out_dir) / "mibe_format.jsonl", conversations)

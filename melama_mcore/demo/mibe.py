@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from melama_mcore.demo.corpus import DISEASES, DRUGS, OUTCOMES, SYMPTOMS
+from melama_mcore.demo.corpus import DISEASES, DRUGS, OUTCOMES, SYMPTOMS, write_jsonl
 from melama_mcore.eval.command import EvalOptions, evaluate
 from melama_mcore.eval.extraction import EXTRACTORS, WORD, spans_to_html
 from melama_mcore.eval.tasks import TASKS
@@ -101,10 +101,7 @@ def write_demo_records(data_dir: Path, records_per_task: int = DEMO_RECORDS, see
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     for stem, records in demo_records(records_per_task, seed).items():
-        path = data_dir / f"{stem}.jsonl"
-        tmp = path.with_name(path.name + ".incomplete")
-        tmp.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-        tmp.replace(path)
+        write_jsonl(data_dir / f"{stem}.jsonl", records)
     return DEMO_TASKS
 
 

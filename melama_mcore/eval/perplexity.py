@@ -30,8 +30,8 @@ from megatron.core import parallel_state
 
 from melama_mcore import ready_model, step
 from melama_mcore.checkpoint.integrity import model_identity
-from melama_mcore.checkpoint.opened import open_checkpoint
 from melama_mcore.checkpoint.layout import METADATA, checkpoint_step, find_checkpoint, read_config, run_checkpoints
+from melama_mcore.checkpoint.opened import open_checkpoint
 from melama_mcore.config.job_config import JobConfig
 from melama_mcore.data.blend import load_blend
 from melama_mcore.data.loader import build_loader
