@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from melama_mcore.checkpoint.layout import CHECKSUMS, IDENTITY, LATEST
+from melama_mcore.data.tokenizer import vocabulary_difference
 from melama_mcore.errors import CheckpointError, CheckpointMismatchError
 from melama_mcore.strategies import strategy_for
 
@@ -88,16 +89,6 @@ def tokenizer_record(tokenizer) -> dict:
     return {"path": str(tokenizer.path), "vocab_size": tokenizer.vocab_size, "vocab_sha256": tokenizer.vocab_sha256}
 
 
-def tokenizer_difference(saved: dict, mine: dict) -> str | None:
-    """How tokenizer record `mine` differs from `saved`, in a few words ("520 tokens", "520 tokens,
-    another vocabulary"); None for the same vocabulary (a record without a digest: the same size)."""
-    if mine["vocab_size"] != saved["vocab_size"]:
-        return f"{mine['vocab_size']:,} tokens"
-    if mine.get("vocab_sha256") and saved.get("vocab_sha256") and mine["vocab_sha256"] != saved["vocab_sha256"]:
-        return f"{mine['vocab_size']:,} tokens, another vocabulary"
-    return None
-
-
 def read_identity(folder: Path) -> dict | None:
     path = folder / IDENTITY
     return json.loads(path.read_text()) if path.is_file() else None
@@ -118,7 +109,7 @@ def identity_differences(saved: dict, identity: dict, with_adapters: bool = Fals
         if mine[key] != theirs[key]:
             diffs.append(f"model.{key}: checkpoint {theirs[key]}, this run {mine[key]}")
     tok, saved_tok = identity.get("tokenizer"), saved.get("tokenizer")
-    if tok and saved_tok and (difference := tokenizer_difference(saved_tok, tok)):
+    if tok and saved_tok and (difference := vocabulary_difference(saved_tok, tok)):
         diffs.append(f"tokenizer {tok['path']} ({difference}) is not {saved_tok['path']} "
                      f"({saved_tok['vocab_size']:,} tokens), which the checkpoint was trained with")
     return diffs

@@ -29,10 +29,10 @@ import torch
 
 from melama_mcore.checkpoint.dcp_stream import DistCheckpointReader
 from melama_mcore.checkpoint.integrity import (identity_differences, model_identity, read_identity,
-                                               tokenizer_difference, tokenizer_record, verify_checksums)
+                                               tokenizer_record, verify_checksums)
 from melama_mcore.checkpoint.layout import CONFIG, find_checkpoint, read_config
 from melama_mcore.config.job_config import JobConfig
-from melama_mcore.data.tokenizer import load_tokenizer
+from melama_mcore.data.tokenizer import load_tokenizer, vocabulary_difference
 from melama_mcore.errors import CheckpointError, ConfigError, UserError
 from melama_mcore.models.llama import state_dict_adapter as sda
 from melama_mcore.models.llama.config_registry import LlamaArch, resolve_arch
@@ -111,7 +111,7 @@ class Checkpoint:
                                   f"{self.folder} ({self.arch.vocab_size:,}): give the tokenizer the model was "
                                   "trained with (--tokenizer PATH)")
         recorded = (self.identity or {}).get("tokenizer")
-        difference = tokenizer_difference(recorded, tokenizer_record(tok)) if recorded else None
+        difference = vocabulary_difference(recorded, tokenizer_record(tok)) if recorded else None
         if difference is None:
             return
         mismatch = (f"{given} {path} ({difference}) is not the tokenizer {self.folder} "

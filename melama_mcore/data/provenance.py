@@ -19,7 +19,7 @@ from pathlib import Path
 
 from melama_mcore.data.indexed_writer import META_SUFFIX
 from melama_mcore.data.sft.indexed import is_sft_prefix, read_marker
-from melama_mcore.data.tokenizer import Tokenizer, load_tokenizer
+from melama_mcore.data.tokenizer import Tokenizer, load_tokenizer, vocabulary_difference
 from melama_mcore.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,6 @@ def recorded_tokenizer(prefix) -> dict | None:
     return meta.get("tokenizer")
 
 
-def _same_vocabulary(recorded: dict, tok: Tokenizer) -> bool:
-    if recorded.get("vocab_size") != tok.vocab_size:
-        return False
-    theirs, mine = recorded.get("vocab_sha256"), tok.vocab_sha256
-    return theirs is None or mine is None or theirs == mine  # no digest on one side: the size is all we know
-
-
 def _listed(prefixes: list[str]) -> str:
     shown = ", ".join(prefixes[:3])
     return shown + (f" and {len(prefixes) - 3} more" if len(prefixes) > 3 else "")
@@ -85,7 +78,7 @@ def check_prefixes_tokenizer(prefixes, tokenizer, *, allow_mismatch: bool = Fals
     by_tokenizer = {}  # (path, size) the data records -> its prefixes
     for prefix in dict.fromkeys(os.fspath(p) for p in prefixes):
         recorded = recorded_tokenizer(prefix)
-        if recorded is not None and not _same_vocabulary(recorded, tok):
+        if recorded is not None and vocabulary_difference(recorded, tok.record()) is not None:
             by_tokenizer.setdefault((recorded.get("path"), recorded.get("vocab_size")), []).append(prefix)
     if not by_tokenizer:
         return

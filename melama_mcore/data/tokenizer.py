@@ -298,6 +298,17 @@ def _load_hf(path: str) -> Tokenizer:
                      space_cut=_hf_space_cut(backend))
 
 
+def vocabulary_difference(recorded: dict, mine: dict) -> str | None:
+    """How tokenizer record `mine` (Tokenizer.record's size and digest) differs from `recorded` (a
+    checkpoint's or a dataset's), in a few words ("520 tokens", "520 tokens, another vocabulary");
+    None for the same vocabulary (a record without a digest: the same size)."""
+    if mine["vocab_size"] != recorded.get("vocab_size"):
+        return f"{mine['vocab_size']:,} tokens"
+    if mine.get("vocab_sha256") and recorded.get("vocab_sha256") and mine["vocab_sha256"] != recorded["vocab_sha256"]:
+        return f"{mine['vocab_size']:,} tokens, another vocabulary"
+    return None
+
+
 def load_tokenizer(path: str, *, num_threads: int = -1) -> Tokenizer:
     """A `.model` file -> sentencepiece; a folder -> Hugging Face. DataError when unusable.
 
