@@ -88,13 +88,14 @@ def locate(path: Path, tokenizer: Path | None = None, allow_tokenizer_mismatch: 
         HFCheckpoint(path)  # every weight file listed is there and whole (their headers are read, not the tensors)
         return ModelSource(path)
     ckpt = open_checkpoint(path, tokenizer, verify=False)
-    return ModelSource(path, ckpt, _tokenizer_of(ckpt, tokenizer, allow_tokenizer_mismatch), tokenizer is not None,
+    return ModelSource(path, ckpt, checkpoint_tokenizer(ckpt, tokenizer, allow_tokenizer_mismatch), tokenizer is not None,
                        allow_tokenizer_mismatch)
 
 
-def _tokenizer_of(ckpt: Checkpoint, override: Path | None, allow_mismatch: bool) -> Path:
-    """The tokenizer a megatron checkpoint is evaluated with: --tokenizer, else the run's; refused when
-    its vocabulary is not the one the checkpoint recorded (Checkpoint.tokenizer, as for an export)."""
+def checkpoint_tokenizer(ckpt: Checkpoint, override: Path | None, allow_mismatch: bool) -> Path:
+    """The tokenizer a megatron checkpoint is evaluated with (by `melama eval` and `eval-ppl`): --tokenizer,
+    else the run's; refused when there is none, or when its vocabulary is not the one the checkpoint
+    recorded (Checkpoint.tokenizer, as for an export)."""
     if override is None and not ckpt.cfg.data.tokenizer:
         raise CheckpointError(f"{ckpt.folder}: its config.yaml names no tokenizer (data.tokenizer; an import "
                               "of a Hugging Face folder without tokenizer.model has none): pass --tokenizer "

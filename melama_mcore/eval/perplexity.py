@@ -39,7 +39,8 @@ from melama_mcore.data.run_data import build_run_datasets, check_run_data, data_
 from melama_mcore.data.tokenizer import load_tokenizer
 from melama_mcore.distributed import parallel
 from melama_mcore.distributed.launch import launch_env
-from melama_mcore.errors import CheckpointError, ConfigError
+from melama_mcore.errors import ConfigError
+from melama_mcore.eval.model_source import checkpoint_tokenizer
 from melama_mcore.output_paths import check_output_dir, remove_created_folders, write_atomic
 from melama_mcore.startup import start
 
@@ -53,9 +54,6 @@ def evaluation_config(ckpt: Path, args):
     batch sizes, seed, split, precision, training strategy: an adapter checkpoint loads on its base),
     with the blend and layout asked for."""
     cfg = read_config(ckpt)
-    if not cfg.data.tokenizer and not args.tokenizer:
-        raise CheckpointError(f"{ckpt}: its config.yaml names no tokenizer (data.tokenizer); set it with "
-                              "--tokenizer")
     cfg.data.blend = args.blend
     cfg.output_dir = str(args.out)
     cfg.data.cache_dir = str(args.out / "data_cache")
@@ -207,11 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     series = args.all_checkpoints or bool(args.steps)
     if series:
         check_one_run(checkpoints)
-    cfg = evaluation_config(checkpoints[-1][1], args)  # one setting for all: every checkpoint on the same samples
-    # The checkpoints' one tokenizer check (eval and export make it too), before any work; the data's
+    # The checkpoints' one tokenizer check (melama eval's, as export's), before any work; the data's
     # follows in check_run_data, under the same flag.
-    open_checkpoint(checkpoints[-1][1], verify=False).tokenizer(Path(args.tokenizer) if args.tokenizer else None,
-                                                                args.allow_tokenizer_mismatch)
+    checkpoint_tokenizer(open_checkpoint(checkpoints[-1][1], verify=False),
+                         Path(args.tokenizer) if args.tokenizer else None, args.allow_tokenizer_mismatch)
+    cfg = evaluation_config(checkpoints[-1][1], args)  # one setting for all: every checkpoint on the same samples
     cfg.data.allow_tokenizer_mismatch = args.allow_tokenizer_mismatch
     if not args.samples and cfg.logging.eval_iters < 1:
         raise ConfigError(f"{checkpoints[-1][1]}: the run validated on nothing (logging.eval_iters=0): give "
